@@ -1,0 +1,51 @@
+# kiln: one target per stage. Targets are artifact files, so a re-run redoes only what is stale.
+SHELL   := /bin/bash
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+KILN    := $(VENV)/bin/kiln
+MODEL   ?= models/zen-llama
+NAME    ?= $(notdir $(MODEL))
+OUT     ?= out/$(NAME)
+STAMP   := $(VENV)/.kiln-setup
+
+.PHONY: help setup export demo test lint fmt tiny-model clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: $(STAMP)  ## a .venv with every pinned dependency (torch 2.13.0 CPU) and kiln installed editable
+
+# torch goes first and alone: the pinned 2.13.0 CPU wheel installs from local disk in seconds, and
+# once it is there no other package can pull a different torch.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[engine,serve,dev]"
+	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@touch $@
+
+export: $(OUT)/onnx/export.json  ## PyTorch -> ONNX with KV cache, checked against PyTorch (MODEL=dir)
+
+$(OUT)/onnx/export.json: $(STAMP) $(wildcard $(MODEL)/*)
+	$(KILN) export $(MODEL) --out $(OUT)/onnx
+
+demo: $(STAMP)  ## the whole pipeline on the bundled model: export, then generate its text from the ONNX
+	$(KILN) demo --out out/demo
+
+test: $(STAMP)  ## the test suite (CPU only; GPU tests skip with a reason)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)  ## ruff check and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: $(STAMP)  ## ruff format and autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+tiny-model: $(STAMP)  ## retrain the bundled model (models/zen-llama) on CPU, seeded
+	$(PY) -m kiln.models.train_zen --out models/zen-llama
+
+clean:  ## remove build outputs (keeps .venv)
+	rm -rf out .pytest_cache
