@@ -1,0 +1,182 @@
+"""Export stage: a Hugging Face causal LM folder becomes one ONNX graph with a KV cache.
+
+`export_model` loads the model, traces it (onnx_from_hf), checks the graph against PyTorch
+through ONNX Runtime (check), and publishes the folder atomically with `export.json` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import UnsupportedModelError
+from kiln.export.check import DEFAULT_POINTS, check_parity
+from kiln.export.onnx_from_hf import DTYPES, onnx_from_hf
+from kiln.export.patches import SEQUENCE_DEPENDENT_ROPE
+from kiln.export.source import TOKENIZER_FILES, Source, describe_source, load_model
+from kiln.log import timed
+from kiln.manifest import (
+    publish_dir,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    staging_dir,
+    tool_versions,
+    write_json_atomic,
+)
+
+__all__ = ["MANIFEST", "PRECISIONS", "export_model"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "export.json"
+MODEL_FILE = "model.onnx"
+PRECISIONS = tuple(DTYPES)
+DEFAULT_OPSET = 18
+_VERSIONED = ("kiln", "torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime")
+
+
+def export_model(
+    source: Path,
+    out: Path,
+    *,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    allow_drift: bool = False,
+    force: bool = False,
+) -> Path:
+    """Export the model folder `source` to the artifact folder `out`; return `out`.
+
+    Unchanged inputs (model files, options, tool versions) reuse the existing artifact.
+    """
+    source, out = Path(source), Path(out)
+    t0 = time.perf_counter()
+    src = describe_source(source)
+    options = {"precision": precision, "opset": opset, "exporter": "torch.onnx dynamo"}
+    versions = tool_versions(*_VERSIONED)
+    key = sha256_json({"source": src.sha256, "options": options, "versions": versions})
+    if not force and _reusable(out, key):
+        log.info("export: %s is up to date with %s (cache key %s); reusing it", out, source, key[:12])
+        return out
+
+    log.info("export %s (%s) -> %s [%s, opset %d]", source, src.family.name, out, precision, opset)
+    times: dict[str, float] = {}
+    with timed("load model", times, "load"):
+        model = load_model(source)
+    shape = src.family.shape(model.config)
+    rope = _check_rope(src, model.config)
+    staged = staging_dir(out)
+    try:
+        onnx_path = staged / MODEL_FILE
+        with timed("trace and export to ONNX", times, "export"):
+            weight_bytes = onnx_from_hf(model, shape, onnx_path, precision=precision, opset=opset)
+        with timed(f"parity against PyTorch ({len(DEFAULT_POINTS)} trajectories)", times, "check"):
+            report, steps = check_parity(onnx_path, model, shape, precision=precision)
+        log.info("parity: %s", report.worst().describe())
+        if allow_drift and not report.ok:
+            log.warning("parity failed but --allow-drift keeps the artifact")
+        else:
+            report.raise_if_failed(f"Exported graph of {source}")
+        for name in ("config.json", *TOKENIZER_FILES):
+            if (source / name).is_file():
+                shutil.copy2(source / name, staged / name)
+        times["total"] = round(time.perf_counter() - t0, 3)
+        manifest = _manifest(src, model.config, shape, onnx_path, options, versions, key)
+        manifest.update(
+            rope={"type": rope, "in_graph": rope in SEQUENCE_DEPENDENT_ROPE},
+            weight_bytes=weight_bytes,
+            parity={**report.summary(), "allowed_drift": allow_drift and not report.ok,
+                    "steps": steps},
+            elapsed_s=times,
+        )
+        write_json_atomic(staged / MANIFEST, manifest)
+        publish_dir(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    log.info("export done in %.1f s -> %s", times["total"], out / MODEL_FILE)
+    return out
+
+
+def _reusable(out: Path, key: str) -> bool:
+    if not (out / MANIFEST).is_file() or not (out / MODEL_FILE).is_file():
+        return False
+    manifest = read_manifest(out, MANIFEST, made_by="kiln export")
+    return manifest.get("cache_key") == key and manifest.get("files", {}).get(
+        MODEL_FILE, {}
+    ).get("sha256") == sha256_file(out / MODEL_FILE)
+
+
+def _check_rope(src: Source, config: Any) -> str | None:
+    rope = src.family.rope_type(config)
+    allowed = (*src.family.rope_types, *SEQUENCE_DEPENDENT_ROPE)
+    if rope is not None and rope not in allowed:
+        raise UnsupportedModelError(
+            f"RoPE type {rope!r} ({src.path / 'config.json'} rope_parameters) is not supported for "
+            f"{src.family.name}; kiln exports {', '.join(allowed)}."
+        )
+    return rope
+
+
+def _io_signature(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+
+    def describe(v: Any) -> dict[str, Any]:
+        t = v.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": dims}
+
+    return {"inputs": [describe(v) for v in proto.graph.input],
+            "outputs": [describe(v) for v in proto.graph.output]}
+
+
+def _manifest(
+    src: Source,
+    config: Any,
+    shape: Any,
+    onnx_path: Path,
+    options: dict[str, Any],
+    versions: dict[str, str],
+    key: str,
+) -> dict[str, Any]:
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(onnx_path.parent.glob(f"{MODEL_FILE}*"))
+    }
+    return {
+        "kind": "kiln.export",
+        "cache_key": key,
+        "source": {"path": str(src.path), "sha256": src.sha256, "files": src.files},
+        "architecture": {
+            "family": src.family.name,
+            "model_type": config.model_type,
+            "class": (config.architectures or ["?"])[0],
+            "norm": src.family.norm,
+            "mlp": src.family.mlp,
+            "positions": src.family.positions,
+            "qk_norm": src.family.qk_norm,
+        },
+        "config": {
+            **vars(shape),
+            "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+            "sliding_window": getattr(config, "sliding_window", None),
+            "bos_token_id": getattr(config, "bos_token_id", None),
+            "eos_token_id": getattr(config, "eos_token_id", None),
+        },
+        "exporter": options,
+        "io": _io_signature(onnx_path),
+        "dynamic_axes": {
+            "batch": "rows in the batch",
+            "sequence": "new tokens this call (prompt length at prefill, 1 at decode)",
+            "past_sequence": "tokens already in the KV cache (0 at prefill)",
+            "total_sequence": "past_sequence + sequence (attention_mask length)",
+        },
+        "files": files,
+        "versions": versions,
+    }
