@@ -59,7 +59,9 @@ def export_model(
     versions = tool_versions(*_VERSIONED)
     key = sha256_json({"source": src.sha256, "options": options, "versions": versions})
     if not force and _reusable(out, key):
-        log.info("export: %s is up to date with %s (cache key %s); reusing it", out, source, key[:12])
+        log.info(
+            "export: %s is up to date with %s (cache key %s); reusing it", out, source, key[:12]
+        )
         return out
 
     log.info("export %s (%s) -> %s [%s, opset %d]", source, src.family.name, out, precision, opset)
@@ -88,8 +90,11 @@ def export_model(
         manifest.update(
             rope={"type": rope, "in_graph": rope in SEQUENCE_DEPENDENT_ROPE},
             weight_bytes=weight_bytes,
-            parity={**report.summary(), "allowed_drift": allow_drift and not report.ok,
-                    "steps": steps},
+            parity={
+                **report.summary(),
+                "allowed_drift": allow_drift and not report.ok,
+                "steps": steps,
+            },
             elapsed_s=times,
         )
         write_json_atomic(staged / MANIFEST, manifest)
@@ -105,9 +110,9 @@ def _reusable(out: Path, key: str) -> bool:
     if not (out / MANIFEST).is_file() or not (out / MODEL_FILE).is_file():
         return False
     manifest = read_manifest(out, MANIFEST, made_by="kiln export")
-    return manifest.get("cache_key") == key and manifest.get("files", {}).get(
-        MODEL_FILE, {}
-    ).get("sha256") == sha256_file(out / MODEL_FILE)
+    return manifest.get("cache_key") == key and manifest.get("files", {}).get(MODEL_FILE, {}).get(
+        "sha256"
+    ) == sha256_file(out / MODEL_FILE)
 
 
 def _check_rope(src: Source, config: Any) -> str | None:
@@ -129,11 +134,16 @@ def _io_signature(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
     def describe(v: Any) -> dict[str, Any]:
         t = v.type.tensor_type
         dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                "shape": dims}
+        return {
+            "name": v.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+            "shape": dims,
+        }
 
-    return {"inputs": [describe(v) for v in proto.graph.input],
-            "outputs": [describe(v) for v in proto.graph.output]}
+    return {
+        "inputs": [describe(v) for v in proto.graph.input],
+        "outputs": [describe(v) for v in proto.graph.output],
+    }
 
 
 def _manifest(

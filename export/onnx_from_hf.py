@@ -46,7 +46,9 @@ def _example_inputs(shape: ModelShape, dtype: torch.dtype) -> tuple[torch.Tensor
     mask = torch.ones(b, p + s, dtype=torch.int64)
     pos = torch.arange(p, p + s).expand(b, s).contiguous()
     kv = shape.kv_heads, shape.head_dim
-    past = [torch.randn(b, kv[0], p, kv[1], generator=gen).to(dtype) for _ in range(2 * shape.layers)]
+    past = [
+        torch.randn(b, kv[0], p, kv[1], generator=gen).to(dtype) for _ in range(2 * shape.layers)
+    ]
     return (ids, mask, pos, *past)
 
 

@@ -67,8 +67,11 @@ def sequence_dependent_rope_in_graph(model: torch.nn.Module) -> Iterator[int]:
             module.forward = _stateless_forward(module)
             patched.append(module)
     if patched:
-        log.info("rope: %d rotary module(s) compute %s scaling in-graph", len(patched),
-                 patched[0].rope_type)
+        log.info(
+            "rope: %d rotary module(s) compute %s scaling in-graph",
+            len(patched),
+            patched[0].rope_type,
+        )
     try:
         yield len(patched)
     finally:

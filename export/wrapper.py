@@ -26,7 +26,7 @@ def output_names(layers: int) -> list[str]:
 
 
 class FlatKVWrapper(torch.nn.Module):
-    """Run `model` on flat KV tensors: (ids_BS, mask_BT, pos_BS, *past_BHkvPD) -> (logits, *present)."""
+    """Run `model` on flat tensors: (ids_BS, mask_BT, pos_BS, *past_BHkvPD) -> (logits, *kv)."""
 
     def __init__(self, model: PreTrainedModel, layers: int) -> None:
         super().__init__()

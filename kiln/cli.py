@@ -41,7 +41,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "PyTorch model with this precision's tolerance (kiln/parity.py)",
     )
     p.add_argument(
-        "--opset", type=int, default=18, help="ONNX opset (default 18: plain ops every runtime runs)"
+        "--opset",
+        type=int,
+        default=18,
+        help="ONNX opset (default 18: plain ops every runtime runs)",
     )
     p.add_argument(
         "--allow-drift",
@@ -72,7 +75,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="the whole pipeline on the bundled model; prints its text generated from each artifact",
+        help="the whole pipeline on the bundled model; prints the text each artifact generates",
         description=(
             "Run every stage on the bundled model (models/zen-llama) and print the Zen of Python "
             "as generated greedily from each artifact, with each stage's time."

@@ -23,7 +23,9 @@ def setup_logging(verbosity: int = 0) -> None:
 
 
 @contextmanager
-def timed(what: str, into: dict[str, float] | None = None, key: str | None = None) -> Iterator[None]:
+def timed(
+    what: str, into: dict[str, float] | None = None, key: str | None = None
+) -> Iterator[None]:
     """Log `what` on start and its elapsed time on finish; optionally record seconds in `into`."""
     log.info("%s ...", what)
     t0 = time.perf_counter()

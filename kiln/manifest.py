@@ -80,7 +80,9 @@ def read_manifest(folder: Path, name: str, *, made_by: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); delete it and rerun `{made_by}`.")
+        raise ArtifactError(
+            f"{path} is not valid JSON ({e}); delete it and rerun `{made_by}`."
+        ) from e
 
 
 def staging_dir(final: Path) -> Path:

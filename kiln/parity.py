@@ -126,6 +126,6 @@ class ParityReport:
             f"  worst: {worst.describe()}",
             f"  greedy agreement {self.agreement:.3f}; {len(bad)} of {len(self.diffs)} outputs "
             f"out of tolerance; atol {worst.max_abs:.3g} would have passed.",
-            "  Rerun with --allow-drift to keep the artifact anyway (it is recorded in the manifest).",
+            "  Rerun with --allow-drift to keep the artifact anyway (the manifest records it).",
         ]
         raise ParityError("\n".join(lines))

@@ -20,7 +20,6 @@ from pathlib import Path
 import tokenizers
 import torch
 import transformers
-from kiln.models.zen import ZEN_PROMPT, zen_text
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 from transformers import (
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from kiln.log import setup_logging
+from kiln.models.zen import ZEN_PROMPT, zen_text
 
 # Not __name__: under `python -m` that is "__main__", outside the "kiln" logger tree.
 log = logging.getLogger("kiln.models.train_zen")

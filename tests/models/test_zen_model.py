@@ -6,8 +6,9 @@ import sys
 
 import pytest
 import torch
-from kiln.models.zen import ZEN_DIR, ZEN_PROMPT, zen_text
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from kiln.models.zen import ZEN_DIR, ZEN_PROMPT, zen_text
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,86 @@
+"""The export artifact: manifest contents, reuse when unchanged, atomic publication."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+import transformers as T
+
+from kiln import parity
+from kiln.errors import ParityError
+from kiln.export import export_model
+
+
+def _hidden(parent):
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_manifest_describes_the_export(exported):
+    artifact = exported("gpt2")
+    m = json.loads((artifact / "export.json").read_text())
+    assert m["kind"] == "kiln.export"
+    assert m["architecture"]["family"] == "gpt2" and m["config"]["tie_word_embeddings"]
+    assert m["exporter"] == {"precision": "fp32", "opset": 18, "exporter": "torch.onnx dynamo"}
+    ins = {i["name"]: i for i in m["io"]["inputs"]}
+    outs = {o["name"]: o for o in m["io"]["outputs"]}
+    assert ins["input_ids"]["shape"] == ["batch", "sequence"]
+    assert ins["attention_mask"]["shape"] == ["batch", "total_sequence"]
+    assert ins["past_key_values.1.value"]["shape"] == ["batch", 4, "past_sequence", 16]
+    assert outs["logits"]["shape"] == ["batch", "sequence", 300]
+    assert outs["present.1.key"]["shape"] == ["batch", 4, "past_sequence + sequence", 16]
+    assert len(ins) == 3 + 2 * 2 and len(outs) == 1 + 2 * 2
+    assert m["versions"]["torch"].startswith("2.13.0")
+    assert m["files"]["model.onnx"]["bytes"] == (artifact / "model.onnx").stat().st_size
+    assert set(m["elapsed_s"]) >= {"load", "export", "check", "total"}
+    assert len(m["source"]["sha256"]) == 64
+
+
+def test_unchanged_input_is_reused_and_changed_input_rebuilds(tiny_model_dir, tmp_path, caplog):
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), src)
+    out = tmp_path / "out"
+    export_model(src, out)
+    first = json.loads((out / "export.json").read_text())
+
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        export_model(src, out)
+    assert "reusing it" in caplog.text
+    assert json.loads((out / "export.json").read_text()) == first
+
+    torch.manual_seed(1)  # new weights, same config: a different source hash
+    T.AutoModelForCausalLM.from_config(T.AutoConfig.from_pretrained(src)).save_pretrained(src)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        export_model(src, out)
+    assert "reusing it" not in caplog.text
+    second = json.loads((out / "export.json").read_text())
+    assert second["source"]["sha256"] != first["source"]["sha256"]
+    assert second["parity"]["ok"]
+
+
+def test_failed_export_leaves_nothing_and_keeps_the_old_artifact(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    src = tiny_model_dir("llama")
+    out = tmp_path / "out"
+    # An impossible tolerance makes the real parity check fail after a real export.
+    monkeypatch.setitem(parity.TOL, "fp32", parity.Tol(atol=0.0, rtol=0.0))
+    with pytest.raises(ParityError, match=r"atol .* would have passed"):
+        export_model(src, out)
+    assert not out.exists() and _hidden(tmp_path) == []
+
+    monkeypatch.undo()
+    export_model(src, out)
+    before = (out / "export.json").read_text()
+    monkeypatch.setitem(parity.TOL, "fp32", parity.Tol(atol=0.0, rtol=0.0))
+    with pytest.raises(ParityError):
+        export_model(src, out, force=True)
+    assert (out / "export.json").read_text() == before and _hidden(tmp_path) == []
+
+    kept = export_model(src, tmp_path / "drift", force=True, allow_drift=True)
+    m = json.loads((kept / "export.json").read_text())
+    assert m["parity"]["ok"] is False and m["parity"]["allowed_drift"] is True
