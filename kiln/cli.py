@@ -7,6 +7,7 @@ without the optional extras.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -16,60 +17,9 @@ from kiln.log import setup_logging
 
 log = logging.getLogger("kiln")
 
-
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="PyTorch/transformers model folder -> ONNX with KV cache, checked against PyTorch",
-        description=(
-            "Export a local Hugging Face causal LM (config.json + safetensors) to one ONNX graph "
-            "that serves prefill and decode: inputs input_ids, attention_mask, position_ids, "
-            "past_key_values.{i}.key/value; outputs logits, present.{i}.key/value. The graph is "
-            "run through ONNX Runtime and compared with PyTorch before it is published with an "
-            "export.json manifest."
-        ),
-    )
-    p.add_argument("model", type=Path, help="local Hugging Face model folder")
-    p.add_argument(
-        "--out", type=Path, default=None, help="artifact folder (default: out/<model name>/onnx)"
-    )
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "fp16"],
-        default="fp32",
-        help="weights and activations of the exported graph; parity is judged against the fp32 "
-        "PyTorch model with this precision's tolerance (kiln/parity.py)",
-    )
-    p.add_argument(
-        "--opset",
-        type=int,
-        default=18,
-        help="ONNX opset (default 18: plain ops every runtime runs)",
-    )
-    p.add_argument(
-        "--allow-drift",
-        action="store_true",
-        help="keep the artifact even when parity fails (recorded in export.json)",
-    )
-    p.add_argument(
-        "--force", action="store_true", help="re-export even when the cached artifact is current"
-    )
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from kiln.export import export_model
-
-    out = args.out or Path("out") / args.model.resolve().name / "onnx"
-    export_model(
-        args.model,
-        out,
-        precision=args.precision,
-        opset=args.opset,
-        allow_drift=args.allow_drift,
-        force=args.force,
-    )
-    return 0
+# One module per stage command, each with `add_parser(subparsers)`; it must import nothing heavy
+# at module level so `kiln --help` stays instant.
+COMMANDS = ("kiln.export.cli",)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -101,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_export(sub)
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
     _add_demo(sub)
     return parser
 
