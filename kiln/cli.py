@@ -17,9 +17,9 @@ from kiln.log import setup_logging
 
 log = logging.getLogger("kiln")
 
-# One module per stage command, each with `add_parser(subparsers)`; it must import nothing heavy
-# at module level so `kiln --help` stays instant.
-COMMANDS = ("kiln.export.cli",)
+# One module per stage command (kiln/commands/), each with `add_parser(subparsers)`; it imports
+# nothing heavy at module level (the stage packages import torch), so `kiln --help` stays instant.
+COMMANDS = ("kiln.commands.export",)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
