@@ -1,0 +1,34 @@
+"""What a backend gives the decode loop: a cache factory and one forward call.
+
+Backends (ONNX Runtime, TensorRT) hide devices and tensor types; the loop hands them host
+numpy ids/mask/positions and gets back host float32 logits of the last position of each row.
+
+Letters in names: B batch rows, S new tokens, T = P + S attention length, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from kiln.runtime.kv_cache import KVCache
+
+
+class Backend(Protocol):
+    """One loaded model graph (or engine) ready to run prefill and decode steps."""
+
+    name: str
+    max_context: int  # positions (prompt + generated) the graph or engine profile accepts
+    max_batch: int | None  # rows per call the engine profile accepts; None: unbounded
+    vocab: int
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty cache for `batch` rows."""
+        ...
+
+    def forward(
+        self, ids_BS: np.ndarray, mask_BT: np.ndarray, pos_BS: np.ndarray, cache: KVCache
+    ) -> np.ndarray:
+        """Run S new tokens per row over the cache, append their KV; return logits_BV (last S)."""
+        ...

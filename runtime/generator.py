@@ -1,0 +1,184 @@
+"""The Python API a serving process imports: `load(artifact)` -> `Generator.generate/stream`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import KilnError
+from kiln.runtime import decode
+from kiln.runtime.artifact import ArtifactInfo, inspect_artifact
+from kiln.runtime.backend import Backend
+from kiln.runtime.decode import Event
+from kiln.runtime.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One prompt's result: new token ids (stop token included), text, and why it ended."""
+
+    index: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+
+
+class Generator:
+    """A loaded artifact: its backend, tokenizer (when it has one) and stop/padding ids."""
+
+    def __init__(self, backend: Backend, info: ArtifactInfo, tokenizer: Any = None) -> None:
+        self.backend = backend
+        self.info = info
+        self.tokenizer = tokenizer
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's BOS), or the ids as given."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise KilnError(
+                    f"{self.info.path} has no tokenizer files, so text prompts cannot be encoded; "
+                    "pass token ids, or export from a model folder that has a tokenizer."
+                )
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        use_cache: bool = True,
+        **overrides: Any,
+    ) -> Iterator[Event]:
+        """Yield one Event per generated token per prompt, as soon as it is sampled.
+
+        `overrides` are SamplingParams fields (max_new_tokens=..., temperature=..., ...).
+        Joining one prompt's `Event.text` pieces gives its completion's text.
+        """
+        rows = self._sequences(prompts, params, overrides)
+        for events in decode.generate(
+            self.backend, rows, use_cache=use_cache, pad_id=self.info.pad_id
+        ):
+            yield from events
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        use_cache: bool = True,
+        **overrides: Any,
+    ) -> Completion | list[Completion]:
+        """Generate to completion; a single prompt gives a Completion, a list gives a list."""
+        rows = self._sequences(prompts, params, overrides)
+        for _ in decode.generate(self.backend, rows, use_cache=use_cache, pad_id=self.info.pad_id):
+            pass
+        done = [
+            Completion(
+                s.index,
+                s.prompt_ids,
+                s.out_ids,
+                s.text if self.tokenizer is not None else None,
+                s.finish_reason or "length",
+            )
+            for s in rows
+        ]
+        return done if _is_batch(prompts) else done[0]
+
+    def _sequences(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None, overrides: dict
+    ) -> list[decode.Sequence]:
+        base = replace(params or SamplingParams(), **_as_tuples(overrides))
+        batch = list(prompts) if _is_batch(prompts) else [prompts]  # type: ignore[arg-type]
+        if not batch:
+            raise KilnError("No prompts given; pass one prompt or a non-empty list of prompts.")
+        rows = []
+        for i, p in enumerate(batch):
+            seed = None if base.seed is None else base.seed + i  # each row its own stream
+            rows.append(
+                decode.Sequence(
+                    index=i,
+                    prompt_ids=self.encode(p),
+                    params=replace(base, seed=seed),
+                    eos_ids=self.info.eos_ids,
+                    tokenizer=self.tokenizer,
+                )
+            )
+        return rows
+
+
+def _is_batch(prompts: object) -> bool:
+    """A list of prompts (strings or id lists), as opposed to one string or one id list."""
+    if isinstance(prompts, str):
+        return False
+    items = list(prompts)  # type: ignore[call-overload]
+    return bool(items) and not isinstance(items[0], int)
+
+
+def _as_tuples(overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(overrides)
+    for key in ("stop", "stop_token_ids"):
+        if key in out and out[key] is not None:
+            v = out[key]
+            out[key] = (v,) if isinstance(v, str | int) else tuple(v)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def load(
+    artifact: Path | str,
+    *,
+    backend: str = "auto",
+    device: str = "auto",
+    threads: int = 0,
+    io_binding: bool = True,
+    profile_dir: Path | None = None,
+) -> Generator:
+    """Load an ONNX artifact (ONNX Runtime) or an engine folder (TensorRT) for generation.
+
+    backend: "auto" (by what the folder holds), "onnxruntime" or "tensorrt".
+    """
+    info = inspect_artifact(Path(artifact))
+    if backend == "auto":
+        backend = "tensorrt" if info.kind == "engine" else "onnxruntime"
+    if backend == "onnxruntime":
+        if info.kind != "onnx":
+            raise KilnError(
+                f"{info.path} holds TensorRT engines, not ONNX; use --backend tensorrt."
+            )
+        from kiln.runtime.ort_backend import OrtBackend
+
+        be: Backend = OrtBackend(
+            info.onnx_path,
+            max_context=info.max_context,
+            device=device,
+            threads=threads,
+            io_binding=io_binding,
+            profile_dir=profile_dir,
+        )
+    elif backend == "tensorrt":
+        from kiln.runtime.trt_backend import backend_from_engines
+
+        be = backend_from_engines(info)
+    else:
+        raise KilnError(f"Unknown backend {backend!r}; choose auto, onnxruntime or tensorrt.")
+    log.info("loaded %s with %s (max context %d)", info.path, be.name, info.max_context)
+    return Generator(be, info, _tokenizer(info))
+
+
+def _tokenizer(info: ArtifactInfo) -> Any:
+    """The artifact's tokenizer, or None when it carries no tokenizer files."""
+    folders = [info.path, *info.engines]
+    for folder in folders:
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(folder)
+    return None

@@ -1,0 +1,119 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+
+The order and semantics are those of transformers' `generate()` (RepetitionPenaltyLogitsProcessor,
+then TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, then a draw from the softmax),
+written in numpy so a serving image needs no PyTorch; tests compare each step with the
+transformers processor on the same logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.errors import ConfigError
+
+# Letters in names: B batch, V vocab.
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence picks its tokens and when it stops.
+
+    temperature 0 (or top_k 1) is greedy. `seed` makes sampling reproducible; None draws fresh
+    entropy. `stop` strings end the text before them; `stop_token_ids` add to the model's EOS.
+    """
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        """Reject values that have no meaning, naming the field and the allowed range."""
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+            (self.min_new_tokens >= 0, "min_new_tokens", "must be >= 0"),
+            (self.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 keeps every token)"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 is off)"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ConfigError(f"Sampling {name}={getattr(self, name)!r} {rule}.")
+        if any(s == "" for s in self.stop):
+            raise ConfigError("Sampling stop contains an empty string; give non-empty strings.")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the choice is the argmax (no randomness at all)."""
+        return self.temperature == 0 or self.top_k == 1
+
+
+def apply_repetition_penalty(
+    logits_V: np.ndarray, seen: Iterable[int], penalty: float
+) -> np.ndarray:
+    """CTRL-style penalty (arXiv:1909.05858) as transformers does: shrink seen tokens' logits."""
+    if penalty == 1.0:
+        return logits_V
+    idx = np.fromiter(set(seen), dtype=np.int64)
+    if idx.size == 0:
+        return logits_V
+    out = logits_V.copy()
+    vals = out[idx]
+    out[idx] = np.where(vals < 0, vals * penalty, vals / penalty)
+    return out
+
+
+def warp(logits_V: np.ndarray, *, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Temperature, then top-k, then top-p filtering; removed tokens get -inf."""
+    out = logits_V.astype(np.float32, copy=True)
+    if temperature not in (0.0, 1.0):
+        out /= np.float32(temperature)
+    if 0 < top_k < out.shape[-1]:
+        kth = np.partition(out, -top_k)[-top_k]
+        out[out < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(out, kind="stable")  # ascending, as TopPLogitsWarper sorts
+        probs = _softmax(out[order])
+        cum = np.cumsum(probs)
+        remove = cum <= (1 - top_p)
+        remove[-1] = False  # keep at least the most likely token
+        out[order[remove]] = -np.inf
+    return out
+
+
+def sample_next(
+    logits_V: np.ndarray, params: SamplingParams, seen: Iterable[int], rng: np.random.Generator
+) -> int:
+    """The next token id for one row: penalty, then argmax or a draw from the warped softmax."""
+    logits_V = apply_repetition_penalty(logits_V, seen, params.repetition_penalty)
+    if params.greedy:
+        return int(np.argmax(logits_V))
+    warped = warp(logits_V, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    probs = _softmax(warped.astype(np.float64))
+    return int(rng.choice(probs.shape[-1], p=probs))
+
+
+def suppress(logits_V: np.ndarray, token_ids: Iterable[int]) -> np.ndarray:
+    """Logits with `token_ids` made impossible (min_new_tokens keeps EOS away, as HF does)."""
+    idx = list(token_ids)
+    if not idx:
+        return logits_V
+    out = logits_V.copy()
+    out[idx] = -np.inf
+    return out
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
