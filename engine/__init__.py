@@ -1,0 +1,272 @@
+"""Engine stage: an ONNX artifact folder and a GPU profile become engine.plan + engine.json.
+
+`build_engine` hashes the ONNX, and skips the build when engine.json already records the same
+ONNX, profile and library version (content-addressed). Otherwise it parses the ONNX through one
+TensorRT / TensorRT-RTX adapter (builder.py), checks the graph's precision against the profile's,
+sets the prefill/decode optimization profiles from the GPU profile's shape ranges, builds with a
+progress monitor, and publishes the folder atomically with engine.json written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from kiln.engine.builder import Backend
+from kiln.engine.errors import EngineBuildError, EngineMismatchError, ParseError, ProfileError
+from kiln.engine.manifest import (
+    FORMAT,
+    MANIFEST,
+    PLAN,
+    check_engine_compatible,
+    engine_mismatches,
+    read_engine,
+)
+from kiln.engine.precision import check_precision, precision_of
+from kiln.engine.profiles import GpuProfile, available_profiles, load_profile
+from kiln.engine.progress import heartbeat, progress_monitor
+from kiln.engine.shapes import fit_to_model, input_ranges, io_signature, tensor_ranges
+from kiln.errors import ArtifactError
+from kiln.manifest import (
+    publish_dir,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    staging_dir,
+    write_json_atomic,
+)
+
+__all__ = [
+    "MANIFEST",
+    "PLAN",
+    "EngineBuildError",
+    "EngineMismatchError",
+    "GpuProfile",
+    "ParseError",
+    "ProfileError",
+    "available_profiles",
+    "build_engine",
+    "check_engine_compatible",
+    "engine_mismatches",
+    "load_profile",
+    "read_engine",
+]
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+# Stage manifests an artifact folder may carry, newest stage first.
+_SOURCES = (("optimize.json", "kiln optimize"), ("export.json", "kiln export"))
+
+
+def build_engine(
+    artifact: Path, profile: GpuProfile | str | Path, out: Path, *, force: bool = False
+) -> Path:
+    """Build the engine of `artifact` (an export or optimize folder) for `profile` into `out`.
+
+    Returns `out`, holding engine.plan and engine.json. Unchanged inputs reuse it.
+    """
+    artifact, out = Path(artifact), Path(out)
+    gpu = profile if isinstance(profile, GpuProfile) else load_profile(profile)
+    onnx_path, source, stage = _source(artifact)
+    t0 = time.perf_counter()
+    onnx_files = {p.name: p for p in sorted(artifact.glob(f"{MODEL_FILE}*")) if p.is_file()}
+    onnx_sha = {name: sha256_file(p) for name, p in onnx_files.items()}
+    backend = Backend(gpu)
+    key = _cache_key(onnx_sha, gpu, backend)
+    if not force and _up_to_date(out, key):
+        log.info(
+            "engine %s: %s is up to date (cache key %s); skipping the build",
+            gpu.name,
+            out,
+            key[:12],
+        )
+        return out
+
+    what = f"engine {gpu.name}"
+    log.info(
+        "%s: %s -> %s [%s, %s %s, targets %s]",
+        what,
+        onnx_path,
+        out,
+        gpu.precision,
+        backend.library,
+        backend.version,
+        ", ".join(gpu.compute_capabilities),
+    )
+    times: dict[str, float] = {"hash": round(time.perf_counter() - t0, 3)}
+    staged = staging_dir(out)
+    try:
+        facts = _build_plan(backend, gpu, artifact, source, staged / PLAN, times)
+        times["total"] = round(time.perf_counter() - t0, 3)
+        facts["build"]["elapsed_s"] = times
+        origin = {"artifact": str(artifact), "stage": stage, "config": source.get("config", {})}
+        origin["onnx"] = {
+            n: {"sha256": onnx_sha[n], "bytes": p.stat().st_size} for n, p in onnx_files.items()
+        }
+        manifest = {
+            "kind": "kiln.engine",
+            "format": FORMAT,
+            "cache_key": key,
+            "source": origin,
+            "profile": {**gpu.to_dict(), "file": gpu.source},
+            "library": {"name": backend.library, "version": backend.version},
+            "compute_capabilities": list(gpu.compute_capabilities),
+            **facts,
+        }
+        write_json_atomic(staged / MANIFEST, manifest)  # last: a folder without it is unfinished
+        publish_dir(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    log.info(
+        "%s done in %.1f s (build %.1f s): %.1f MB -> %s",
+        what,
+        times["total"],
+        times["build"],
+        manifest["plan"]["bytes"] / 1e6,
+        out / PLAN,
+    )
+    return out
+
+
+def _build_plan(
+    backend: Backend,
+    gpu: GpuProfile,
+    artifact: Path,
+    source: dict[str, Any],
+    plan_path: Path,
+    times: dict[str, float],
+) -> dict[str, Any]:
+    """Parse, check precision and I/O, build, write the plan; return its manifest entries."""
+    what = f"engine {gpu.name}"
+    onnx_path = artifact / MODEL_FILE
+    t = time.perf_counter()
+    net = backend.parse(onnx_path)
+    times["parse"] = round(time.perf_counter() - t, 3)
+    found = precision_of(backend, net)
+    check_precision(found, gpu, str(artifact))
+    io = io_signature(onnx_path, source)
+    _check_io(io, net, onnx_path)
+    shapes = fit_to_model(gpu.shapes, source.get("config", {}).get("max_positions"))
+    monitor = progress_monitor(backend.trt, what)
+    ranges = [input_ranges(io["inputs"], s) for s in shapes]
+    cache_file = plan_path.parent.parent / f".timing-cache-{backend.library}-{backend.version}"
+    cache = cache_file.read_bytes() if cache_file.is_file() and not backend.is_rtx else None
+    cfg = backend.configure(net, gpu, ranges, monitor=monitor, timing_cache=cache)
+    t = time.perf_counter()
+    with heartbeat(what) if monitor is None else nullcontext():
+        plan = backend.build(net, cfg)
+    times["build"] = round(time.perf_counter() - t, 3)
+    if (new_cache := backend.timing_cache(cfg)) is not None:
+        _write_bytes_atomic(cache_file, new_cache)
+    layers = net.network.num_layers
+    del net, cfg  # release the network's weights before writing the plan
+    size, digest = plan.nbytes, _write_plan(plan_path, plan)
+    return {
+        "precision": {
+            "label": found.label,
+            "activations": found.activations,
+            "quantized": found.quantized,
+        },
+        "io": io,
+        "optimization_profiles": [
+            {"index": i, "name": s.name, "axes": s.axes(), "tensors": tensor_ranges(io, s)}
+            for i, s in enumerate(shapes)
+        ],
+        "plan": {"file": PLAN, "bytes": size, "sha256": digest},
+        "build": {
+            "process_peak_rss_mib": _peak_rss_mib(),
+            "network_layers": layers,
+            "host": platform.node(),
+        },
+    }
+
+
+def _source(artifact: Path) -> tuple[Path, dict[str, Any], str]:
+    """The ONNX file and the newest stage manifest of an artifact folder."""
+    onnx_path = artifact / MODEL_FILE
+    if not onnx_path.is_file():
+        raise ArtifactError(
+            f"{artifact} has no {MODEL_FILE}; pass a folder made by `kiln export` or "
+            "`kiln optimize`."
+        )
+    for name, made_by in _SOURCES:
+        if (artifact / name).is_file():
+            manifest = read_manifest(artifact, name, made_by=made_by)
+            if "config" not in manifest and (artifact / "export.json").is_file():
+                manifest = {
+                    **manifest,
+                    "config": read_manifest(artifact, "export.json", made_by="kiln export").get(
+                        "config", {}
+                    ),
+                }
+            return onnx_path, manifest, name.split(".")[0]
+    raise ArtifactError(
+        f"{artifact} has {MODEL_FILE} but no export.json or optimize.json: it is incomplete or "
+        "not made by kiln; rerun `kiln export` (or `kiln optimize`)."
+    )
+
+
+def _cache_key(onnx_sha: dict[str, str], gpu: GpuProfile, backend: Backend) -> str:
+    profile = gpu.to_dict()
+    profile.pop("description")  # words about the profile do not change the engine
+    return sha256_json(
+        {
+            "format": FORMAT,
+            "onnx": onnx_sha,
+            "profile": profile,
+            "library": backend.library,
+            "version": backend.version,
+        }
+    )
+
+
+def _up_to_date(out: Path, key: str) -> bool:
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        manifest = read_engine(out, verify=True)
+    except (ArtifactError, KeyError):
+        return False
+    return manifest.get("cache_key") == key
+
+
+def _check_io(io: dict[str, list[dict[str, Any]]], net: Any, onnx_path: Path) -> None:
+    """The manifest's I/O must be the parsed network's: same names, same ranks."""
+    got = {t.name: len(t.shape) for t in (*net.inputs(), *net.outputs())}
+    want = {v["name"]: len(v["shape"]) for v in (*io["inputs"], *io["outputs"])}
+    if got != want:
+        raise ArtifactError(
+            f"{onnx_path}'s inputs/outputs {sorted(got)} differ from its manifest's "
+            f"{sorted(want)}; the folder was edited by hand: rerun the stage that made it."
+        )
+
+
+def _write_plan(path: Path, plan: Any) -> str:
+    """Write the serialized plan and return its sha256 (hashed from memory, not re-read)."""
+    import hashlib
+
+    view = memoryview(plan)
+    with open(path, "wb") as f:
+        f.write(view)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(view).hexdigest()
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _peak_rss_mib() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

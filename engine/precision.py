@@ -1,0 +1,106 @@
+"""The precision an ONNX graph carries, read from the types TensorRT parsed.
+
+TensorRT-RTX and TensorRT 11 are strongly typed: no builder flag picks the precision, the
+graph's tensor types do. So kiln reads the precision off the parsed network and refuses to
+build a profile whose `precision` differs, instead of building an engine nobody asked for.
+- activations: the dtype of the float model outputs (logits, present KV);
+- weight-only quantization: DequantizeLinear on constant int8 / int4 weights;
+- FP8: any Quantize/Dequantize in FP8.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from kiln.engine.builder import Backend, Network
+from kiln.engine.errors import ProfileError
+from kiln.engine.profiles import GpuProfile, available_profiles, load_profile
+
+_ACTIVATIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the graph computes in: a label from profiles.PRECISIONS plus the evidence."""
+
+    label: str
+    activations: str
+    quantized: dict[str, int] = field(default_factory=dict)  # "weights int8": count, ...
+
+    def describe(self) -> str:
+        """E.g. 'fp16 (activations float16, no quantized tensors)'."""
+        q = ", ".join(f"{n} {k}" for k, n in sorted(self.quantized.items())) or "no quantized"
+        return f"{self.label} (activations {self.activations}; {q} tensors)"
+
+
+def precision_of(backend: Backend, net: Network) -> Precision:
+    """Classify the parsed network by its output dtypes and its Q/DQ layers."""
+    t = backend.trt
+    floats = [
+        backend.dtype_name(o.dtype)
+        for o in net.outputs()
+        if backend.dtype_name(o.dtype) in _ACTIVATIONS
+    ]
+    activations = Counter(floats).most_common(1)[0][0] if floats else "float32"
+    producers = _producer_types(net)
+    quantized: Counter[str] = Counter()
+    for layer in net.layers():
+        if layer.type == t.LayerType.QUANTIZE:  # Q on a constant: weights stored as QDQ
+            src, q = layer.get_input(0), backend.dtype_name(layer.get_output(0).dtype)
+        elif layer.type == t.LayerType.DEQUANTIZE:
+            src = layer.get_input(0)
+            q = backend.dtype_name(src.dtype)
+            if producers.get(src.name) == "QUANTIZE":
+                continue  # the Q of this pair was counted
+        else:
+            continue
+        role = "weights" if producers.get(src.name) == "CONSTANT" else "activations"
+        quantized[f"{role} {q}"] += 1
+    return Precision(_label(activations, quantized), activations, dict(quantized))
+
+
+def _label(activations: str, quantized: Counter[str]) -> str:
+    kinds = set(quantized)
+    if any("float8" in k for k in kinds):
+        return "fp8"
+    if any(k.startswith("activations") for k in kinds):
+        return "int8"  # activation quantization: no shipped profile builds it (yet)
+    if "weights int4" in kinds:
+        return "int4-wo"
+    if "weights int8" in kinds or "weights uint8" in kinds:
+        return "int8-wo"
+    return _ACTIVATIONS[activations]
+
+
+def _producer_types(net: Network) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for layer in net.layers():
+        kind = str(layer.type).rsplit(".", 1)[-1]
+        for i in range(layer.num_outputs):
+            out[layer.get_output(i).name] = kind
+    return out
+
+
+def check_precision(found: Precision, profile: GpuProfile, artifact: str) -> None:
+    """Raise ProfileError when the artifact's precision is not the profile's, naming the fix."""
+    if found.label == profile.precision:
+        return
+    fitting = [n for n in available_profiles() if _precision_of_profile(n) == found.label]
+    make = {
+        "fp16": "`kiln export --precision fp16` or `kiln optimize --precision fp16`",
+        "fp32": "`kiln export --precision fp32`",
+    }.get(profile.precision, f"`kiln optimize --precision {profile.precision}`")
+    raise ProfileError(
+        f"{artifact} is {found.describe()}, but GPU profile {profile.name!r} builds "
+        f"{profile.precision}; TensorRT takes the precision from the ONNX types, so make a "
+        f"{profile.precision} artifact with {make}, or pick a {found.label} profile"
+        f" ({', '.join(fitting) or 'none shipped: write one in models/gpus/'})."
+    )
+
+
+def _precision_of_profile(name: str) -> str | None:
+    try:
+        return load_profile(name).precision
+    except Exception:  # a broken shipped profile must not hide the real error
+        return None
