@@ -117,8 +117,19 @@ def onnx_from_hf(model: Any, shape: ModelShape, path: Path, *, precision: str, o
         ) from e
     log.debug("exporter output:\n%s", chatter.getvalue())
     program.save(str(path), external_data=external)
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(path))
     _rename_total_axis(proto)
     proto.producer_name = "kiln"
-    onnx.save(proto, str(path))
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    # The exporter keeps folded constants (e.g. transposed weights) inline even with
+    # external_data=True; move every tensor over 1 KiB out so the graph stays under 2 GiB.
+    onnx.save(
+        proto,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
     return weight_bytes

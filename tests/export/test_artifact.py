@@ -6,9 +6,11 @@ import json
 import logging
 import shutil
 
+import onnx
 import pytest
 import torch
 import transformers as T
+from onnx.external_data_helper import uses_external_data
 
 from kiln import parity
 from kiln.errors import ParityError
@@ -84,3 +86,21 @@ def test_failed_export_leaves_nothing_and_keeps_the_old_artifact(
     kept = export_model(src, tmp_path / "drift", force=True, allow_drift=True)
     m = json.loads((kept / "export.json").read_text())
     assert m["parity"]["ok"] is False and m["parity"]["allowed_drift"] is True
+
+
+def test_large_weights_go_to_external_data(tiny_model_dir, tmp_path, monkeypatch):
+    """Past the protobuf limit weights move to model.onnx.data (threshold lowered to test it)."""
+    import importlib
+
+    tracing = importlib.import_module("kiln.export.onnx_from_hf")
+    monkeypatch.setattr(tracing, "EXTERNAL_DATA_BYTES", 0)
+    out = export_model(tiny_model_dir("llama"), tmp_path / "out")
+    m = json.loads((out / "export.json").read_text())
+    assert set(m["files"]) == {"model.onnx", "model.onnx.data"}
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    inline = [
+        t.name for t in proto.graph.initializer if not uses_external_data(t) and t.ByteSize() > 1024
+    ]
+    assert inline == []  # folded constants too, not only the parameters
+    assert m["files"]["model.onnx.data"]["bytes"] >= 0.95 * m["weight_bytes"]
+    assert m["parity"]["ok"]  # ORT found the weights beside the graph after the rename
