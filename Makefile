@@ -9,7 +9,7 @@ NAME    ?= $(notdir $(MODEL))
 OUT     ?= out/$(NAME)
 STAMP   := $(VENV)/.kiln-setup
 
-.PHONY: help setup export demo test lint fmt tiny-model clean
+.PHONY: help setup export optimize demo test lint fmt tiny-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -29,6 +29,12 @@ export: $(OUT)/onnx/export.json  ## PyTorch -> ONNX with KV cache, checked again
 
 $(OUT)/onnx/export.json: $(STAMP) $(wildcard $(MODEL)/*)
 	$(KILN) export $(MODEL) --out $(OUT)/onnx
+
+PRECISION ?= fp16
+optimize: $(OUT)/optimized-$(PRECISION)/optimize.json  ## cleanup, fusions, precision passes; prints the pass table (PRECISION=fp32|fp16|bf16|int8|int4|fp8)
+
+$(OUT)/optimized-$(PRECISION)/optimize.json: $(OUT)/onnx/export.json
+	$(KILN) optimize $(OUT)/onnx --out $(OUT)/optimized-$(PRECISION) --precision $(PRECISION) $(OPTIMIZE_FLAGS)
 
 demo: $(STAMP)  ## the whole pipeline on the bundled model: export, then generate its text from the ONNX
 	$(KILN) demo --out out/demo

@@ -1,0 +1,227 @@
+"""Optimize stage: an export artifact's ONNX in, a cleaned, fused, retyped ONNX out.
+
+`optimize_model` loads the export's graph into onnx-ir, runs the passes for the target and
+precision through `kiln.steps.run_steps` (each timed, each with its drift measured through
+ONNX Runtime on fixed probe inputs and judged against kiln/parity.py TOL), checks the result
+against PyTorch where the source model folder is still there, and publishes a folder shaped
+like an export folder: model.onnx, optimize.json (written last), copies of export.json,
+config.json, generation_config.json and tokenizer files.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import ArtifactError, ConfigError
+from kiln.manifest import (
+    publish_dir,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    staging_dir,
+    tool_versions,
+    write_json_atomic,
+)
+from kiln.parity import TOL
+from kiln.steps import StepRecord, run_steps
+
+__all__ = ["MANIFEST", "PRECISIONS", "TARGETS", "default_passes", "optimize_model"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "optimize.json"
+MODEL_FILE = "model.onnx"
+TARGETS = ("tensorrt",)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
+# protobuf cannot hold more than 2 GiB; larger graphs keep their weights in model.onnx.data.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+_COPIED = ("export.json", "config.json")
+_VERSIONED = ("kiln", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "ml-dtypes")
+
+
+def optimize_model(
+    src_artifact_dir: Path,
+    out_dir: Path,
+    *,
+    target: str = "tensorrt",
+    precision: str = "fp16",
+    passes: list[str] | None = None,
+    skip: tuple[str, ...] = (),
+    allow_drift: bool = False,
+    force: bool = False,
+    check_torch: bool = True,
+) -> Path:
+    """Optimize the export artifact `src_artifact_dir` into `out_dir`; return `out_dir`.
+
+    `passes` replaces the default pass list (`default_passes`); `skip` removes names from it.
+    Unchanged inputs (export hash, options, tool versions) reuse an existing artifact.
+    """
+    from kiln.optimize.passes import build_passes
+
+    src, out = Path(src_artifact_dir), Path(out_dir)
+    _check_options(target, precision)
+    export = read_manifest(src, "export.json", made_by="kiln export MODEL --out " + str(src))
+    if not (src / MODEL_FILE).is_file():
+        raise ArtifactError(f"{src} has export.json but no {MODEL_FILE}; rerun `kiln export`.")
+    source_precision = export["exporter"]["precision"]
+    names = _pass_names(passes, skip, precision, source_precision)
+    options = {
+        "target": target,
+        "precision": precision,
+        "passes": names,
+        "check_torch": check_torch,
+    }
+    versions = tool_versions(*_VERSIONED)
+    export_sha = sha256_file(src / "export.json")
+    key = sha256_json({"export": export_sha, "options": options, "versions": versions})
+    if not force and _reusable(out, key):
+        log.info("optimize: %s is up to date (cache key %s); reusing it", out, key[:12])
+        return out
+
+    t0 = time.perf_counter()
+    import onnx_ir as ir
+
+    from kiln.optimize.probe import OnnxProbe
+
+    log.info("optimize %s -> %s [%s, %s]: %d passes", src, out, target, precision, len(names))
+    model = ir.load(src / MODEL_FILE)
+    steps = build_passes(names, precision=precision, source_precision=source_precision)
+    probe = OnnxProbe(vocab=export["config"]["vocab"], prepare=_prepare_for_ort(precision))
+    model, records = run_steps(steps, model, probe=probe, tolerances=TOL, allow_drift=allow_drift)
+    staged = staging_dir(out)
+    try:
+        onnx_path = staged / MODEL_FILE
+        _save(model, onnx_path)
+        from kiln.optimize.parity import check_against_reference
+
+        parity = check_against_reference(
+            onnx_path, src, export, precision=precision, check_torch=check_torch
+        )
+        if not parity["ok"]:
+            _fail_or_warn(parity, allow_drift)
+        for name in (*_COPIED, *_tokenizer_files(src)):
+            if (src / name).is_file():
+                shutil.copy2(src / name, staged / name)
+        manifest = _manifest(src, export, export_sha, onnx_path, options, versions, key, records)
+        manifest.update(parity=parity, elapsed_s=round(time.perf_counter() - t0, 3))
+        write_json_atomic(staged / MANIFEST, manifest)
+        publish_dir(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    log.info("optimize done in %.1f s -> %s", time.perf_counter() - t0, out / MODEL_FILE)
+    return out
+
+
+def default_passes(precision: str, source_precision: str = "fp32") -> list[str]:
+    """The pass names run for `precision` on the tensorrt target, in order."""
+    from kiln.optimize.passes import default_pass_names
+
+    return default_pass_names(precision, source_precision)
+
+
+def _check_options(target: str, precision: str) -> None:
+    if target not in TARGETS:
+        raise ConfigError(f"target {target!r} is not supported; kiln optimizes for {TARGETS}.")
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}."
+        )
+
+
+def _pass_names(
+    passes: list[str] | None, skip: tuple[str, ...], precision: str, source_precision: str
+) -> list[str]:
+    from kiln.optimize.passes import PASSES
+
+    names = list(passes) if passes else default_passes(precision, source_precision)
+    unknown = [n for n in [*names, *skip] if n not in PASSES]
+    if unknown:
+        raise ConfigError(
+            f"unknown pass(es) {', '.join(unknown)}; kiln knows {', '.join(sorted(PASSES))}."
+        )
+    return [n for n in names if n not in skip]
+
+
+def _prepare_for_ort(precision: str) -> Any:
+    if precision != "bf16":
+        return None
+    from kiln.optimize.precision.bf16 import bf16_emulation
+
+    return bf16_emulation
+
+
+def _save(model: Any, path: Path) -> None:
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+    if size > EXTERNAL_DATA_BYTES:
+        ir.save(model, path, external_data=f"{path.name}.data")
+    else:
+        ir.save(model, path)
+
+
+def _fail_or_warn(parity: dict[str, Any], allow_drift: bool) -> None:
+    from kiln.errors import ParityError
+
+    msg = f"optimized graph drifted past its budget against the reference: {parity['why']}"
+    if not allow_drift:
+        raise ParityError(f"{msg}\nRerun with --allow-drift to keep it (the manifest records it).")
+    log.warning("%s; kept because of --allow-drift", msg)
+    parity["allowed_drift"] = True
+
+
+def _tokenizer_files(src: Path) -> list[str]:
+    from kiln.export.source import TOKENIZER_FILES
+
+    return list(TOKENIZER_FILES)
+
+
+def _reusable(out: Path, key: str) -> bool:
+    if not (out / MANIFEST).is_file() or not (out / MODEL_FILE).is_file():
+        return False
+    manifest = read_manifest(out, MANIFEST, made_by="kiln optimize")
+    return manifest.get("cache_key") == key and manifest.get("files", {}).get(MODEL_FILE, {}).get(
+        "sha256"
+    ) == sha256_file(out / MODEL_FILE)
+
+
+def _manifest(
+    src: Path,
+    export: dict[str, Any],
+    export_sha: str,
+    onnx_path: Path,
+    options: dict[str, Any],
+    versions: dict[str, str],
+    key: str,
+    records: list[StepRecord],
+) -> dict[str, Any]:
+    from kiln.optimize.passes import engine_hints, io_signature
+
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(onnx_path.parent.glob(f"{MODEL_FILE}*"))
+    }
+    return {
+        "kind": "kiln.optimize",
+        "cache_key": key,
+        "source": {
+            "path": str(src),
+            "export_json_sha256": export_sha,
+            "model_sha256": export["files"][MODEL_FILE]["sha256"],
+            "precision": export["exporter"]["precision"],
+        },
+        "target": options["target"],
+        "precision": options["precision"],
+        "architecture": export["architecture"],
+        "config": export["config"],
+        "io": io_signature(onnx_path),
+        "engine_hints": engine_hints(onnx_path, options["precision"]),
+        "passes": [r.as_dict() for r in records],
+        "files": files,
+        "versions": versions,
+    }

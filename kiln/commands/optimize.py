@@ -1,0 +1,96 @@
+"""`kiln optimize`: the optimize stage's command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Kept in step with kiln.optimize.PRECISIONS / TARGETS (not imported: --help stays instant).
+_PRECISIONS = ["fp32", "fp16", "bf16", "int8", "int4", "fp8"]
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `kiln optimize`."""
+    p = sub.add_parser(
+        "optimize",
+        help="export artifact -> cleaned, fused, retyped ONNX with a per-pass drift report",
+        description=(
+            "Run cleanup, fusion and precision passes over an export artifact's model.onnx. "
+            "Each pass is timed and its drift measured through ONNX Runtime on fixed probe "
+            "inputs (max |Δlogit|, greedy agreement) against the budget in kiln/parity.py; the "
+            "result is checked against the export graph (64 greedy tokens) and PyTorch, and "
+            "published with optimize.json (every pass, counts, drift, time) next to copies of "
+            "export.json, config and tokenizer files."
+        ),
+    )
+    p.add_argument("artifact", type=Path, help="export artifact folder (made by `kiln export`)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: <artifact>/../optimized-<precision>)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=_PRECISIONS,
+        default="fp16",
+        help="fp32 | fp16 | bf16 (weights and activations); int8 / int4: fp16 activations with "
+        "block-wise weight-only DequantizeLinear (opset 21); fp8: fp16 with FP8 E4M3 Q/DQ "
+        "(SM89+ only). Default fp16.",
+    )
+    p.add_argument(
+        "--target",
+        choices=["tensorrt"],
+        default="tensorrt",
+        help="which runtime the fused ops are chosen for (tensorrt: TensorRT / TensorRT-RTX)",
+    )
+    p.add_argument(
+        "--passes",
+        type=_names,
+        default=None,
+        help="comma-separated pass names to run instead of the default list, in this order",
+    )
+    p.add_argument(
+        "--skip", type=_names, default=[], help="comma-separated pass names to leave out"
+    )
+    p.add_argument(
+        "--no-torch-check",
+        action="store_true",
+        help="skip the parity check against the PyTorch source model (the export graph and "
+        "the 64-token greedy check still run)",
+    )
+    p.add_argument(
+        "--allow-drift",
+        action="store_true",
+        help="keep going when a pass or the result drifts past budget (recorded in optimize.json)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="redo the work even when the artifact is current"
+    )
+    p.add_argument("--list-passes", action="store_true", help="print the default passes and exit")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kiln.optimize import default_passes, optimize_model
+
+    if args.list_passes:
+        print("\n".join(default_passes(args.precision)))
+        return 0
+    out = args.out or args.artifact.resolve().parent / f"optimized-{args.precision}"
+    optimize_model(
+        args.artifact,
+        out,
+        target=args.target,
+        precision=args.precision,
+        passes=args.passes,
+        skip=tuple(args.skip),
+        allow_drift=args.allow_drift,
+        force=args.force,
+        check_torch=not args.no_torch_check,
+    )
+    return 0

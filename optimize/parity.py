@@ -1,0 +1,158 @@
+"""The optimized graph against its references: the source export and, if at hand, PyTorch.
+
+Three figures go into optimize.json:
+- `export`: probe logits of the optimized graph against the export graph (ORT both);
+- `torch`: the export stage's parity check (prefill + decode trajectories, ragged batch)
+  against the PyTorch model in the export's source folder, when that folder still exists;
+- `greedy_64`: 64 tokens generated greedily by the export graph, then fed to the optimized
+  graph teacher-forced: the fraction of positions whose argmax agrees.
+Judged by TOL[precision] (kiln/parity.py). bf16 graphs run as their fp32 emulation (bf16.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.parity import TOL, ParityReport
+
+log = logging.getLogger(__name__)
+
+GREEDY_TOKENS = 64
+
+
+def _runnable_path(onnx_path: Path, precision: str, tmp: Path) -> Path:
+    if precision != "bf16":
+        return onnx_path
+    import onnx_ir as ir
+
+    from kiln.optimize.precision.bf16 import bf16_emulation
+
+    path = tmp / "emulated.onnx"
+    ir.save(bf16_emulation(ir.load(onnx_path)), path)
+    return path
+
+
+def _session(path: Path) -> Any:
+    from kiln.export.check import ort_session
+
+    return ort_session(path)
+
+
+def _past_dtype(sess: Any) -> Any:
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values"):
+            return np.float16 if i.type == "tensor(float16)" else np.float32
+    return np.float32
+
+
+def greedy_ids(sess: Any, prompt: list[int], n: int, layers: int, kv: tuple[int, int]) -> list[int]:
+    """`n` tokens decoded greedily by `sess` after `prompt` (batch 1, no EOS stop)."""
+    from kiln.export.wrapper import input_names
+
+    names, dtype = input_names(layers), _past_dtype(sess)
+    past = [np.zeros((1, kv[0], 0, kv[1]), dtype)] * (2 * layers)
+    ids, done, out = np.array([prompt], np.int64), 0, []
+    for _ in range(n):
+        total = done + ids.shape[1]
+        feeds = [ids, np.ones((1, total), np.int64), np.arange(done, total)[None, :], *past]
+        logits, *past = sess.run(None, dict(zip(names, feeds, strict=True)))
+        out.append(int(np.argmax(logits[0, -1])))
+        ids, done = np.array([[out[-1]]], np.int64), total
+    return out
+
+
+def teacher_forced_argmax(sess: Any, ids: list[int], layers: int, kv: tuple[int, int]) -> Any:
+    """Argmax at every position of `ids` in one prefill call."""
+    from kiln.export.wrapper import input_names
+
+    dtype = _past_dtype(sess)
+    past = [np.zeros((1, kv[0], 0, kv[1]), dtype)] * (2 * layers)
+    n = len(ids)
+    feeds = [np.array([ids], np.int64), np.ones((1, n), np.int64), np.arange(n)[None, :], *past]
+    logits = sess.run(None, dict(zip(input_names(layers), feeds, strict=True)))[0]
+    return np.argmax(logits[0], axis=-1)
+
+
+def greedy_agreement_64(
+    ref_path: Path, got_path: Path, cfg: dict[str, Any], prompt: list[int]
+) -> float:
+    """Fraction of the reference's 64 greedy tokens the optimized graph also picks."""
+    layers, kv = cfg["layers"], (cfg["kv_heads"], cfg["head_dim"])
+    ref = greedy_ids(_session(ref_path), prompt, GREEDY_TOKENS, layers, kv)
+    seq = prompt + ref
+    got = teacher_forced_argmax(_session(got_path), seq[:-1], layers, kv)
+    return float(np.mean(got[len(prompt) - 1 :] == np.array(ref)))
+
+
+def _prompt(src: Path, export: dict[str, Any]) -> list[int]:
+    """BOS + the bundled model's prompt when the artifact carries a tokenizer, else fixed ids."""
+    bos = export["config"].get("bos_token_id")
+    if (src / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        from kiln.models.zen import ZEN_PROMPT
+
+        ids = list(AutoTokenizer.from_pretrained(src)(ZEN_PROMPT)["input_ids"])
+        return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+    rng = np.random.default_rng(0)
+    return [int(i) for i in rng.integers(3, export["config"]["vocab"], size=8)]
+
+
+def _torch_parity(path: Path, export: dict[str, Any], precision: str) -> dict[str, Any] | None:
+    source = Path(export["source"]["path"])
+    if not (source / "config.json").is_file():
+        return None
+    from kiln.export.check import check_parity
+    from kiln.export.source import describe_source, load_model
+
+    src = describe_source(source)
+    model = load_model(source)
+    shape = src.family.shape(model.config)
+    # check_parity feeds fp16 past only for "fp16": quantized graphs have fp16 activations.
+    as_run = {"int8": "fp16", "int4": "fp16", "fp8": "fp16"}.get(precision, precision)
+    report, _ = check_parity(path, model, shape, precision=as_run)
+    tol = TOL[precision]
+    for d in report.diffs:  # re-judge the worst element of each output by this precision's TOL
+        d.ok = d.max_abs <= tol.atol + tol.rtol * abs(d.ref_value)
+    return ParityReport(precision, tol, report.diffs, report.agreement).summary()
+
+
+def check_against_reference(
+    onnx_path: Path, src: Path, export: dict[str, Any], *, precision: str, check_torch: bool
+) -> dict[str, Any]:
+    """Parity figures of the optimized graph; `ok` False with `why` when past TOL[precision]."""
+    tol = TOL[precision]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _runnable_path(onnx_path, precision, Path(tmp))
+        agree = greedy_agreement_64(
+            src / "model.onnx", path, export["config"], _prompt(src, export)
+        )
+        torch = _torch_parity(path, export, precision) if check_torch else None
+    out: dict[str, Any] = {
+        "precision": precision,
+        "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "agree": tol.agree},
+        "greedy_64": agree,
+        "torch": torch,
+        "bf16_validated_by": "fp32 emulation with bf16 rounding" if precision == "bf16" else None,
+    }
+    whys = []
+    if agree < tol.agree:
+        whys.append(f"greedy agreement over {GREEDY_TOKENS} tokens {agree:.3f} < {tol.agree}")
+    if torch is not None and not torch["ok"]:
+        whys.append(
+            f"PyTorch parity: logits max|Δ| {torch['logits_max_abs']:.3g}, "
+            f"agreement {torch['greedy_agreement']:.3f}"
+        )
+    out["ok"] = not whys
+    out["why"] = "; ".join(whys) or None
+    log.info(
+        "parity: greedy-64 agreement %.3f%s",
+        agree,
+        f"; vs PyTorch logits max|Δ| {torch['logits_max_abs']:.3g}" if torch else "",
+    )
+    return out

@@ -1,0 +1,144 @@
+"""The pass registry: names -> Steps, the default order per precision, and manifest helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kiln.optimize.base import GraphPass
+
+# Precision -> the float type activations get, and the quantization pass that follows it.
+_ACTIVATIONS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "fp16", "int4": "fp16"}
+_ACTIVATIONS["fp8"] = "fp16"
+_QUANT = {"int8": "int8-weight-only", "int4": "int4-weight-only", "fp8": "fp8-qdq"}
+CLEANUP = (
+    "fold-constants",
+    "simplify",
+    "remove-identity",
+    "lift-constants",
+    "dedup-initializers",
+    "cse",
+    "tied-embedding",
+    "remove-unused",
+)
+FUSIONS = ("layer-norm", "rms-norm")
+
+
+def _cleanup(name: str) -> Callable[..., GraphPass]:
+    def make(**_: Any) -> GraphPass:
+        from kiln.optimize.cleanup import cleanup_passes
+
+        return next(p for p in cleanup_passes() if p.name == name)
+
+    return make
+
+
+def _fusion(name: str) -> Callable[..., GraphPass]:
+    def make(**_: Any) -> GraphPass:
+        from kiln.optimize.fusions import FUSION_PASSES
+
+        return FUSION_PASSES[name]()
+
+    return make
+
+
+def _precision(name: str) -> Callable[..., GraphPass]:
+    def make(**_: Any) -> GraphPass:
+        from kiln.optimize.precision import PRECISION_PASSES
+
+        return PRECISION_PASSES[name]()
+
+    return make
+
+
+PASSES: dict[str, Callable[..., GraphPass]] = {
+    **{n: _cleanup(n) for n in CLEANUP},
+    **{n: _fusion(n) for n in FUSIONS},
+    **{n: _precision(n) for n in ("fp16", "bf16", *_QUANT.values())},
+}
+
+
+def default_pass_names(precision: str, source_precision: str = "fp32") -> list[str]:
+    """Cleanup, then fusions, then precision: fusions match the exporter's fp32 patterns best.
+
+    Attention is fused only for low-precision activations: TensorRT-RTX has no dedicated fp32
+    IAttention kernel (research README), so an fp32 graph keeps MatMul/Softmax attention.
+    """
+    act = _ACTIVATIONS[precision]
+    fusions = [f for f in FUSIONS if f != "attention" or act != "fp32"]
+    names = [*CLEANUP, *fusions]
+    if act != "fp32" and act != source_precision:
+        names.append(act)
+    if precision in _QUANT:
+        names.append(_QUANT[precision])
+    return [*names, "remove-unused"]
+
+
+def build_passes(names: list[str], *, precision: str, source_precision: str) -> list[GraphPass]:
+    """Instantiate the named passes, each with the TOL key its drift is judged by.
+
+    Passes before the precision pass keep the graph's precision (the source's); the precision
+    pass and everything after are judged by the target precision's tolerance.
+    """
+    current = source_precision
+    steps = []
+    for name in names:
+        step = PASSES[name]()
+        if name in ("fp16", "bf16"):
+            current = name
+        elif name in _QUANT.values():
+            current = precision
+        step.tolerance = current
+        steps.append(step)
+    return steps
+
+
+def io_signature(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes of the graph's inputs and outputs (as export.json has them)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+
+    def describe(v: Any) -> dict[str, Any]:
+        t = v.type.tensor_type
+        return {
+            "name": v.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+            if t.elem_type != onnx.TensorProto.BFLOAT16
+            else "bfloat16",
+            "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
+        }
+
+    return {
+        "inputs": [describe(v) for v in proto.graph.input],
+        "outputs": [describe(v) for v in proto.graph.output],
+    }
+
+
+def engine_hints(onnx_path: Path, precision: str) -> dict[str, Any]:
+    """What the engine stage must know to build this graph (read from the graph itself)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    ops = {n.op_type for n in proto.graph.node}
+    has_fp32_attention = "Attention" in ops and _ACTIVATIONS[precision] == "fp32"
+    return {
+        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+        "fused_ops": sorted(
+            ops
+            & {
+                "Attention",
+                "RotaryEmbedding",
+                "RMSNormalization",
+                "LayerNormalization",
+                "Gelu",
+                "DequantizeLinear",
+                "QuantizeLinear",
+            }
+        ),
+        # fp32 IAttention has no dedicated kernel in TensorRT-RTX: set decomposable=True.
+        "attention_decomposable": has_fp32_attention,
+        # FP8 types cannot be compiled for SM80/SM86 (TensorRT-RTX: HW-specific datatypes).
+        "min_compute_capability": "SM89" if precision == "fp8" else "SM80",
+    }

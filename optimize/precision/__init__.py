@@ -1,0 +1,11 @@
+"""Precision passes by name (one pass per file)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kiln.optimize.base import GraphPass
+from kiln.optimize.precision.bf16 import Bf16Pass
+from kiln.optimize.precision.fp16 import Fp16Pass
+
+PRECISION_PASSES: dict[str, Callable[[], GraphPass]] = {"fp16": Fp16Pass, "bf16": Bf16Pass}

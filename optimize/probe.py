@@ -1,0 +1,88 @@
+"""Fixed probe inputs run through ONNX Runtime CPU: the runner's drift measurement.
+
+Two calls per graph, batch 2 with row 1 left-padded by 2: a prefill of 6 tokens (past 0) and
+a 3-token continuation over the *source* graph's own cache (so every graph sees identical
+inputs, cast to its past dtype). Logits at padded query positions are dropped.
+Letters: B batch, S new tokens, P past length, Hkv KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+_NP = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
+
+
+def ort_session_from_ir(model: ir.Model) -> Any:
+    """An ONNX Runtime CPU session over an in-memory model (no file written)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    blob = ir.serde.serialize_model(model).SerializeToString()
+    return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+
+
+def _positions(mask: np.ndarray, new: int) -> np.ndarray:
+    pos = np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, pos)[:, -new:].astype(np.int64)
+
+
+@dataclass
+class OnnxProbe:
+    """Probe logits of an `ir.Model`; `prepare` maps graphs ORT cannot run (bf16) to ones it can."""
+
+    vocab: int
+    seed: int = 0
+    prepare: Callable[[ir.Model], ir.Model] | None = None
+    _calls: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def _feeds(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
+        if self._calls:
+            return self._calls
+        rng = np.random.default_rng(self.seed)
+        ids = rng.integers(3, self.vocab, size=(2, 9), dtype=np.int64)
+        mask = np.ones((2, 9), np.int64)
+        mask[1, :2] = 0
+        past = {v.name: v for v in model.graph.inputs if v.name.startswith("past_key_values")}
+        empty = {
+            n: np.zeros((2, v.shape[1], 0, v.shape[3]), np.float32)  # type: ignore[index]
+            for n, v in past.items()
+        }
+        first = {"input_ids": ids[:, :6], "attention_mask": mask[:, :6]}
+        first["position_ids"] = _positions(mask[:, :6], 6)
+        self._calls = [{**first, **empty}]
+        outs = self._run(model, self._calls[0])
+        present = dict(zip([o.name for o in model.graph.outputs], outs, strict=True))
+        second = {
+            "input_ids": ids[:, 6:],
+            "attention_mask": mask,
+            "position_ids": _positions(mask, 3),
+        }
+        for n in past:
+            second[n] = present[n.replace("past_key_values", "present")].astype(np.float32)
+        self._calls.append(second)
+        return self._calls
+
+    def _run(self, model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        runnable = self.prepare(model) if self.prepare else model
+        sess = ort_session_from_ir(runnable)
+        typed = {}
+        for i in sess.get_inputs():
+            dtype = np.float16 if i.type == "tensor(float16)" else None
+            typed[i.name] = feeds[i.name].astype(dtype) if dtype else feeds[i.name]
+        return sess.run(None, typed)
+
+    def logits(self, model: ir.Model) -> list[np.ndarray]:
+        """Float32 logits of each probe call at unpadded query positions, [positions, V]."""
+        out = []
+        for feeds in self._feeds(model):
+            logits = self._run(model, feeds)[0].astype(np.float32)
+            valid = feeds["attention_mask"][:, -feeds["input_ids"].shape[1] :].astype(bool)
+            out.append(logits[valid])
+        return out
