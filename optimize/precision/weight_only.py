@@ -1,0 +1,96 @@
+"""Block-wise weight-only quantization: constant MatMul weights become DequantizeLinear(q, s).
+
+Symmetric, no zero point (TensorRT requires zero points of 0), blocks along the input axis K of
+W[K,N] (axis 0, opset 21 `block_size`), scale s[K/block, N] in the activation dtype, so the
+DequantizeLinear output feeds the MatMul in the graph's own precision. No calibration: the
+scale of a block is max|W| over the block / qmax. TensorRT maps DequantizeLinear on a constant
+into a weight-only GEMM; ONNX Runtime CPU runs it as written, which is how drift is measured.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.optimize.base import set_opset
+
+FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+_BITS = {8: (ir.DataType.INT8, 127), 4: (ir.DataType.INT4, 7)}
+
+
+def _weights(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value]]:
+    """(MatMul/Gemm node, constant 2-D weight input) pairs; Gemm only without transB."""
+    found = []
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if w is None or w.const_value is None or w.dtype not in FLOATS or len(w.shape or ()) != 2:
+            continue
+        trans_b = node.attributes.get("transB")
+        if node.op_type == "Gemm" and trans_b is not None and trans_b.as_int():
+            continue
+        found.append((node, w))
+    return found
+
+
+def pick_block(k: int, preferred: int) -> int | None:
+    """The largest of preferred, 128, 64, 32 that divides K, or None."""
+    for b in (preferred, 128, 64, 32):
+        if b <= k and k % b == 0:
+            return b
+    return None
+
+
+def quantize_block(w_kn: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-block quantization along K: (q[K,N] int8 values, scale[K/block, N] fp32)."""
+    qmax = _BITS[bits][1]
+    k, n = w_kn.shape
+    blocks = w_kn.astype(np.float32).reshape(k // block, block, n)
+    scale = np.abs(blocks).max(axis=1) / qmax
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax).astype(np.int8)
+    return q.reshape(k, n), scale
+
+
+def quantize_weights(model: ir.Model, *, bits: int, block: int) -> tuple[dict[str, int], list[str]]:
+    """Replace each constant MatMul weight by DequantizeLinear; return counts and notes."""
+    import ml_dtypes
+
+    graph = model.graph
+    qtype, _ = _BITS[bits]
+    counts = {"weights": 0, "skipped": 0, "bytes_before": 0, "bytes_after": 0}
+    notes: list[str] = []
+    done: dict[ir.Value, ir.Value] = {}
+    for node, w in _weights(graph):
+        if w not in done:
+            k, n = w.shape  # type: ignore[misc]
+            b = pick_block(k, block)
+            if b is None:
+                counts["skipped"] += 1
+                notes.append(f"{w.name} [{k},{n}]: K not divisible by 32; left unquantized")
+                continue
+            q, scale = quantize_block(w.const_value.numpy(), bits, b)  # type: ignore[union-attr]
+            np_scale = {ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
+            scale = scale.astype(np_scale.get(w.dtype, np.float32))  # type: ignore[arg-type]
+            q_arr = q.astype(ml_dtypes.int4) if bits == 4 else q
+            qv = ir.Value(name=f"{w.name}_q{bits}", const_value=ir.tensor(q_arr, dtype=qtype))
+            sv = ir.Value(name=f"{w.name}_scale", const_value=ir.tensor(scale))
+            for v in (qv, sv):
+                v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)  # type: ignore[union-attr]
+                graph.register_initializer(v)
+            dq = ir.node("DequantizeLinear", [qv, sv], attributes={"axis": 0, "block_size": b})
+            dq.outputs[0].name = f"{w.name}_dq"
+            dq.outputs[0].shape, dq.outputs[0].type = w.shape, w.type
+            graph.insert_before(node, dq)
+            done[w] = dq.outputs[0]
+            counts["weights"] += 1
+            counts["bytes_before"] += w.const_value.nbytes  # type: ignore[union-attr]
+            counts["bytes_after"] += q.size * bits // 8 + scale.nbytes
+        node.replace_input_with(1, done[w])
+    for w in done:
+        if not w.uses() and w.name in graph.initializers:
+            del graph.initializers[w.name]  # type: ignore[arg-type]
+    if done:
+        set_opset(model, 21)  # DequantizeLinear block_size and int4: opset 21
+    return counts, notes
