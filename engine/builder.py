@@ -176,9 +176,11 @@ def _capturing_logger(trt: Any) -> Any:
 def _parse_message(path: Path, errors: list[Any], library: str, version: str) -> str:
     lines = [f"{library} {version} cannot parse {path}:"]
     for e in errors[:5]:
-        op, node = e.node_operator(), e.node_name()
+        op, node = e.node_operator(), e.node_name() or (f"#{e.node()}" if e.node() >= 0 else "")
         where = f"node {node!r} (op {op})" if op or node else "the file"
-        lines.append(f"  {where}: {e.desc().strip()}")
+        # Drop the CUDA probe failure every CPU-only parse error carries (cudaError 35).
+        desc = [ln for ln in e.desc().strip().splitlines() if "cudaError 35" not in ln]
+        lines.append(f"  {where}: " + "\n    ".join(desc))
         lines.append(f"    fix: {parse_hint(op, e.desc())}")
     if len(errors) > 5:
         lines.append(f"  ... and {len(errors) - 5} more errors")

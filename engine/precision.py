@@ -4,7 +4,8 @@ TensorRT-RTX and TensorRT 11 are strongly typed: no builder flag picks the preci
 graph's tensor types do. So kiln reads the precision off the parsed network and refuses to
 build a profile whose `precision` differs, instead of building an engine nobody asked for.
 - activations: the dtype of the float model outputs (logits, present KV);
-- weight-only quantization: DequantizeLinear on constant int8 / int4 weights;
+- weight-only quantization: DequantizeLinear on constant int8 / int4 weights (labels "int8" and
+  "int4", as `kiln optimize --precision int8|int4` names them);
 - FP8: any Quantize/Dequantize in FP8.
 """
 
@@ -65,11 +66,11 @@ def _label(activations: str, quantized: Counter[str]) -> str:
     if any("float8" in k for k in kinds):
         return "fp8"
     if any(k.startswith("activations") for k in kinds):
-        return "int8"  # activation quantization: no shipped profile builds it (yet)
+        return "int8-activations"  # int8 QDQ on activations: no shipped profile builds it
     if "weights int4" in kinds:
-        return "int4-wo"
+        return "int4"
     if "weights int8" in kinds or "weights uint8" in kinds:
-        return "int8-wo"
+        return "int8"
     return _ACTIVATIONS[activations]
 
 

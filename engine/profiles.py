@@ -29,14 +29,15 @@ BACKENDS: dict[str, tuple[str, ...]] = {
 MODULES = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}
 
 # Precision labels, as read from the ONNX graph's types (kiln.engine.precision): the activation
-# dtype, or the weight-only quantized type on top of fp16/bf16 activations, or FP8 QDQ.
+# dtype; "int8"/"int4" weight-only (DequantizeLinear on weights, fp16/bf16 activations), the
+# names `kiln optimize --precision` uses; or "fp8" (QDQ).
 # The minimum compute capability each needs (NVIDIA support matrix: bf16 from Ampere, FP8 from Ada).
 PRECISIONS: dict[str, float] = {
     "fp32": 7.5,
     "fp16": 7.5,
     "bf16": 8.0,
-    "int8-wo": 7.5,
-    "int4-wo": 7.5,
+    "int8": 7.5,
+    "int4": 7.5,
     "fp8": 8.9,
 }
 
