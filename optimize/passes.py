@@ -22,7 +22,7 @@ CLEANUP = (
     "tied-embedding",
     "remove-unused",
 )
-FUSIONS = ("layer-norm", "rms-norm")
+FUSIONS = ("layer-norm", "rms-norm", "gelu", "rotary-embedding", "attention")
 
 
 def _cleanup(name: str) -> Callable[..., GraphPass]:
@@ -72,7 +72,7 @@ def default_pass_names(precision: str, source_precision: str = "fp32") -> list[s
         names.append(act)
     if precision in _QUANT:
         names.append(_QUANT[precision])
-    return [*names, "remove-unused"]
+    return [*names, "cse", "remove-unused"]  # fusions leave per-rewrite Cos/Sin copies
 
 
 def build_passes(names: list[str], *, precision: str, source_precision: str) -> list[GraphPass]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
 
 from kiln.optimize.base import GraphPass, set_opset
 from kiln.steps import Result
@@ -52,6 +53,8 @@ class FusionPass(GraphPass):
         count = rules.apply_to_model(model)
         if count:
             set_opset(model, self.opset)
+            # Rewritten values carry no types; later passes (precision) need them.
+            common_passes.ShapeInferencePass()(model)
         counts = {self.produces: count}
         notes = []
         if before:

@@ -1,0 +1,106 @@
+"""Attention (opset 23, TensorRT IAttention) from the exporter's lowered sdpa, GQA kept native.
+
+The dynamo exporter lowers torch's scaled_dot_product_attention at opset 18 to
+  MatMul(q*sqrt(s), K^T*sqrt(s)) + Where(mask, 0, min) -> Softmax -> Where(IsNaN, 0) -> MatMul(V)
+with K^T built by Reshape/Transpose/Reshape and, for GQA, K and V repeated per query head by
+Unsqueeze/Expand/Reshape (HF repeat_kv). This rule replaces all of it with one
+  Attention(q[B,H,S,D], present_key[B,Hkv,T,D], present_value[B,Hkv,T,D], mask[B,1,S,T], scale=s)
+so the KV repeat disappears (opset-23 Attention broadcasts KV heads) while the KV Concat with the
+past stays outside the op: TensorRT rejects Attention nodes with past/present (research README).
+
+Fully masked query rows (left padding): the exporter's fill is finfo.min, not -inf, so Softmax
+gives a uniform row rather than NaN, and the Where(IsNaN) guard the rule drops never fires.
+fp32 Attention fails to build in TensorRT-RTX ("no dedicated kernel") unless the engine stage
+sets IAttention.decomposable; kiln fuses it only for low-precision activations by default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import onnx_ir as ir
+from onnxscript.rewriter import _ir_utils, pattern
+
+from kiln.optimize.fusions.base import FusionPass, has_ops
+
+
+def _repeat_kv(op, kv, axis, shape5, shape4):
+    return op.Reshape(op.Expand(op.Unsqueeze(kv, axis), shape5), shape4)
+
+
+class SdpaAttentionFusion(pattern.RewriteRuleClassBase):
+    """The lowered sdpa (with or without repeat_kv) -> Attention."""
+
+    def __init__(self, name: str, *, gqa: bool) -> None:
+        # remove_nodes=False: the mask bias and K's shape arithmetic are shared between layers
+        # (other uses); matched nodes stay and remove-unused deletes what became dead.
+        super().__init__(name=name, remove_nodes=False)
+        self._gqa = gqa
+
+    def pattern(self, op, q, key, value, mask, qs, ks, zero, fill, nan_zero, s3, s4, rep):
+        """The exporter's sdpa lowering, names as in the module docstring."""
+        if self._gqa:
+            k = _repeat_kv(op, key, rep, pattern.ANY_VALUE, pattern.ANY_VALUE)
+            v = _repeat_kv(op, value, rep, pattern.ANY_VALUE, pattern.ANY_VALUE)
+        else:
+            k, v = key, value
+        kt = op.Reshape(op.Transpose(op.Reshape(k, s3), perm=[0, 2, 1]), s4)
+        scores = op.MatMul(op.Mul(q, qs), op.Mul(kt, ks))
+        probs = op.Softmax(op.Add(scores, op.Where(mask, zero, fill)), axis=-1)
+        probs = op.Where(op.IsNaN(probs), nan_zero, probs)
+        return op.MatMul(probs, v)
+
+    def check(self, context, q, key, value, mask, qs, ks, zero, **_) -> pattern.MatchResult:
+        """4-D q/k/v with heads divisible by KV heads, scalar scales, a bool mask."""
+        result = pattern.MatchResult()
+        for name, t in (("q", q), ("key", key), ("value", value)):
+            if t.shape is None or len(t.shape) != 4:
+                return result.fail(f"{name} is not known to be 4-D (BHSD)", t)
+        h, hkv = q.shape[1], key.shape[1]
+        if not isinstance(h, int) or not isinstance(hkv, int) or h % hkv:
+            return result.fail(f"query heads {h} not a static multiple of KV heads {hkv}", key)
+        if mask.dtype != ir.DataType.BOOL:
+            return result.fail("the mask is not boolean", mask)
+        scales = [_ir_utils.get_singleton_value(s) for s in (qs, ks)]
+        if not all(isinstance(s, float) for s in scales):
+            return result.fail("q/k scales are not constant scalars")
+        if _ir_utils.get_singleton_value(zero) != 0:
+            return result.fail("the mask's pass value is not 0", zero)
+        self._scale = float(scales[0] * scales[1])  # type: ignore[operator]
+        return result
+
+    def rewrite(self, op, q, key, value, mask, **_):
+        """One Attention node over the un-repeated KV heads."""
+        return op.Attention(q, key, value, mask, scale=self._scale)
+
+
+ATTENTION_RULES = pattern.RewriteRuleSet(
+    [
+        SdpaAttentionFusion.rule("SdpaGqaAttention", gqa=True),
+        SdpaAttentionFusion.rule("SdpaAttention", gqa=False),
+    ]
+)
+
+
+class AttentionFusionPass(FusionPass):
+    """Lowered sdpa -> Attention (opset 23) with native GQA; KV concat stays outside."""
+
+    name = "attention"
+    produces = "Attention"
+    opset = 23
+
+    def rules(self, model: ir.Model) -> Any:
+        """Return the GQA and plain rules."""
+        return ATTENTION_RULES
+
+    def expected(self, model: ir.Model) -> str | None:
+        """A lowered sdpa leaves Softmax and IsNaN behind."""
+        if has_ops(model, "Softmax", "IsNaN"):
+            return "the graph has Softmax and IsNaN (lowered sdpa)"
+        return None
+
+
+def expected_scale(head_dim: int) -> float:
+    """Sdpa's default scale, 1/sqrt(D), for tests."""
+    return 1 / math.sqrt(head_dim)
