@@ -57,6 +57,7 @@ __all__ = [
     "engine_mismatches",
     "load_profile",
     "read_engine",
+    "source_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def build_engine(
     """
     artifact, out = Path(artifact), Path(out)
     gpu = profile if isinstance(profile, GpuProfile) else load_profile(profile)
-    onnx_path, source, stage = _source(artifact)
+    onnx_path, source, stage = source_of(artifact)
     t0 = time.perf_counter()
     onnx_files = {p.name: p for p in sorted(artifact.glob(f"{MODEL_FILE}*")) if p.is_file()}
     onnx_sha = {name: sha256_file(p) for name, p in onnx_files.items()}
@@ -190,7 +191,7 @@ def _build_plan(
     }
 
 
-def _source(artifact: Path) -> tuple[Path, dict[str, Any], str]:
+def source_of(artifact: Path) -> tuple[Path, dict[str, Any], str]:
     """The ONNX file and the newest stage manifest of an artifact folder."""
     onnx_path = artifact / MODEL_FILE
     if not onnx_path.is_file():

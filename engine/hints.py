@@ -15,6 +15,12 @@ _RULES: tuple[tuple[str, str, str], ...] = (
         "(or `kiln optimize`) to regenerate it",
     ),
     (
+        "",
+        "cannot be found",
+        "the ONNX file does not exist: pass the artifact folder that `kiln export` or "
+        "`kiln optimize` wrote",
+    ),
+    (
         "GroupQueryAttention",
         "",
         "com.microsoft GroupQueryAttention has no TensorRT plugin: run `kiln optimize` with the "

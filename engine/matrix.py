@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.engine import build_engine, read_engine
+from kiln.engine import build_engine, read_engine, source_of
 from kiln.engine.builder import Backend
 from kiln.engine.precision import precision_of
 from kiln.engine.profiles import GpuProfile, available_profiles, load_profile
@@ -56,6 +56,8 @@ def build_matrix(
     artifacts: list[Path], profiles: list[GpuProfile], out: Path, *, force: bool = False
 ) -> list[Row]:
     """Build every profile into `out/<profile>/` from the artifact of its precision."""
+    for a in artifacts:
+        source_of(a)  # a missing or unfinished folder is an error before any build starts
     labels: dict[Path, str] = {}
     rows = []
     for gpu in profiles:
