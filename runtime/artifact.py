@@ -29,6 +29,12 @@ class ArtifactInfo:
     eos_ids: tuple[int, ...]
     pad_id: int
     engines: tuple[Path, ...] = ()  # engine folders (kind "engine")
+    # Longrope (Phi-3) switches to its long factors once the sequence passes the original
+    # context; transformers' Phi3 generate() then drops the cache and re-prefills once
+    # (Phi3ForCausalLM.prepare_inputs_for_generation). The loop does the same at this position.
+    reprefill_at: int | None = None
+    # NTK "dynamic" RoPE reads the batch's longest position: finished rows must stay in it.
+    keep_finished: bool = False
 
     @property
     def onnx_path(self) -> Path:
@@ -64,6 +70,8 @@ def inspect_artifact(path: Path) -> ArtifactInfo:
                 manifest,
                 _onnx_max_context(path, manifest),
                 *_special_ids(path, manifest),
+                reprefill_at=_reprefill_at(path, manifest),
+                keep_finished=_rope_type(_model_config(path, manifest)) == "dynamic",
             )
     raise ArtifactError(
         f"{path} holds neither model.onnx with a manifest ({', '.join(ONNX_MANIFESTS)}) nor "
@@ -93,10 +101,34 @@ def _model_config(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    return dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+
+
+def _rope_type(cfg: dict[str, Any]) -> str | None:
+    rope = _rope(cfg)
+    return rope.get("rope_type", rope.get("type"))
+
+
+def _reprefill_at(path: Path, manifest: dict[str, Any]) -> int | None:
+    cfg = _model_config(path, manifest)
+    rope = _rope(cfg)
+    if _rope_type(cfg) != "longrope":
+        return None
+    orig = rope.get("original_max_position_embeddings") or cfg.get(
+        "original_max_position_embeddings"
+    )
+    return int(orig) if orig else None
+
+
 def _onnx_max_context(path: Path, manifest: dict[str, Any]) -> int:
     cfg = _model_config(path, manifest)
+    rope = _rope(cfg)
     for key in ("max_positions", "max_position_embeddings", "n_positions"):
         if cfg.get(key):
+            if _rope_type(cfg) == "dynamic":
+                # NTK scaling exists to run past the trained length: its design point is factor x.
+                return int(cfg[key] * float(rope.get("factor", 1.0)))
             return int(cfg[key])
     raise ArtifactError(
         f"{path}: neither the manifest nor config.json gives the maximum context "

@@ -176,9 +176,23 @@ def drop_finished(state: DecodeState) -> None:
 
 
 def generate(
-    backend: Backend, rows: list[Sequence], *, use_cache: bool = True, pad_id: int = 0
+    backend: Backend,
+    rows: list[Sequence],
+    *,
+    use_cache: bool = True,
+    pad_id: int = 0,
+    reprefill_at: int | None = None,
+    keep_finished: bool = False,
 ) -> Iterator[list[Event]]:
-    """Prefill, then decode until every row finishes; yield each step's events."""
+    """Prefill, then decode until every row finishes; yield each step's events.
+
+    keep_finished: finished rows stay in the batch (fed padding) instead of being dropped. NTK
+    "dynamic" RoPE picks its frequencies from the longest row's position (in-graph, as
+    transformers does), so dropping a finished row would change the others' tokens.
+
+    reprefill_at: the position at which the cache is rebuilt from the whole sequence once
+    (longrope's switch to its long factors, as transformers' Phi-3 generate() does).
+    """
     for seq in rows:
         _check_fits(seq, backend.max_context)
     if backend.max_batch is not None and len(rows) > backend.max_batch:
@@ -192,17 +206,26 @@ def generate(
         assert state.logits_BV is not None
         events, last = [], []
         for seq, logits_V in zip(state.rows, state.logits_BV, strict=True):
+            if seq.done:  # only with keep_finished: the row idles on padding
+                last.append(pad_id)
+                continue
             tok = seq.choose(logits_V)
-            room = backend.max_context - len(seq.prompt_ids)
-            piece = seq.accept(tok, room)
+            piece = seq.accept(tok, backend.max_context - len(seq.prompt_ids))
             events.append(Event(seq.index, tok, piece, seq.finish_reason))
             last.append(tok)
         yield events
-        last_B = np.array([t for t, s in zip(last, state.rows, strict=True) if not s.done])
-        drop_finished(state)
-        if not state.rows:
+        if all(seq.done for seq in state.rows):
             return
-        step(backend, state, last_B)
+        last_B = np.array(last, dtype=np.int64)
+        if not keep_finished:
+            last_B = last_B[[not seq.done for seq in state.rows]]
+            drop_finished(state)
+        rebuild = reprefill_at is not None and int(state.next_pos_B.max()) == reprefill_at
+        if rebuild and max(len(s.prompt_ids) for s in rows) <= reprefill_at:
+            log.debug("position %d: rebuilding the cache (longrope switch)", reprefill_at)
+            recompute_step(backend, state, last_B)
+        else:
+            step(backend, state, last_B)
         if state.steps % 32 == 0:
             log.debug("decode step %d: %d rows active", state.steps, len(state.rows))
 

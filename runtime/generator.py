@@ -64,9 +64,7 @@ class Generator:
         Joining one prompt's `Event.text` pieces gives its completion's text.
         """
         rows = self._sequences(prompts, params, overrides)
-        for events in decode.generate(
-            self.backend, rows, use_cache=use_cache, pad_id=self.info.pad_id
-        ):
+        for events in self._run(rows, use_cache):
             yield from events
 
     def generate(
@@ -79,7 +77,7 @@ class Generator:
     ) -> Completion | list[Completion]:
         """Generate to completion; a single prompt gives a Completion, a list gives a list."""
         rows = self._sequences(prompts, params, overrides)
-        for _ in decode.generate(self.backend, rows, use_cache=use_cache, pad_id=self.info.pad_id):
+        for _ in self._run(rows, use_cache):
             pass
         done = [
             Completion(
@@ -92,6 +90,16 @@ class Generator:
             for s in rows
         ]
         return done if _is_batch(prompts) else done[0]
+
+    def _run(self, rows: list[decode.Sequence], use_cache: bool) -> Iterator[list[Event]]:
+        return decode.generate(
+            self.backend,
+            rows,
+            use_cache=use_cache,
+            pad_id=self.info.pad_id,
+            reprefill_at=self.info.reprefill_at,
+            keep_finished=self.info.keep_finished,
+        )
 
     def _sequences(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None, overrides: dict
