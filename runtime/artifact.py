@@ -14,7 +14,8 @@ from typing import Any
 
 from kiln.errors import ArtifactError
 
-ONNX_MANIFESTS = ("export.json", "optimize.json", "manifest.json")
+# Newest stage first: an optimized folder also carries a copy of its export.json.
+ONNX_MANIFESTS = ("optimize.json", "export.json", "manifest.json")
 ENGINE_MANIFEST = "engine.json"
 
 
@@ -93,11 +94,20 @@ def _read(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild the artifact.") from e
 
 
+def source_dirs(path: Path, manifest: dict[str, Any]) -> list[Path]:
+    """Folders that may hold config/tokenizer files: the artifact, then an engine's ONNX source."""
+    src = (manifest.get("source") or {}).get("artifact")
+    return [path, *([Path(src)] if src and manifest.get("kind") == "kiln.engine" else [])]
+
+
+def _find(path: Path, manifest: dict[str, Any], name: str) -> Path | None:
+    return next((d / name for d in source_dirs(path, manifest) if (d / name).is_file()), None)
+
+
 def _model_config(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(manifest.get("config") or {})
-    if (path / "config.json").is_file():
-        raw = _read(path / "config.json")
-        cfg = {**raw, **cfg}
+    cfg = dict(manifest.get("config") or manifest.get("source", {}).get("config") or {})
+    if (found := _find(path, manifest, "config.json")) is not None:
+        cfg = {**_read(found), **cfg}
     return cfg
 
 
@@ -137,11 +147,13 @@ def _onnx_max_context(path: Path, manifest: dict[str, Any]) -> int:
 
 
 def _engine_max_context(manifest: dict[str, Any]) -> int:
-    shapes = manifest.get("profile", {}).get("shapes") or []
-    ctx = [int(s["max_context"]) for s in shapes if "max_context" in s]
+    """The longest attention span every optimization profile accepts (total_sequence max)."""
+    profiles = manifest.get("optimization_profiles") or []
+    ctx = [int(p["axes"]["total_sequence"][2]) for p in profiles if "axes" in p]
     if not ctx:
         raise ArtifactError(
-            "engine.json has no profile.shapes[].max_context; rebuild the engine with `kiln build`."
+            "engine.json has no optimization_profiles[].axes.total_sequence; rebuild the engine "
+            "with `kiln build`."
         )
     return min(ctx)
 
@@ -149,11 +161,8 @@ def _engine_max_context(manifest: dict[str, Any]) -> int:
 def _special_ids(path: Path, manifest: dict[str, Any]) -> tuple[tuple[int, ...], int]:
     """EOS ids (generation_config.json first, then the model config) and the padding id."""
     cfg = _model_config(path, manifest)
-    gen = (
-        _read(path / "generation_config.json")
-        if (path / "generation_config.json").is_file()
-        else {}
-    )
+    found = _find(path, manifest, "generation_config.json")
+    gen = _read(found) if found is not None else {}
     eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
     pad = gen.get("pad_token_id", cfg.get("pad_token_id"))

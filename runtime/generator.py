@@ -10,7 +10,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.runtime import decode
-from kiln.runtime.artifact import ArtifactInfo, inspect_artifact
+from kiln.runtime.artifact import ArtifactInfo, inspect_artifact, source_dirs
 from kiln.runtime.backend import Backend
 from kiln.runtime.decode import Event
 from kiln.runtime.sampling import SamplingParams
@@ -184,6 +184,8 @@ def load(
 def _tokenizer(info: ArtifactInfo) -> Any:
     """The artifact's tokenizer, or None when it carries no tokenizer files."""
     folders = [info.path, *info.engines]
+    for engine in info.engines:
+        folders += source_dirs(engine, info.manifest)
     for folder in folders:
         if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
