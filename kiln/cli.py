@@ -19,7 +19,12 @@ log = logging.getLogger("kiln")
 
 # One module per stage command (kiln/commands/), each with `add_parser(subparsers)`; it imports
 # nothing heavy at module level (the stage packages import torch), so `kiln --help` stays instant.
-COMMANDS = ("kiln.commands.export", "kiln.commands.engine", "kiln.commands.optimize")
+COMMANDS = (
+    "kiln.commands.export",
+    "kiln.commands.engine",
+    "kiln.commands.optimize",
+    "kiln.commands.generate",
+)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
