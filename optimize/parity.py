@@ -50,43 +50,38 @@ def _past_dtype(sess: Any) -> Any:
     return np.float32
 
 
-def greedy_ids(sess: Any, prompt: list[int], n: int, layers: int, kv: tuple[int, int]) -> list[int]:
-    """`n` tokens decoded greedily by `sess` after `prompt` (batch 1, no EOS stop)."""
+def decode_argmax(
+    sess: Any, prompt: list[int], n: int, layers: int, kv: tuple[int, int], forced: list[int] | None
+) -> list[int]:
+    """Argmax after the prompt and after each of `n - 1` decode steps (batch 1, KV fed back).
+
+    With `forced`, step i feeds forced[i] (teacher forcing along another graph's tokens), so
+    both graphs see the same calls: a prefill, then one token at a time. Comparing against a
+    single long prefill instead would be wrong for length-dependent RoPE (dynamic, longrope).
+    """
     from kiln.export.wrapper import input_names
 
     names, dtype = input_names(layers), _past_dtype(sess)
     past = [np.zeros((1, kv[0], 0, kv[1]), dtype)] * (2 * layers)
     ids, done, out = np.array([prompt], np.int64), 0, []
-    for _ in range(n):
+    for i in range(n):
         total = done + ids.shape[1]
         feeds = [ids, np.ones((1, total), np.int64), np.arange(done, total)[None, :], *past]
         logits, *past = sess.run(None, dict(zip(names, feeds, strict=True)))
         out.append(int(np.argmax(logits[0, -1])))
-        ids, done = np.array([[out[-1]]], np.int64), total
+        nxt = forced[i] if forced is not None else out[-1]
+        ids, done = np.array([[nxt]], np.int64), total
     return out
-
-
-def teacher_forced_argmax(sess: Any, ids: list[int], layers: int, kv: tuple[int, int]) -> Any:
-    """Argmax at every position of `ids` in one prefill call."""
-    from kiln.export.wrapper import input_names
-
-    dtype = _past_dtype(sess)
-    past = [np.zeros((1, kv[0], 0, kv[1]), dtype)] * (2 * layers)
-    n = len(ids)
-    feeds = [np.array([ids], np.int64), np.ones((1, n), np.int64), np.arange(n)[None, :], *past]
-    logits = sess.run(None, dict(zip(input_names(layers), feeds, strict=True)))[0]
-    return np.argmax(logits[0], axis=-1)
 
 
 def greedy_agreement_64(
     ref_path: Path, got_path: Path, cfg: dict[str, Any], prompt: list[int]
 ) -> float:
     """Fraction of the reference's 64 greedy tokens the optimized graph also picks."""
-    layers, kv = cfg["layers"], (cfg["kv_heads"], cfg["head_dim"])
-    ref = greedy_ids(_session(ref_path), prompt, GREEDY_TOKENS, layers, kv)
-    seq = prompt + ref
-    got = teacher_forced_argmax(_session(got_path), seq[:-1], layers, kv)
-    return float(np.mean(got[len(prompt) - 1 :] == np.array(ref)))
+    shape = (cfg["layers"], (cfg["kv_heads"], cfg["head_dim"]))
+    ref = decode_argmax(_session(ref_path), prompt, GREEDY_TOKENS, *shape, forced=None)
+    got = decode_argmax(_session(got_path), prompt, GREEDY_TOKENS, *shape, forced=ref)
+    return float(np.mean(np.array(got) == np.array(ref)))
 
 
 def _prompt(src: Path, export: dict[str, Any]) -> list[int]:

@@ -1,0 +1,37 @@
+"""Shared fixtures for the optimize tests (imported by each test module; one cache for all).
+
+Kept out of a conftest.py: a second conftest module would shadow `from conftest import ...`
+in other test folders under pytest's prepend import mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+_MADE: dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def optimized(
+    exported: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Path]:
+    """Factory: optimize(name, precision, passes=None) of a model's fp32 export, made once."""
+    from kiln.optimize import optimize_model
+
+    def get(name: str, precision: str = "fp16", passes: tuple[str, ...] | None = None) -> Path:
+        key = (name, precision, passes)
+        if key not in _MADE:
+            out = tmp_path_factory.mktemp(f"opt-{name}-{precision}") / "optimized"
+            _MADE[key] = optimize_model(
+                exported(name),
+                out,
+                precision=precision,
+                passes=list(passes) if passes else None,
+                check_torch=name != "zen",  # the bundled model is checked by its text
+            )
+        return _MADE[key]
+
+    return get
