@@ -148,10 +148,13 @@ def load(
     threads: int = 0,
     io_binding: bool = True,
     profile_dir: Path | None = None,
+    cuda_graph: bool = False,
 ) -> Generator:
     """Load an ONNX artifact (ONNX Runtime) or an engine folder (TensorRT) for generation.
 
     backend: "auto" (by what the folder holds), "onnxruntime" or "tensorrt".
+    device, threads, io_binding, profile_dir: ONNX Runtime options (profile_dir turns on ORT's
+    per-op profiler). cuda_graph: TensorRT-RTX whole-graph capture for decode steps.
     """
     info = inspect_artifact(Path(artifact))
     if backend == "auto":
@@ -174,7 +177,7 @@ def load(
     elif backend == "tensorrt":
         from kiln.runtime.trt_backend import backend_from_engines
 
-        be = backend_from_engines(info)
+        be = backend_from_engines(info, cuda_graph=cuda_graph)
     else:
         raise KilnError(f"Unknown backend {backend!r}; choose auto, onnxruntime or tensorrt.")
     log.info("loaded %s with %s (max context %d)", info.path, be.name, info.max_context)

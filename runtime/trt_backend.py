@@ -1,0 +1,316 @@
+"""TensorRT / TensorRT-RTX backend: an engine.plan run with device buffers from cuda-python.
+
+The engine is chosen by its engine.json (compute capability and library version, checked with
+kiln.engine.manifest); an engine cannot be inspected without a GPU, so the manifest's shape
+ranges are the source of truth. One execution context per optimization profile (prefill,
+decode), each bound to its profile once. KV buffers are allocated once at the profile maximum
+(batch x context): past is read from one set and present written to the other, then the two
+swap, so a step allocates nothing and copies no cache. Only the last position's logits come
+back to the host. On TensorRT-RTX, `cuda_graph=True` sets the runtime's whole-graph capture
+strategy for the decode context, and JIT-compiled kernels persist in a runtime cache file.
+
+Letters in names: B batch, S new tokens, P past, T = P + S, Hkv KV heads, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.runtime.artifact import ArtifactInfo
+from kiln.runtime.cuda_mem import DeviceBuffer, Stream, gpu_compute_capability
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("tensorrt_rtx", "tensorrt")  # module names, as engine.json's library.name
+
+
+def _np_dtype(name: str) -> Any:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def select_engine(
+    engines: tuple[Path, ...] | list[Path],
+    compute_capability: tuple[int, int],
+    library: str,
+    version: str,
+) -> tuple[Path, dict[str, Any]]:
+    """The first engine folder whose manifest matches this GPU and library, or a clear error."""
+    from kiln.engine.errors import EngineMismatchError
+    from kiln.engine.manifest import engine_mismatches, read_engine
+
+    problems = []
+    for folder in engines:
+        manifest = read_engine(folder)
+        why = engine_mismatches(manifest, compute_capability, library, version)
+        if not why:
+            return folder, manifest
+        problems.append(f"  {folder}: " + "; ".join(why))
+    cc = f"{compute_capability[0]}.{compute_capability[1]}"
+    raise EngineMismatchError(
+        f"No engine here can run on this GPU (compute capability {cc}, {library} {version}):\n"
+        + "\n".join(problems)
+        + f"\nBuild one with `kiln build ARTIFACT --profile P` for a GPU profile targeting {cc} "
+        "(models/gpus/), or run the ONNX artifact with ONNX Runtime."
+    )
+
+
+def backend_from_engines(info: ArtifactInfo, *, cuda_graph: bool = False) -> TrtBackend:
+    """Pick the engine for this GPU and library, deserialize it, allocate its buffers."""
+    cc = gpu_compute_capability()
+    if cc is None:
+        raise KilnError(
+            f"{info.path} holds TensorRT engines, which need an NVIDIA GPU with a CUDA driver; "
+            "none is visible here. Run the ONNX artifact with ONNX Runtime instead "
+            "(`kiln generate ONNX_FOLDER`), or use a GPU machine (`make gpu-check`)."
+        )
+    wanted = {m["library"]["name"] for m in (_manifest(d) for d in info.engines)}
+    trt = None
+    for name in [n for n in LIBRARIES if n in wanted]:
+        try:
+            trt = importlib.import_module(name)
+            break
+        except ImportError:
+            continue
+    if trt is None:
+        raise KilnError(
+            f"The engines in {info.path} were built with {', '.join(sorted(wanted))}, which is "
+            "not installed; install it or rebuild the engines with the installed library."
+        )
+    folder, manifest = select_engine(info.engines, cc, trt.__name__, trt.__version__)
+    return TrtBackend(folder, manifest, trt, cuda_graph=cuda_graph)
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    from kiln.engine.manifest import read_engine
+
+    return read_engine(folder, verify=False)
+
+
+class DeviceKVCache:
+    """Concat-layout cache over the backend's two preallocated buffer sets (past/present)."""
+
+    def __init__(self, backend: TrtBackend, batch: int) -> None:
+        self.backend = backend
+        self.batch = batch
+        self.cur = 0  # which buffer set holds the past
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        """Positions held per row."""
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        """Most positions the engine profiles accept."""
+        return self.backend.max_context
+
+    def past_ptrs(self) -> list[int]:
+        """Device addresses of the past tensors (read this step)."""
+        return [b.ptr for b in self.backend.kv[self.cur]]
+
+    def present_ptrs(self) -> list[int]:
+        """Device addresses the present tensors are written to."""
+        return [b.ptr for b in self.backend.kv[1 - self.cur]]
+
+    def advance(self, new: int) -> None:
+        """The present just written becomes the past."""
+        self.cur ^= 1
+        self._length += new
+
+    def keep_rows(self, rows: list[int] | tuple[int, ...]) -> None:
+        """Gather kept rows into the other set (contiguous [Hkv, P, D] blocks), then swap."""
+        be = self.backend
+        block = be.kv_heads * self._length * be.head_dim * be.kv_itemsize
+        for src, dst in zip(self.past_ptrs(), self.present_ptrs(), strict=True):
+            for j, r in enumerate(rows):
+                be.stream.copy_2d(dst + j * block, block, src + r * block, block, block, 1)
+        self.batch = len(rows)
+        self.cur ^= 1
+
+    def trim_left(self, n: int) -> None:
+        """Drop the first `n` positions of every [B, Hkv] row with one strided copy, then swap."""
+        if n <= 0:
+            return
+        be = self.backend
+        row = be.head_dim * be.kv_itemsize
+        keep = self._length - n
+        for src, dst in zip(self.past_ptrs(), self.present_ptrs(), strict=True):
+            be.stream.copy_2d(
+                dst, keep * row, src + n * row, self._length * row, keep * row,
+                self.batch * be.kv_heads,
+            )  # fmt: skip
+        self._length = keep
+        self.cur ^= 1
+
+
+class TrtBackend:
+    """A deserialized engine with its contexts, stream and preallocated buffers."""
+
+    def __init__(
+        self, folder: Path, manifest: dict[str, Any], trt: Any, *, cuda_graph: bool = False
+    ) -> None:
+        self.trt = trt
+        self.folder = folder
+        self.manifest = manifest
+        self.name = f"{trt.__name__}-{manifest['profile']['name']}"
+        self.is_rtx = trt.__name__ == "tensorrt_rtx"
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine((folder / "engine.plan").read_bytes())
+        if self.engine is None:
+            raise KilnError(
+                f"{trt.__name__} could not deserialize {folder / 'engine.plan'} (see the log "
+                "above); rebuild it with `kiln build --force` on this library version."
+            )
+        self.profiles = manifest["optimization_profiles"]
+        self.max_batch = min(p["axes"]["batch"][2] for p in self.profiles)
+        self.max_context = min(p["axes"]["total_sequence"][2] for p in self.profiles)
+        io = {v["name"]: v for v in manifest["io"]["inputs"] + manifest["io"]["outputs"]}
+        self.past_names = [n for n in io if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        first = io[self.past_names[0]]
+        self.kv_heads, self.head_dim = int(first["shape"][1]), int(first["shape"][3])
+        self.kv_dtype = _np_dtype(first["dtype"])
+        self.kv_itemsize = np.dtype(self.kv_dtype).itemsize
+        self.logits_dtype = _np_dtype(io["logits"]["dtype"])
+        self.vocab = int(io["logits"]["shape"][-1])
+        self.stream = Stream()
+        self._runtime_cache_path = folder / "runtime.cache"
+        self._runtime_cache = None
+        self.contexts = [
+            self._context(p, cuda_graph and p["name"] == "decode") for p in self.profiles
+        ]
+        self._allocate()
+
+    def _context(self, profile: dict[str, Any], cuda_graph: bool) -> Any:
+        trt = self.trt
+        if self.is_rtx:
+            rc = self.engine.create_runtime_config()
+            if self._runtime_cache is None:
+                self._runtime_cache = rc.create_runtime_cache()
+                if self._runtime_cache_path.is_file():
+                    self._runtime_cache.deserialize(self._runtime_cache_path.read_bytes())
+            rc.set_runtime_cache(self._runtime_cache)
+            if cuda_graph:
+                rc.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            ctx = self.engine.create_execution_context(rc)
+        else:
+            ctx = self.engine.create_execution_context()
+        ctx.set_optimization_profile_async(int(profile["index"]), self.stream.ptr)
+        return ctx
+
+    def _allocate(self) -> None:
+        """Every buffer a step needs, at the largest size any profile accepts."""
+        b, t = self.max_batch_any, self.max_context
+        kv_bytes = b * self.kv_heads * t * self.head_dim * self.kv_itemsize
+        self.kv = [[DeviceBuffer(kv_bytes) for _ in self.past_names] for _ in range(2)]
+        self.ids = DeviceBuffer(b * t * 8)
+        self.mask = DeviceBuffer(b * t * 8)
+        self.pos = DeviceBuffer(b * t * 8)
+        seq = max(p["axes"]["sequence"][2] * p["axes"]["batch"][2] for p in self.profiles)
+        self.logits = DeviceBuffer(seq * self.vocab * np.dtype(self.logits_dtype).itemsize)
+        log.info(
+            "%s: %d KV buffers of %.1f MiB (batch %d x context %d), logits %.1f MiB",
+            self.name,
+            2 * len(self.past_names),
+            kv_bytes / 2**20,
+            b,
+            t,
+            self.logits.nbytes / 2**20,
+        )
+
+    @property
+    def max_batch_any(self) -> int:
+        """Largest batch of any profile (buffers are sized for it)."""
+        return max(p["axes"]["batch"][2] for p in self.profiles)
+
+    def new_cache(self, batch: int) -> DeviceKVCache:
+        """An empty cache over the preallocated buffers (one live cache per backend)."""
+        return DeviceKVCache(self, batch)
+
+    def _profile(self, b: int, s: int, p: int, t: int) -> int:
+        order = sorted(
+            range(len(self.profiles)),
+            key=lambda i: (self.profiles[i]["name"] != ("decode" if s == 1 else "prefill"), i),
+        )
+        for i in order:
+            ax = self.profiles[i]["axes"]
+            if all(
+                ax[k][0] <= v <= ax[k][2]
+                for k, v in (
+                    ("batch", b),
+                    ("sequence", s),
+                    ("past_sequence", p),
+                    ("total_sequence", t),
+                )
+            ):
+                return i
+        raise KilnError(
+            f"No optimization profile of engine {self.folder} accepts batch {b}, {s} new tokens "
+            f"over {p} cached (profiles: "
+            + "; ".join(f"{q['name']} {q['axes']}" for q in self.profiles)
+            + "); shorten the input or rebuild with larger shape ranges."
+        )
+
+    def forward(
+        self, ids_BS: np.ndarray, mask_BT: np.ndarray, pos_BS: np.ndarray, cache: DeviceKVCache
+    ) -> np.ndarray:
+        """One engine call on the stream; returns host float32 logits_BV of the last position."""
+        b, s = ids_BS.shape
+        t, p = mask_BT.shape[1], cache.length
+        ctx = self.contexts[self._profile(b, s, p, t)]
+        st = self.stream
+        st.to_device(self.ids.ptr, ids_BS.astype(np.int64))
+        st.to_device(self.mask.ptr, mask_BT.astype(np.int64))
+        st.to_device(self.pos.ptr, pos_BS.astype(np.int64))
+        for name, shape, ptr in (
+            ("input_ids", (b, s), self.ids.ptr),
+            ("attention_mask", (b, t), self.mask.ptr),
+            ("position_ids", (b, s), self.pos.ptr),
+        ):
+            ctx.set_input_shape(name, shape)
+            ctx.set_tensor_address(name, ptr)
+        kv_shape = (b, self.kv_heads, p, self.head_dim)
+        for name, ptr in zip(self.past_names, cache.past_ptrs(), strict=True):
+            ctx.set_input_shape(name, kv_shape)
+            ctx.set_tensor_address(name, ptr)
+        for name, ptr in zip(self.present_names, cache.present_ptrs(), strict=True):
+            ctx.set_tensor_address(name, ptr)
+        ctx.set_tensor_address("logits", self.logits.ptr)
+        if not ctx.execute_async_v3(self.stream.ptr):
+            raise KilnError(f"TensorRT execution failed for batch {b}, {s} new, {p} past.")
+        item = np.dtype(self.logits_dtype).itemsize
+        out = np.empty((b, self.vocab), self.logits_dtype)
+        st.to_host_2d(
+            out,
+            self.logits.ptr + (s - 1) * self.vocab * item,
+            src_pitch=s * self.vocab * item,
+            row_bytes=self.vocab * item,
+            rows=b,
+        )
+        st.synchronize()
+        cache.advance(s)
+        return out.astype(np.float32)
+
+    def save_runtime_cache(self) -> None:
+        """Persist TensorRT-RTX's JIT-compiled kernels beside the engine (best effort)."""
+        if self._runtime_cache is None:
+            return
+        try:
+            data = bytes(self._runtime_cache.serialize())
+            tmp = self._runtime_cache_path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(self._runtime_cache_path)
+        except OSError as e:
+            log.warning("could not save the runtime cache to %s: %s", self._runtime_cache_path, e)
