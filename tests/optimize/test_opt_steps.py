@@ -61,7 +61,7 @@ def test_allow_drift_records_and_continues():
     assert [r.within_budget for r in records] == [False, True]
 
 
-def test_greedy_flip_fails_even_within_atol():
+def test_greedy_flip_fails_the_budget():
     # value 1 -> -0.5 flips row 0 ([v, 0]) but not row 1 ([0, v + 1]): agreement 0.5 < 0.99
     with pytest.raises(ParityError, match=r"greedy agreement 0\.500"):
         run_steps([Add("flip", -1.5, "fp16")], 1.0, probe=Probe(), tolerances=TOL)
