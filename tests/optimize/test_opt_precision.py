@@ -71,3 +71,16 @@ def test_strict_type_check_catches_float_times_half():  # negative control of th
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
     with pytest.raises(KilnError, match="fails strict ONNX type checking"):
         check_types(ir.serde.deserialize_model(model), what="the test graph")
+
+
+def test_fp8_qdq_builds_for_ada_only(optimized):  # noqa: F811
+    out = optimized("llama", "fp8")
+    proto = onnx.load(str(out / "model.onnx"))
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True, check_type=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") == 9  # distinct MatMul inputs (q/k/v share one)
+    assert ops.count("DequantizeLinear") == 9 + 15
+    manifest = json.loads((out / "optimize.json").read_text())
+    assert manifest["parity"]["ok"] and manifest["engine_hints"]["min_compute_capability"] == "SM89"
+    assert build(out / "model.onnx", ("SM89",))["ok"]
+    assert not build(out / "model.onnx", ("SM86", "SM89"))["ok"]  # FP8 needs SM89+
