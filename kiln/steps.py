@@ -92,6 +92,7 @@ class StepRecord:
     drift: Drift | None = None
     tolerance: str | None = None
     within_budget: bool = True
+    probe_s: float = 0.0  # time spent measuring drift (ORT), not part of elapsed_s
 
     def as_dict(self) -> dict[str, Any]:
         """The record as JSON-able data."""
@@ -101,6 +102,7 @@ class StepRecord:
             "counts": self.counts,
             "notes": self.notes,
             "elapsed_s": round(self.elapsed_s, 4),
+            "probe_s": round(self.probe_s, 4),
             "tolerance": self.tolerance,
             "drift": self.drift.as_dict() if self.drift else None,
             "within_budget": self.within_budget,
@@ -112,7 +114,7 @@ class StepRecord:
         drift = (
             f"max|Δlogit| {self.drift.max_abs:8.2e}  agree {self.drift.agreement:6.1%}"
             if self.drift
-            else " " * 31
+            else f"{'(unchanged: not probed)':<31}"
         )
         flag = "" if self.within_budget else "  OVER BUDGET"
         return f"  {self.name:<22} {drift}  {self.elapsed_s:6.2f} s  {counts}{flag}"
@@ -173,8 +175,11 @@ def run_steps(
         value = result.value
         record = StepRecord(step.name, result.changed, result.counts, result.notes, elapsed)
         record.tolerance = step.tolerance
-        if probe is not None and start is not None and previous is not None:
+        # A step that reports no change is not re-probed (drift stays None: not measured).
+        if probe is not None and start is not None and previous is not None and result.changed:
+            t1 = time.perf_counter()
             got = probe.logits(value)
+            record.probe_s = time.perf_counter() - t1
             record.drift = _drift(previous, got, start)
             if step.tolerance is not None and tolerances is not None:
                 record.within_budget = _judge(

@@ -38,7 +38,7 @@ def test_records_every_step_with_counts_time_and_drift():
     value, records = run_steps([Add("a", 0.0), Add("b", 5e-5)], 1.0, probe=Probe(), tolerances=TOL)
     assert value == pytest.approx(1.00005)
     assert [r.name for r in records] == ["a", "b"]
-    assert records[0].drift.max_abs == 0.0 and not records[0].changed
+    assert records[0].drift is None and not records[0].changed  # unchanged: not probed
     assert records[1].drift.max_abs == pytest.approx(5e-5, rel=1e-2)
     assert records[1].drift.total_max_abs == pytest.approx(5e-5, rel=1e-2)
     assert all(r.elapsed_s >= 0 and r.within_budget for r in records)
