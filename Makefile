@@ -9,7 +9,7 @@ NAME    ?= $(notdir $(MODEL))
 OUT     ?= out/$(NAME)
 STAMP   := $(VENV)/.kiln-setup
 
-.PHONY: help setup export optimize demo test lint fmt tiny-model clean
+.PHONY: help setup export optimize engines bench-engine demo test lint fmt tiny-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -35,6 +35,18 @@ optimize: $(OUT)/optimized-$(PRECISION)/optimize.json  ## cleanup, fusions, prec
 
 $(OUT)/optimized-$(PRECISION)/optimize.json: $(OUT)/onnx/export.json
 	$(KILN) optimize $(OUT)/onnx --out $(OUT)/optimized-$(PRECISION) --precision $(PRECISION) $(OPTIMIZE_FLAGS)
+
+# Engines: one optimize artifact per precision in ENGINE_PRECISIONS, then every profile in PROFILES
+# (names in models/gpus/, comma-separated, or all) from the artifact of its precision. `kiln build`
+# skips engines whose ONNX, profile and library are unchanged, and prints the matrix table.
+PROFILES ?= all
+ENGINE_PRECISIONS ?= fp16 int8
+engines: $(STAMP)  ## TensorRT engines per GPU profile + table of precision, size, build time (MODEL=dir PROFILES=all|a,b)
+	@for p in $(ENGINE_PRECISIONS); do $(MAKE) --no-print-directory optimize PRECISION=$$p || exit 1; done
+	$(KILN) build $(foreach p,$(ENGINE_PRECISIONS),$(OUT)/optimized-$(p)) --profile $(PROFILES) --out $(OUT)/engines
+
+bench-engine: $(STAMP)  ## GPT-2-small-shaped engine build, kiln vs bare polygraphy convert: overhead ratio, peak memory, size
+	$(PY) -m kiln.engine.bench --out out/bench-engine
 
 demo: $(STAMP)  ## the whole pipeline on the bundled model: export, then generate its text from the ONNX
 	$(KILN) demo --out out/demo

@@ -9,12 +9,14 @@ progress monitor, and publishes the folder atomically with engine.json written l
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
 import resource
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -76,21 +78,40 @@ def build_engine(
     """
     artifact, out = Path(artifact), Path(out)
     gpu = profile if isinstance(profile, GpuProfile) else load_profile(profile)
-    onnx_path, source, stage = source_of(artifact)
+    _, source, stage = source_of(artifact)
     t0 = time.perf_counter()
+    times: dict[str, float] = {}
     onnx_files = {p.name: p for p in sorted(artifact.glob(f"{MODEL_FILE}*")) if p.is_file()}
-    onnx_sha = {name: sha256_file(p) for name, p in onnx_files.items()}
     backend = Backend(gpu)
-    key = _cache_key(onnx_sha, gpu, backend)
-    if not force and _up_to_date(out, key):
-        log.info(
-            "engine %s: %s is up to date (cache key %s); skipping the build",
-            gpu.name,
-            out,
-            key[:12],
-        )
-        return out
+    with ThreadPoolExecutor(1, thread_name_prefix="kiln-hash") as pool:
+        # Hash the ONNX beside the parse and build; wait for it first only when an existing
+        # engine.json could make the build unnecessary.
+        hashing = pool.submit(_hash_files, onnx_files, times)
+        if not force and (out / MANIFEST).is_file():
+            key = _cache_key(hashing.result(), gpu, backend)
+            if _up_to_date(out, key):
+                log.info(
+                    "engine %s: %s is up to date (cache key %s); skipping the build",
+                    gpu.name,
+                    out,
+                    key[:12],
+                )
+                return out
+        return _build(backend, gpu, artifact, (source, stage), out, hashing, (t0, times))
 
+
+def _build(
+    backend: Backend,
+    gpu: GpuProfile,
+    artifact: Path,
+    origin: tuple[dict[str, Any], str],
+    out: Path,
+    hashing: Future[dict[str, str]],
+    clock: tuple[float, dict[str, float]],
+) -> Path:
+    """Build into a staging folder, write engine.json last, publish atomically."""
+    (source, stage), (t0, times) = origin, clock
+    onnx_path = artifact / MODEL_FILE
     what = f"engine {gpu.name}"
     log.info(
         "%s: %s -> %s [%s, %s %s, targets %s]",
@@ -102,21 +123,23 @@ def build_engine(
         backend.version,
         ", ".join(gpu.compute_capabilities),
     )
-    times: dict[str, float] = {"hash": round(time.perf_counter() - t0, 3)}
     staged = staging_dir(out)
     try:
         facts = _build_plan(backend, gpu, artifact, source, staged / PLAN, times)
+        onnx_sha = hashing.result()
+        key = _cache_key(onnx_sha, gpu, backend)
         times["total"] = round(time.perf_counter() - t0, 3)
         facts["build"]["elapsed_s"] = times
-        origin = {"artifact": str(artifact), "stage": stage, "config": source.get("config", {})}
-        origin["onnx"] = {
-            n: {"sha256": onnx_sha[n], "bytes": p.stat().st_size} for n, p in onnx_files.items()
+        described = {"artifact": str(artifact), "stage": stage, "config": source.get("config", {})}
+        described["onnx"] = {
+            n: {"sha256": sha, "bytes": (artifact / n).stat().st_size}
+            for n, sha in onnx_sha.items()
         }
         manifest = {
             "kind": "kiln.engine",
             "format": FORMAT,
             "cache_key": key,
-            "source": origin,
+            "source": described,
             "profile": {**gpu.to_dict(), "file": gpu.source},
             "library": {"name": backend.library, "version": backend.version},
             "compute_capabilities": list(gpu.compute_capabilities),
@@ -170,7 +193,9 @@ def _build_plan(
         _write_bytes_atomic(cache_file, new_cache)
     layers = net.network.num_layers
     del net, cfg  # release the network's weights before writing the plan
+    t = time.perf_counter()
     size, digest = plan.nbytes, _write_plan(plan_path, plan)
+    times["write"] = round(time.perf_counter() - t, 3)
     return {
         "precision": {
             "label": found.label,
@@ -252,21 +277,26 @@ def _check_io(io: dict[str, list[dict[str, Any]]], net: Any, onnx_path: Path) ->
 
 
 def _write_plan(path: Path, plan: Any) -> str:
-    """Write the serialized plan and return its sha256 (hashed from memory, not re-read)."""
-    import hashlib
-
+    """Write the serialized plan and return its sha256, hashed from memory while it writes."""
     view = memoryview(plan)
-    with open(path, "wb") as f:
-        f.write(view)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashlib.sha256(view).hexdigest()
+    with ThreadPoolExecutor(1, thread_name_prefix="kiln-hash") as pool:
+        digest = pool.submit(lambda: hashlib.sha256(view).hexdigest())
+        with open(path, "wb") as f:
+            f.write(view)
+        return digest.result()
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _hash_files(files: dict[str, Path], times: dict[str, float]) -> dict[str, str]:
+    t = time.perf_counter()
+    digests = {n: sha256_file(p) for n, p in files.items()}
+    times["hash"] = round(time.perf_counter() - t, 3)
+    return digests
 
 
 def _peak_rss_mib() -> int:

@@ -91,3 +91,14 @@ def test_an_axis_the_profile_cannot_size_is_named():
         match=r"'pixel_values' has axis 'height', which GPU profile shape 'decode' cannot size",
     ):
         input_ranges(io["inputs"], s)
+
+
+def test_heartbeat_reports_elapsed_time(caplog):
+    import logging
+    import time
+
+    from kiln.engine.progress import heartbeat
+
+    with caplog.at_level(logging.INFO, logger="kiln"), heartbeat("engine x", every_s=0.05):
+        time.sleep(0.3)
+    assert "engine x: 0 s elapsed" in caplog.text
