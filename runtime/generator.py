@@ -149,12 +149,15 @@ def load(
     io_binding: bool = True,
     profile_dir: Path | None = None,
     cuda_graph: bool = False,
+    tokenizer: bool = True,
 ) -> Generator:
     """Load an ONNX artifact (ONNX Runtime) or an engine folder (TensorRT) for generation.
 
     backend: "auto" (by what the folder holds), "onnxruntime" or "tensorrt".
     device, threads, io_binding, profile_dir: ONNX Runtime options (profile_dir turns on ORT's
     per-op profiler). cuda_graph: TensorRT-RTX whole-graph capture for decode steps.
+    tokenizer: False skips the tokenizer (token-id prompts only): transformers' AutoTokenizer
+    imports torch, which costs seconds and ~300 MB in a process that needs neither.
     """
     info = inspect_artifact(Path(artifact))
     if backend == "auto":
@@ -181,7 +184,7 @@ def load(
     else:
         raise KilnError(f"Unknown backend {backend!r}; choose auto, onnxruntime or tensorrt.")
     log.info("loaded %s with %s (max context %d)", info.path, be.name, info.max_context)
-    return Generator(be, info, _tokenizer(info))
+    return Generator(be, info, _tokenizer(info) if tokenizer else None)
 
 
 def _tokenizer(info: ArtifactInfo) -> Any:
