@@ -9,7 +9,7 @@ NAME    ?= $(notdir $(MODEL))
 OUT     ?= out/$(NAME)
 STAMP   := $(VENV)/.kiln-setup
 
-.PHONY: help setup export optimize engines bench-engine demo test lint fmt tiny-model clean
+.PHONY: help setup export optimize engines bench-engine generate bench gpu-check demo test lint fmt tiny-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -47,6 +47,17 @@ engines: $(STAMP)  ## TensorRT engines per GPU profile + table of precision, siz
 
 bench-engine: $(STAMP)  ## GPT-2-small-shaped engine build, kiln vs bare polygraphy convert: overhead ratio, peak memory, size
 	$(PY) -m kiln.engine.bench --out out/bench-engine
+
+PROMPT ?= Beautiful is better than
+ARTIFACT ?= $(OUT)/onnx
+generate: $(OUT)/onnx/export.json  ## text from an artifact (ARTIFACT=folder PROMPT="..." GENERATE_FLAGS="--stream --temperature 0.7")
+	$(KILN) generate $(ARTIFACT) --prompt "$(PROMPT)" $(GENERATE_FLAGS)
+
+bench: $(STAMP)  ## decode loop on ORT CPU vs transformers eager vs onnxruntime-genai: TTFT, tok/s b1/b4, memory, roofline; out/bench/bench.{json,png}
+	$(PY) -m kiln.runtime.bench --out out/bench $(BENCH_FLAGS)
+
+gpu-check: $(STAMP)  ## on a GPU host: build an engine for this GPU and prove the TensorRT backend end to end
+	$(PY) -m kiln.runtime.gpu_check --out out/gpu-check
 
 demo: $(STAMP)  ## the whole pipeline on the bundled model: export, then generate its text from the ONNX
 	$(KILN) demo --out out/demo
