@@ -12,8 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import UnsupportedModelError
-from kiln.export.check import DEFAULT_POINTS, check_parity
+from kiln.errors import ConfigError, UnsupportedModelError
+from kiln.export.check import (
+    DEFAULT_POINTS,
+    STATIC_MIN_CONTEXT,
+    STATIC_PLAN,
+    check_parity,
+    check_static_parity,
+)
 from kiln.export.onnx_from_hf import DTYPES, onnx_from_hf
 from kiln.export.patches import SEQUENCE_DEPENDENT_ROPE
 from kiln.export.source import TOKENIZER_FILES, Source, describe_source, load_model
@@ -35,7 +41,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "export.json"
 MODEL_FILE = "model.onnx"
 PRECISIONS = tuple(DTYPES)
-DEFAULT_OPSET = 18
+KV_LAYOUTS = ("concat", "static")
+DEFAULT_OPSET = 18  # concat layout: plain ops (see onnx_from_hf's module docstring)
+STATIC_OPSET = 24  # static layout: TensorScatter exists from opset 24
 _VERSIONED = ("kiln", "torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime")
 
 
@@ -44,18 +52,25 @@ def export_model(
     out: Path,
     *,
     precision: str = "fp32",
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
+    kv: str = "concat",
+    max_context: int | None = None,
     allow_drift: bool = False,
     force: bool = False,
 ) -> Path:
     """Export the model folder `source` to the artifact folder `out`; return `out`.
 
-    Unchanged inputs (model files, options, tool versions) reuse the existing artifact.
+    kv="concat" takes and returns a growing cache; kv="static" takes preallocated
+    [batch, kv_heads, max_context, head_dim] buffers and writes them in place. Unchanged
+    inputs (model files, options, tool versions) reuse the existing artifact.
     """
     source, out = Path(source), Path(out)
     t0 = time.perf_counter()
+    opset = _check_layout(kv, max_context, opset)
     src = describe_source(source)
-    options = {"precision": precision, "opset": opset, "exporter": "torch.onnx dynamo"}
+    options = {"precision": precision, "opset": opset, "exporter": "torch.onnx dynamo", "kv": kv}
+    if kv == "static":
+        options["max_context"] = max_context
     versions = tool_versions(*_VERSIONED)
     key = sha256_json({"source": src.sha256, "options": options, "versions": versions})
     if not force and _reusable(out, key):
@@ -70,13 +85,36 @@ def export_model(
         model = load_model(source)
     shape = src.family.shape(model.config)
     rope = _check_rope(src, model.config)
+    if kv == "static" and shape.max_positions and max_context > shape.max_positions:
+        where = f"max_position_embeddings {shape.max_positions} ({source / 'config.json'})"
+        if src.family.positions == "learned":  # no embedding row exists past the table
+            raise ConfigError(
+                f"--max-context {max_context} exceeds the model's {where}; choose at most that."
+            )
+        log.warning("max context %d exceeds the model's %s", max_context, where)
     staged = staging_dir(out)
     try:
         onnx_path = staged / MODEL_FILE
         with timed("trace and export to ONNX", times, "export"):
-            weight_bytes = onnx_from_hf(model, shape, onnx_path, precision=precision, opset=opset)
-        with timed(f"parity against PyTorch ({len(DEFAULT_POINTS)} trajectories)", times, "check"):
-            report, steps = check_parity(onnx_path, model, shape, precision=precision)
+            weight_bytes = onnx_from_hf(
+                model,
+                shape,
+                onnx_path,
+                precision=precision,
+                opset=opset,
+                kv=kv,
+                max_context=max_context,
+            )
+        if kv == "static":
+            what = f"{len(STATIC_PLAN)} steps over {len(STATIC_PLAN[0])} slots"
+            with timed(f"parity against PyTorch ({what})", times, "check"):
+                report, steps = check_static_parity(
+                    onnx_path, model, shape, max_context=max_context, precision=precision
+                )
+        else:
+            what = f"{len(DEFAULT_POINTS)} trajectories"
+            with timed(f"parity against PyTorch ({what})", times, "check"):
+                report, steps = check_parity(onnx_path, model, shape, precision=precision)
         log.info("parity: %s", report.worst().describe())
         if allow_drift and not report.ok:
             log.warning("parity failed but --allow-drift keeps the artifact")
@@ -88,6 +126,7 @@ def export_model(
         times["total"] = round(time.perf_counter() - t0, 3)
         manifest = _manifest(src, model.config, shape, onnx_path, options, versions, key)
         manifest.update(
+            kv_cache=_kv_cache_record(kv, max_context),
             rope={"type": rope, "in_graph": rope in SEQUENCE_DEPENDENT_ROPE},
             weight_bytes=weight_bytes,
             parity={
@@ -104,6 +143,30 @@ def export_model(
         raise
     log.info("export done in %.1f s -> %s", times["total"], out / MODEL_FILE)
     return out
+
+
+def _check_layout(kv: str, max_context: int | None, opset: int | None) -> int:
+    """Validate the cache-layout options; return the opset to export with."""
+    if kv not in KV_LAYOUTS:
+        raise ConfigError(
+            f"kv={kv!r} is not a cache layout; choose one of {', '.join(KV_LAYOUTS)}."
+        )
+    if kv == "concat":
+        if max_context is not None:
+            raise ConfigError(
+                "--max-context applies to --kv static only; drop it or add --kv static."
+            )
+        return opset or DEFAULT_OPSET
+    if max_context is None or max_context < STATIC_MIN_CONTEXT:
+        raise ConfigError(
+            f"--kv static needs --max-context N with N >= {STATIC_MIN_CONTEXT} "
+            f"(got {max_context}): the slot buffers' fixed length."
+        )
+    if opset is not None and opset < STATIC_OPSET:
+        raise ConfigError(
+            f"--kv static needs opset >= {STATIC_OPSET} (TensorScatter), got {opset}; drop --opset."
+        )
+    return opset or STATIC_OPSET
 
 
 def _reusable(out: Path, key: str) -> bool:
@@ -124,6 +187,17 @@ def _check_rope(src: Source, config: Any) -> str | None:
             f"{src.family.name}; kiln exports {', '.join(allowed)}."
         )
     return rope
+
+
+def _kv_cache_record(kv: str, max_context: int | None) -> dict[str, Any]:
+    if kv == "static":
+        return {
+            "layout": "static",
+            "max_context": max_context,
+            "update": "TensorScatter(axis=-2, mode=linear) at write_index; present aliases past",
+            "mask": "key j visible to query at write_index + i iff j <= write_index + i",
+        }
+    return {"layout": "concat", "update": "present = concat(past, new) along past_sequence"}
 
 
 def _io_signature(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:

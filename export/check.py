@@ -7,6 +7,7 @@ continues from the graph's own `present` outputs, as a decode loop would.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,3 +133,100 @@ def check_parity(
             done += chunk
     report = ParityReport(precision, TOL[precision], diffs, float(np.mean(agree)))
     return report, steps
+
+
+# Slot plans for the static layout: per step, per slot, (new tokens, restart the slot first).
+# Ragged prefill, 20 decode steps, and slot 1 refilled with a new prompt mid-run while the
+# others keep decoding: what continuous batching does.
+STATIC_PLAN: tuple[tuple[tuple[int, bool], ...], ...] = (
+    ((7, False), (4, False), (9, False)),
+    *(((1, False), (5, True) if t == 10 else (1, False), (1, False)) for t in range(20)),
+)
+STATIC_MIN_CONTEXT = 32  # the plan's longest slot (9 + 20 tokens) must fit
+
+
+def check_static_parity(
+    onnx_path: Path,
+    model: Any,
+    shape: ModelShape,
+    *,
+    max_context: int,
+    precision: str = "fp32",
+    plan: tuple[tuple[tuple[int, bool], ...], ...] = STATIC_PLAN,
+    seed: int = 0,
+) -> tuple[ParityReport, list[dict[str, Any]]]:
+    """Run a slot plan through the static graph and each slot alone through PyTorch; compare.
+
+    Each slot's reference is transformers' forward at batch 1 with its own cache, so a write at
+    the wrong position, a mask that leaks between slots, or a stale refill shows up as drift.
+    """
+    from kiln.export.static_kv import static_input_names
+
+    sess = ort_session(onnx_path)
+    dtype = np.float16 if precision == "fp16" else np.float32
+    slots = len(plan[0])
+    rng = np.random.default_rng(seed)
+    buf = (slots, shape.kv_heads, max_context, shape.head_dim)
+    buffers = [np.zeros(buf, dtype) for _ in range(2 * shape.layers)]
+    length = [0] * slots
+    ref_cache: list[Any] = [None] * slots
+    # Dynamic-NTK RoPE in transformers remembers the longest sequence a module has seen; give
+    # each slot's sequence a fresh module so the reference is "this sequence alone".
+    stateful = any(getattr(m, "rope_type", None) == "dynamic" for m in model.modules())
+    ref_model: list[Any] = [model] * slots
+    diffs: list[Diff] = []
+    agree: list[float] = []
+    steps: list[dict[str, Any]] = []
+    for n_step, step in enumerate(plan):
+        s = max(n for n, _ in step)
+        ids = np.zeros((slots, s), np.int64)  # right padding: masked until overwritten
+        toks = []
+        for r, (n, restart) in enumerate(step):
+            if restart or n_step == 0:
+                length[r], ref_cache[r] = 0, None
+                ref_model[r] = copy.deepcopy(model) if stateful else model
+            toks.append(rng.integers(0, shape.vocab, size=n, dtype=np.int64))
+            ids[r, :n] = toks[r]
+        index = np.array(length, np.int64)
+        # Padding repeats the row's last real position: length-dependent RoPE reads the largest.
+        real = np.array([n for n, _ in step])[:, None]
+        pos = index[:, None] + np.minimum(np.arange(s)[None, :], real - 1)
+        feeds = [ids, pos, index, *buffers]
+        logits, *buffers = sess.run(
+            None, dict(zip(static_input_names(shape.layers), feeds, strict=True))
+        )
+        first = len(diffs)
+        for r, (n, _) in enumerate(step):
+            with torch.no_grad():
+                ref = ref_model[r](
+                    input_ids=torch.from_numpy(toks[r][None]),
+                    position_ids=torch.from_numpy(pos[r : r + 1, :n]),
+                    past_key_values=ref_cache[r],
+                    use_cache=True,
+                )
+            ref_cache[r] = ref.past_key_values
+            tag = f"step {n_step} slot {r} S{n} at {length[r]}"
+            ref_logits = ref.logits[0].float().numpy()
+            diffs.append(compare(f"logits[{tag}]", ref_logits, logits[r, :n], TOL[precision]))
+            agree.append(greedy_agreement(ref_logits, logits[r, :n].astype(np.float32)))
+            end = length[r] + n
+            for i, layer in enumerate(ref_cache[r].layers):
+                for kind, ref_kv, got in (
+                    ("key", layer.keys, buffers[2 * i]),
+                    ("value", layer.values, buffers[2 * i + 1]),
+                ):
+                    want = ref_kv[0].float().numpy()  # a sliding window keeps only its tail
+                    have = got[r, :, end - want.shape[1] : end]
+                    diffs.append(compare(f"present.{i}.{kind}[{tag}]", want, have, TOL[precision]))
+            length[r] = end
+        step_diffs = diffs[first:]
+        steps.append(
+            {
+                "step": n_step,
+                "tokens": [n for n, _ in step],
+                "write_index": index.tolist(),
+                "logits_max_abs": max(d.max_abs for d in step_diffs if d.name.startswith("logits")),
+                "kv_max_abs": max(d.max_abs for d in step_diffs if d.name.startswith("present")),
+            }
+        )
+    return ParityReport(precision, TOL[precision], diffs, float(np.mean(agree))), steps

@@ -27,6 +27,12 @@ import torch
 
 from kiln.errors import ExportError
 from kiln.export.patches import sequence_dependent_rope_in_graph
+from kiln.export.static_kv import (
+    StaticKVWrapper,
+    kv_write_onnx,
+    native_gqa_attention,
+    static_input_names,
+)
 from kiln.export.wrapper import FlatKVWrapper, input_names, output_names
 from kiln.models.families import ModelShape
 
@@ -50,6 +56,30 @@ def _example_inputs(shape: ModelShape, dtype: torch.dtype) -> tuple[torch.Tensor
         torch.randn(b, kv[0], p, kv[1], generator=gen).to(dtype) for _ in range(2 * shape.layers)
     ]
     return (ids, mask, pos, *past)
+
+
+def _static_example_inputs(
+    shape: ModelShape, dtype: torch.dtype, max_context: int
+) -> tuple[torch.Tensor, ...]:
+    b, s = _EXAMPLE_B, _EXAMPLE_S
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape.vocab, (b, s), generator=gen)
+    index = torch.tensor([_EXAMPLE_P, _EXAMPLE_P + 2])  # slots at different lengths
+    pos = index[:, None] + torch.arange(s)[None, :]
+    kv = (b, shape.kv_heads, max_context, shape.head_dim)
+    return (ids, pos, index, *[torch.zeros(kv, dtype=dtype) for _ in range(2 * shape.layers)])
+
+
+def _static_dynamic_shapes(layers: int) -> dict[str, Any]:
+    from torch.export import Dim
+
+    batch, seq = Dim("batch"), Dim("sequence")
+    return {
+        "input_ids": {0: batch, 1: seq},
+        "position_ids": {0: batch, 1: seq},
+        "write_index": {0: batch},
+        "past": tuple({0: batch} for _ in range(2 * layers)),  # max_context is fixed
+    }
 
 
 def _dynamic_shapes(layers: int) -> dict[str, Any]:
@@ -80,11 +110,35 @@ def _rename_total_axis(model: onnx.ModelProto) -> None:
                 d.dim_param = pattern.sub("total_sequence", d.dim_param)
 
 
-def onnx_from_hf(model: Any, shape: ModelShape, path: Path, *, precision: str, opset: int) -> int:
-    """Export `model` to `path` (plus `path.data` when large); returns the parameter bytes."""
+def onnx_from_hf(
+    model: Any,
+    shape: ModelShape,
+    path: Path,
+    *,
+    precision: str,
+    opset: int,
+    kv: str = "concat",
+    max_context: int | None = None,
+) -> int:
+    """Export `model` to `path` (plus `path.data` when large); returns the parameter bytes.
+
+    kv="concat": past in, past + new out (dynamic past length). kv="static": fixed
+    [batch, kv_heads, max_context, head_dim] buffers written in place (export/static_kv.py).
+    """
     dtype = DTYPES[precision]
     traced = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    wrapper = FlatKVWrapper(traced, shape.layers).eval()
+    if kv == "static":
+        assert max_context is not None  # export_model validates the options
+        wrapper: torch.nn.Module = StaticKVWrapper(traced, shape.layers).eval()
+        args = _static_example_inputs(shape, dtype, max_context)
+        names, dynamic = static_input_names(shape.layers), _static_dynamic_shapes(shape.layers)
+        translations: dict[Any, Any] | None = {torch.ops.kiln.kv_write.default: kv_write_onnx}
+        gqa = native_gqa_attention()
+    else:
+        wrapper = FlatKVWrapper(traced, shape.layers).eval()
+        args = _example_inputs(shape, dtype)
+        names, dynamic = input_names(shape.layers), _dynamic_shapes(shape.layers)
+        translations, gqa = None, contextlib.nullcontext()
     weight_bytes = sum(t.numel() * t.element_size() for t in traced.state_dict().values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     chatter = io.StringIO()  # the exporter prints its progress; keep it for -v and for errors
@@ -92,6 +146,7 @@ def onnx_from_hf(model: Any, shape: ModelShape, path: Path, *, precision: str, o
     try:
         with (
             sequence_dependent_rope_in_graph(traced),
+            gqa,
             torch.no_grad(),
             contextlib.redirect_stdout(chatter),
             warnings.catch_warnings(),
@@ -99,13 +154,14 @@ def onnx_from_hf(model: Any, shape: ModelShape, path: Path, *, precision: str, o
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper,
-                _example_inputs(shape, dtype),
+                args,
                 None,
                 dynamo=True,
                 opset_version=opset,
-                input_names=input_names(shape.layers),
+                input_names=names,
                 output_names=output_names(shape.layers),
-                dynamic_shapes=_dynamic_shapes(shape.layers),
+                dynamic_shapes=dynamic,
+                custom_translation_table=translations,
                 optimize=True,
                 verify=False,
             )
@@ -118,7 +174,8 @@ def onnx_from_hf(model: Any, shape: ModelShape, path: Path, *, precision: str, o
     log.debug("exporter output:\n%s", chatter.getvalue())
     program.save(str(path), external_data=external)
     proto = onnx.load(str(path))
-    _rename_total_axis(proto)
+    if kv == "concat":
+        _rename_total_axis(proto)
     proto.producer_name = "kiln"
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file

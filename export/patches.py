@@ -4,8 +4,8 @@ transformers updates RoPE frequencies for "dynamic" (NTK) and "longrope" scaling
 buffer behind a Python branch on the running sequence length (modeling_rope_utils.
 dynamic_rope_update). torch.export either refuses the branch (dynamic) or bakes in the frequencies
 of the example input (longrope). The replacement forward computes the same frequencies from
-`max(position_ids) + 1` inside the graph, which is what HF's stateful code yields for a
-generation whose length only grows (prefill, then decode).
+each row's `max(position_ids) + 1` inside the graph, which is what HF's stateful code yields for
+a sequence generated alone whose length only grows (prefill, then decode).
 """
 
 from __future__ import annotations
@@ -36,17 +36,20 @@ def _stateless_forward(rope: Any) -> Any:
         short = rope.original_inv_freq.detach().clone()
         long, _ = init(rope.config, short.device, seq_len=original_max + 1)
 
-        def frequencies(seq_len: torch.Tensor) -> torch.Tensor:
-            return torch.where(seq_len > original_max, long, short)
+        def frequencies(seq_len_B1: torch.Tensor) -> torch.Tensor:
+            return torch.where(seq_len_B1 > original_max, long, short)
 
     else:
 
-        def frequencies(seq_len: torch.Tensor) -> torch.Tensor:
-            return init(rope.config, seq_len.device, seq_len=seq_len)[0]
+        def frequencies(seq_len_B1: torch.Tensor) -> torch.Tensor:
+            return init(rope.config, seq_len_B1.device, seq_len=seq_len_B1.float())[0]
 
     def forward(x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = frequencies(position_ids.max() + 1).to(torch.float32)
-        freqs = position_ids[..., None].float() * inv_freq  # [B, S, D/2], as HF's matmul form
+        # Per row: each sequence gets the frequencies it would get alone (HF switches on the
+        # batch-wide maximum), so batching and slot refills never change a sequence's output.
+        seq_len_B1 = position_ids.max(dim=-1, keepdim=True).values + 1
+        inv_freq_BF = frequencies(seq_len_B1).to(torch.float32)
+        freqs = position_ids[..., None].float() * inv_freq_BF[:, None, :]  # [B, S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * rope.attention_scaling
         sin = emb.sin() * rope.attention_scaling

@@ -66,6 +66,12 @@ TINY_CONFIGS: dict[str, Callable[[], Any]] = {
 }
 
 
+# Slot length of static-layout exports in tests: within the tiny GPT-2's 256 positions, and
+# room for the bundled model's whole text (337 tokens) in its 512.
+STATIC_MAX_CONTEXT = {"zen": 384}
+STATIC_MAX_CONTEXT_TINY = 256
+
+
 def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
     """Build the named tiny model with seeded random weights and save_pretrained it to `folder`."""
     torch.manual_seed(seed)
@@ -94,18 +100,23 @@ def exported(
     """Factory: the export artifact of a tiny model (or the bundled one), made once per session."""
     from kiln.export import export_model
 
-    made: dict[tuple[str, str], Path] = {}
+    made: dict[tuple[str, str, str], Path] = {}
 
-    def get(name: str, precision: str = "fp32") -> Path:
-        if (name, precision) not in made:
+    def get(name: str, precision: str = "fp32", kv: str = "concat") -> Path:
+        """Export once per (model, precision, KV layout); static slots per STATIC_MAX_CONTEXT."""
+        if (name, precision, kv) not in made:
             if name == "zen":
                 from kiln.models.zen import ZEN_DIR
 
                 src = ZEN_DIR
             else:
                 src = tiny_model_dir(name)
-            out = tmp_path_factory.mktemp(f"onnx-{name}-{precision}") / "onnx"
-            made[name, precision] = export_model(src, out, precision=precision)
-        return made[name, precision]
+            out = tmp_path_factory.mktemp(f"onnx-{name}-{precision}-{kv}") / "onnx"
+            max_context = STATIC_MAX_CONTEXT.get(name, STATIC_MAX_CONTEXT_TINY)
+            max_context = max_context if kv == "static" else None
+            made[name, precision, kv] = export_model(
+                src, out, precision=precision, kv=kv, max_context=max_context
+            )
+        return made[name, precision, kv]
 
     return get

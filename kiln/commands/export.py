@@ -33,8 +33,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--opset",
         type=int,
-        default=18,
-        help="ONNX opset (default 18: plain ops every runtime runs)",
+        default=None,
+        help="ONNX opset (default 18 for --kv concat: plain ops every runtime runs; 24 for "
+        "--kv static, the first with TensorScatter)",
+    )
+    p.add_argument(
+        "--kv",
+        choices=["concat", "static"],
+        default="concat",
+        help="KV-cache layout: concat (past in, past+new out, dynamic length) or static "
+        "(preallocated [batch, kv_heads, max_context, head_dim] slot buffers written in place "
+        "at write_index with TensorScatter; TensorRT maps it to IKVCacheUpdateLayer)",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="with --kv static: tokens each slot buffer holds (prompt + generated), at least 32",
     )
     p.add_argument(
         "--allow-drift",
@@ -56,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
         out,
         precision=args.precision,
         opset=args.opset,
+        kv=args.kv,
+        max_context=args.max_context,
         allow_drift=args.allow_drift,
         force=args.force,
     )

@@ -26,7 +26,13 @@ def test_manifest_describes_the_export(exported):
     m = json.loads((artifact / "export.json").read_text())
     assert m["kind"] == "kiln.export"
     assert m["architecture"]["family"] == "gpt2" and m["config"]["tie_word_embeddings"]
-    assert m["exporter"] == {"precision": "fp32", "opset": 18, "exporter": "torch.onnx dynamo"}
+    assert m["exporter"] == {
+        "precision": "fp32",
+        "opset": 18,
+        "exporter": "torch.onnx dynamo",
+        "kv": "concat",
+    }
+    assert m["kv_cache"]["layout"] == "concat"
     ins = {i["name"]: i for i in m["io"]["inputs"]}
     outs = {o["name"]: o for o in m["io"]["outputs"]}
     assert ins["input_ids"]["shape"] == ["batch", "sequence"]

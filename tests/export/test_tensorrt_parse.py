@@ -48,3 +48,28 @@ def test_fp16_export_builds_for_ampere_and_ada(exported):
     plan = builder.build_serialized_network(network, cfg)
     assert plan is not None and plan.nbytes > 100_000
     assert bytes(plan)[:4] == b"vtrt"  # TensorRT-RTX plan header
+
+
+def test_static_layout_parses_to_kv_cache_update_and_attention(exported):
+    """TensorScatter becomes IKVCacheUpdateLayer and Attention becomes IAttention (native GQA)."""
+    builder, network, ok, errors = _parse(exported("llama", "fp16", kv="static") / "model.onnx")
+    assert ok, errors
+    kinds = [network.get_layer(i).type for i in range(network.num_layers)]
+    assert kinds.count(trt.LayerType.KV_CACHE_UPDATE) == 2 * 2  # K and V in each of 2 layers
+    assert kinds.count(trt.LayerType.ATTENTION_INPUT) == 2
+    cfg = builder.create_builder_config()
+    cfg.num_compute_capabilities = 2
+    cfg.set_compute_capability(trt.ComputeCapability.SM86, 0)
+    cfg.set_compute_capability(trt.ComputeCapability.SM89, 1)
+    prof = builder.create_optimization_profile()
+    for name in ("input_ids", "position_ids"):
+        prof.set_shape(name, (1, 1), (2, 1), (4, 64))
+    prof.set_shape("write_index", (1,), (2,), (4,))
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if t.name.startswith("past_key_values"):
+            n = t.shape[2]
+            prof.set_shape(t.name, (1, 2, n, 16), (2, 2, n, 16), (4, 2, n, 16))
+    cfg.add_optimization_profile(prof)
+    plan = builder.build_serialized_network(network, cfg)
+    assert plan is not None and bytes(plan)[:4] == b"vtrt"
