@@ -18,15 +18,20 @@ _MADE: dict[tuple, Path] = {}
 def optimized(
     exported: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., Path]:
-    """Factory: optimize(name, precision, passes=None) of a model's fp32 export, made once."""
+    """Factory: optimize(name, precision, passes, source) of a model's export, made once."""
     from kiln.optimize import optimize_model
 
-    def get(name: str, precision: str = "fp16", passes: tuple[str, ...] | None = None) -> Path:
-        key = (name, precision, passes)
+    def get(
+        name: str,
+        precision: str = "fp16",
+        passes: tuple[str, ...] | None = None,
+        source: str = "fp32",
+    ) -> Path:
+        key = (name, precision, passes, source)
         if key not in _MADE:
             out = tmp_path_factory.mktemp(f"opt-{name}-{precision}") / "optimized"
             _MADE[key] = optimize_model(
-                exported(name),
+                exported(name, source),
                 out,
                 precision=precision,
                 passes=list(passes) if passes else None,

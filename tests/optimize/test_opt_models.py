@@ -41,3 +41,17 @@ def test_fusions_match_and_keep_fp32_parity(optimized, name):  # noqa: F811
     assert torch["ok"] and torch["logits_max_abs"] <= 1e-4, torch
     assert manifest["parity"]["greedy_64"] == 1.0
     assert manifest["engine_hints"]["attention_decomposable"] is True  # fp32 IAttention
+
+
+def test_fusions_hold_on_an_fp16_export(optimized):  # noqa: F811
+    """HF casts RMSNorm input and the RoPE tables in fp16 models; the rules accept the casts."""
+    from trt_build import build
+
+    out = optimized("llama", "fp16", None, "fp16")
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    for op, count in EXPECTED["llama"].items():
+        assert ops.count(op) == count, op
+    assert json.loads((out / "optimize.json").read_text())["parity"]["torch"]["ok"]
+    result = build(out / "model.onnx")
+    assert result["ok"], result["errors"]
+    assert result["types"]["ROTARY_EMBEDDING"] == 4 and result["types"]["ATTENTION_OUTPUT"] == 2
