@@ -27,11 +27,12 @@ TOL: dict[str, Tol] = {
     "fp32": Tol(atol=1e-4, rtol=0.0),
     "fp16": Tol(atol=2e-2, rtol=1e-2, agree=0.99),
     "bf16": Tol(atol=1e-1, rtol=5e-2, agree=0.95),
-    # Weight-only / FP8 graphs (kiln optimize), judged against the fp32 export and PyTorch;
-    # calibrated on the bundled model and the tiny models (optimize/NOTES.md).
-    "int8": Tol(atol=2.5e-1, rtol=1e-1, agree=0.95),
-    "int4": Tol(atol=1.0, rtol=2.5e-1, agree=0.75),
-    "fp8": Tol(atol=5e-1, rtol=1e-1, agree=0.9),
+    # Weight-only / FP8 graphs (kiln optimize), judged against the fp32 export and PyTorch.
+    # Floors calibrated on random-weight tiny models, whose near-tied logits flip easily; the
+    # bundled model keeps 100% (per-model figures: optimize/NOTES.md). A broken scale gives ~0.
+    "int8": Tol(atol=2.5e-1, rtol=1e-1, agree=0.9),
+    "int4": Tol(atol=2.0, rtol=2.5e-1, agree=0.6),
+    "fp8": Tol(atol=5e-1, rtol=1e-1, agree=0.7),
 }
 
 

@@ -75,11 +75,7 @@ class Fp8QdqPass(GraphPass):
         """Calibrate activation scales, then insert Q/DQ; counts say what was quantized."""
         graph = model.graph
         pairs = _weights(graph)
-        vocab = self.vocab or next(
-            int(n.inputs[0].shape[0])  # type: ignore[index]
-            for n in graph
-            if n.op_type == "Gather" and n.inputs[1] is not None and n.inputs[1].name == "input_ids"
-        )
+        vocab = self.vocab or int(graph.outputs[0].shape[-1])  # type: ignore[index]  # logits
         acts = list(dict.fromkeys(n.inputs[0] for n, _ in pairs))
         amax = calibration_amax(model, acts, vocab)  # type: ignore[arg-type]
         qdq: dict[ir.Value, ir.Value] = {}
