@@ -32,7 +32,7 @@ TOL: dict[str, Tol] = {
     # bundled model keeps 100% (per-model figures: optimize/NOTES.md). A broken scale gives ~0.
     "int8": Tol(atol=2.5e-1, rtol=1e-1, agree=0.9),
     "int4": Tol(atol=2.0, rtol=2.5e-1, agree=0.6),
-    "fp8": Tol(atol=5e-1, rtol=1e-1, agree=0.7),
+    "fp8": Tol(atol=2.5, rtol=1e-1, agree=0.7),
 }
 
 
