@@ -96,8 +96,10 @@ class Backend:
             for i, cc in enumerate(profile.compute_capabilities):
                 sm = "SM" + cc.replace(".", "")
                 cfg.set_compute_capability(getattr(t.ComputeCapability, sm), i)
-        elif timing_cache is not None:  # full TensorRT: tactic timings are worth keeping
-            cfg.set_timing_cache(cfg.create_timing_cache(timing_cache), ignore_mismatch=False)
+        else:  # full TensorRT builds for the GPU in this host: it must be the profile's
+            _check_local_gpu(profile)
+            if timing_cache is not None:  # tactic timings are worth keeping here
+                cfg.set_timing_cache(cfg.create_timing_cache(timing_cache), ignore_mismatch=False)
         settings = profile.builder
         cfg.builder_optimization_level = settings.optimization_level
         if settings.workspace_mib:
@@ -185,6 +187,31 @@ def _parse_message(path: Path, errors: list[Any], library: str, version: str) ->
     if len(errors) > 5:
         lines.append(f"  ... and {len(errors) - 5} more errors")
     return "\n".join(lines)
+
+
+def _check_local_gpu(profile: GpuProfile) -> None:
+    """Full TensorRT tunes for the local GPU: refuse to label its engine with another one."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise EngineBuildError(
+            f"GPU profile {profile.name!r} uses full TensorRT, which builds on the GPU it targets, "
+            f"but no GPU answers here (nvidia-smi: {e}); build it on a "
+            f"{profile.compute_capabilities[0]} host or pick a tensorrt-rtx profile."
+        ) from e
+    if profile.compute_capabilities[0] not in out:
+        raise EngineBuildError(
+            f"GPU profile {profile.name!r} targets compute capability "
+            f"{profile.compute_capabilities[0]}, but this host's GPUs are {', '.join(out)}; "
+            "build it on a matching host (full TensorRT tunes for the local GPU)."
+        )
 
 
 def _missing_backend(profile: GpuProfile) -> str:

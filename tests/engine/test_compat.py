@@ -102,3 +102,29 @@ def test_heartbeat_reports_elapsed_time(caplog):
     with caplog.at_level(logging.INFO, logger="kiln"), heartbeat("engine x", every_s=0.05):
         time.sleep(0.3)
     assert "engine x: 0 s elapsed" in caplog.text
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tensorrt") is not None, reason="full TensorRT is here"
+)
+def test_data_center_profile_without_tensorrt_names_the_way_out():
+    from kiln.engine.builder import Backend
+    from kiln.engine.errors import EngineBuildError
+    from kiln.engine.profiles import load_profile
+
+    with pytest.raises(
+        EngineBuildError, match=r"'a100-bf16' needs full TensorRT .* run `kiln build` on a 8.0 host"
+    ):
+        Backend(load_profile("a100-bf16"))
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvidia-smi") is not None, reason="a GPU host")
+def test_full_tensorrt_refuses_to_build_without_the_target_gpu():
+    from kiln.engine.builder import _check_local_gpu
+    from kiln.engine.errors import EngineBuildError
+    from kiln.engine.profiles import load_profile
+
+    with pytest.raises(
+        EngineBuildError, match=r"'h100-fp8' uses full TensorRT.* no GPU answers here"
+    ):
+        _check_local_gpu(load_profile("h100-fp8"))
