@@ -129,8 +129,10 @@ def build_genai(hf_dir: Path, out: Path) -> tuple[Path | None, str]:
            "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", cache]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():
+        arch = json.loads((hf_dir / "config.json").read_text())["architectures"][0]
         last = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()][-1:]
-        return None, f"builder failed: {last[0] if last else proc.returncode}"
+        why = last[0].replace(str(hf_dir), arch) if last else f"exit {proc.returncode}"
+        return None, f"onnxruntime-genai's model builder refused {arch} ({why})"
     return out, "ok"
 
 

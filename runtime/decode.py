@@ -40,6 +40,7 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
     rng: np.random.Generator = field(init=False)
+    stop_ids: set[int] = field(init=False)
     _detok: IncrementalDetokenizer | None = field(init=False, default=None)
     _stops: StopStrings = field(init=False)
 
@@ -80,6 +81,8 @@ class Sequence:
             tail = self._detok.finish() if self._detok else ""
             more, hit = self._stops.feed(tail)
             emitted += more if hit else more + self._stops.flush()
+            if hit:
+                self.finish_reason = "stop"
         self.text += emitted
         return emitted
 
