@@ -274,13 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bw = matvec_bandwidth_gb_s()
-    log.info("matrix-vector bandwidth: %.1f GB/s (%d cores)", bw, os.cpu_count() or 0)
+    load_before = os.getloadavg()
+    log.info("matrix-vector bandwidth: %.1f GB/s (%d cores, load average %.1f)", bw,
+             os.cpu_count() or 0, load_before[0])  # fmt: skip
     results = {}
     for name in args.models.split(","):
         results[name] = run_model(name, args.out / name, args, bw)
     text = table(results, bw, args.batches)
     prof = profile_text(results)
+    load = (load_before[0], os.getloadavg()[0])
     print(text + "\n\nprofile of kiln's loop (batch 1):\n" + prof)
+    print(f"1-min load average at start/end: {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} cores")
     from kiln.manifest import tool_versions, write_json_atomic
 
     write_json_atomic(
@@ -289,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "matvec_bandwidth_gb_s": bw,
             "cores": os.cpu_count(),
+            "load_average_start_end": load,
             "versions": tool_versions("onnxruntime", "onnxruntime-genai", "torch", "transformers"),
             "models": results,
             "table": text,

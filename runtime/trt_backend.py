@@ -96,6 +96,14 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return read_engine(folder, verify=False)
 
 
+def _set_shape(ctx: Any, name: str, shape: tuple[int, ...]) -> None:
+    if not ctx.set_input_shape(name, shape):
+        raise KilnError(
+            f"TensorRT rejected shape {shape} for input {name!r} in optimization profile "
+            f"{ctx.active_optimization_profile}; the engine's shape ranges are in engine.json."
+        )
+
+
 class DeviceKVCache:
     """Concat-layout cache over the backend's two preallocated buffer sets (past/present)."""
 
@@ -188,9 +196,14 @@ class TrtBackend:
         self.stream = Stream()
         self._runtime_cache_path = folder / "runtime.cache"
         self._runtime_cache = None
+        if cuda_graph and not self.is_rtx:
+            # A hand-made capture would be re-recorded every step: concat-KV shapes grow by one
+            # position per step. The static in-place cache (next issue) makes that worthwhile.
+            log.warning("cuda_graph: only TensorRT-RTX's runtime capture is wired; ignored here")
         self.contexts = [
             self._context(p, cuda_graph and p["name"] == "decode") for p in self.profiles
         ]
+        self.stream.synchronize()  # profile switches are enqueued on the stream
         self._allocate()
 
     def _context(self, profile: dict[str, Any], cuda_graph: bool) -> Any:
@@ -279,11 +292,11 @@ class TrtBackend:
             ("attention_mask", (b, t), self.mask.ptr),
             ("position_ids", (b, s), self.pos.ptr),
         ):
-            ctx.set_input_shape(name, shape)
+            _set_shape(ctx, name, shape)
             ctx.set_tensor_address(name, ptr)
         kv_shape = (b, self.kv_heads, p, self.head_dim)
         for name, ptr in zip(self.past_names, cache.past_ptrs(), strict=True):
-            ctx.set_input_shape(name, kv_shape)
+            _set_shape(ctx, name, kv_shape)
             ctx.set_tensor_address(name, ptr)
         for name, ptr in zip(self.present_names, cache.present_ptrs(), strict=True):
             ctx.set_tensor_address(name, ptr)
