@@ -182,7 +182,9 @@ def _build_plan(
     shapes = fit_to_model(gpu.shapes, source.get("config", {}).get("max_positions"))
     monitor = progress_monitor(backend.trt, what)
     ranges = [input_ranges(io["inputs"], s) for s in shapes]
-    cache_file = plan_path.parent.parent / f".timing-cache-{backend.library}-{backend.version}"
+    # Full TensorRT's tactic timings hold per library version and GPU; kept beside the engines.
+    sm = "+".join(gpu.compute_capabilities)
+    cache_file = plan_path.parent.parent / f".timing-cache-{backend.library}-{backend.version}-{sm}"
     cache = cache_file.read_bytes() if cache_file.is_file() and not backend.is_rtx else None
     cfg = backend.configure(net, gpu, ranges, monitor=monitor, timing_cache=cache)
     t = time.perf_counter()
