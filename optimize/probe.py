@@ -19,11 +19,14 @@ _NP = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
 def ort_session_from_ir(model: ir.Model) -> Any:
-    """An ONNX Runtime CPU session over an in-memory model (no file written)."""
+    """An ONNX Runtime CPU session over an in-memory model, ORT graph optimizations off."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Run the graph as written: ORT's own fusions (Gelu, attention, ...) would otherwise turn
+    # the unfused and the fused graph into the same kernels and hide a pass's drift.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     blob = ir.serde.serialize_model(model).SerializeToString()
     return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
 
