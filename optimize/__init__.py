@@ -103,7 +103,9 @@ def optimize_model(
         )
         if not parity["ok"]:
             _fail_or_warn(parity, allow_drift)
-        for name in (*_COPIED, *_tokenizer_files(src)):
+        from kiln.export.source import TOKENIZER_FILES  # includes generation_config.json
+
+        for name in (*_COPIED, *TOKENIZER_FILES):
             if (src / name).is_file():
                 shutil.copy2(src / name, staged / name)
         manifest = _manifest(src, export, export_sha, onnx_path, options, versions, key, records)
@@ -173,12 +175,6 @@ def _fail_or_warn(parity: dict[str, Any], allow_drift: bool) -> None:
         raise ParityError(f"{msg}\nRerun with --allow-drift to keep it (the manifest records it).")
     log.warning("%s; kept because of --allow-drift", msg)
     parity["allowed_drift"] = True
-
-
-def _tokenizer_files(src: Path) -> list[str]:
-    from kiln.export.source import TOKENIZER_FILES
-
-    return list(TOKENIZER_FILES)
 
 
 def _reusable(out: Path, key: str) -> bool:
