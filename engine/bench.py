@@ -8,7 +8,7 @@ builder level and workspace limit (read back from kiln's engine.json). Each is a
 so wall time and peak RSS (os.wait4) cover the whole tool. Prints kiln's overhead ratio, peak
 memory, and the engine size against the ONNX weight bytes.
 
-usage: python -m kiln.engine.bench [--out out/bench-engine] [--profile NAME] [--repeats 3]
+usage: python -m kiln.engine.bench [--out out/bench-engine] [--profile NAME] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def make_gpt2_small(folder: Path, seed: int = 0) -> Path:
 
 
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
-    """Run `cmd`; return its wall seconds and peak RSS in MiB (its own, via wait4)."""
+    """Run `cmd`; return its wall and CPU seconds and peak RSS in MiB (its own, via wait4)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
@@ -56,7 +56,8 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, fl
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{err.decode()[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
 def polygraphy_cmd(onnx: Path, manifest: dict[str, Any], plan: Path) -> list[str]:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/bench-engine"), help="work folder")
     ap.add_argument("--profile", default="rtx-ampere-ada-fp16", help="GPU profile to build")
-    ap.add_argument("--repeats", type=int, default=3, help="builds per tool (median reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="builds per tool (alternating rounds)")
     ap.add_argument("--make-model", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     setup_logging(0)
@@ -170,6 +171,11 @@ def _report(
         f"kiln overhead over the bare library build: {ratio:.3f}x median of paired rounds "
         f"({(ratio - 1) * 100:+.1f}%; target <= +10%); fastest vs fastest {fastest:.3f}x; "
         f"rounds {' '.join(f'{x:.2f}' for x in pairs)}"
+    )
+    cpu = {k: statistics.median(r["cpu_s"] for r in v) for k, v in runs.items()}
+    print(
+        f"CPU time (user+sys, median): kiln {cpu['kiln build']:.1f} s, polygraphy "
+        f"{cpu['polygraphy convert']:.1f} s ({cpu['kiln build'] / cpu['polygraphy convert']:.3f}x)"
     )
     print(f"kiln peak memory: {peak['kiln build']:.0f} MiB (target < 2048 MiB)")
     t = m["build"]["elapsed_s"]
