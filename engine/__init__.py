@@ -185,7 +185,7 @@ def _build_plan(
     # Full TensorRT's tactic timings hold per library version and GPU; kept beside the engines.
     sm = "+".join(gpu.compute_capabilities)
     cache_file = plan_path.parent.parent / f".timing-cache-{backend.library}-{backend.version}-{sm}"
-    cache = cache_file.read_bytes() if cache_file.is_file() and not backend.is_rtx else None
+    cache = None if backend.is_rtx else (cache_file.read_bytes() if cache_file.is_file() else b"")
     cfg = backend.configure(net, gpu, ranges, monitor=monitor, timing_cache=cache)
     t = time.perf_counter()
     with heartbeat(what) if monitor is None else nullcontext():

@@ -98,8 +98,9 @@ class Backend:
                 cfg.set_compute_capability(getattr(t.ComputeCapability, sm), i)
         else:  # full TensorRT builds for the GPU in this host: it must be the profile's
             _check_local_gpu(profile)
-            if timing_cache is not None:  # tactic timings are worth keeping here
-                cfg.set_timing_cache(cfg.create_timing_cache(timing_cache), ignore_mismatch=False)
+            if timing_cache is not None:  # tactic timings are worth keeping (b"": start one)
+                cache = cfg.create_timing_cache(timing_cache)
+                cfg.set_timing_cache(cache, ignore_mismatch=False)
         settings = profile.builder
         cfg.builder_optimization_level = settings.optimization_level
         if settings.workspace_mib:
@@ -135,7 +136,8 @@ class Backend:
         """The timing cache to keep for the next build (full TensorRT only)."""
         if self.is_rtx:
             return None  # RTX 1.x ignores it (release notes 1.1: slated for deprecation)
-        return bytes(cfg.get_timing_cache().serialize())
+        cache = cfg.get_timing_cache()
+        return None if cache is None else bytes(cache.serialize())
 
     def dtype_name(self, dtype: Any) -> str:
         """numpy-style name of a TensorRT DataType (float16, int64, ...)."""

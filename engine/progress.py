@@ -30,13 +30,13 @@ def progress_monitor(trt: Any, what: str, every_s: float = 5.0) -> Any | None:
             self.t0 = time.perf_counter()
             self.last = self.t0
             self.steps: dict[str, int] = {}
-            self.phases = 0
+            self.top: set[str] = set()
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             self.steps[phase_name] = num_steps
-            self.phases += 1
             if parent_phase is None:
-                log.info("  %s: %s (%.1f s)", what, phase_name, self._elapsed())
+                self.top.add(phase_name)
+                log.info("  %s: %s ... (%.1f s)", what, phase_name, self._elapsed())
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             now = time.perf_counter()
@@ -55,6 +55,9 @@ def progress_monitor(trt: Any, what: str, every_s: float = 5.0) -> Any | None:
 
         def phase_finish(self, phase_name: str) -> None:
             self.steps.pop(phase_name, None)
+            if phase_name in self.top:
+                self.top.discard(phase_name)
+                log.info("  %s: %s done (%.1f s)", what, phase_name, self._elapsed())
 
         def _elapsed(self) -> float:
             return time.perf_counter() - self.t0
