@@ -9,11 +9,10 @@ the file and key in the message.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from kiln.errors import ConfigError
 

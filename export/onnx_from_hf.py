@@ -139,7 +139,9 @@ def onnx_from_hf(
         args = _example_inputs(shape, dtype)
         names, dynamic = input_names(shape.layers), _dynamic_shapes(shape.layers)
         translations, gqa = None, contextlib.nullcontext()
-    weight_bytes = sum(t.numel() * t.element_size() for t in traced.state_dict().values())
+    # Count each storage once: a tied LM head shares the embedding's tensor.
+    unique = {t.data_ptr(): t for t in traced.state_dict().values()}
+    weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     chatter = io.StringIO()  # the exporter prints its progress; keep it for -v and for errors
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
