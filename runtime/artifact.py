@@ -34,7 +34,8 @@ class ArtifactInfo:
     # context; transformers' Phi3 generate() then drops the cache and re-prefills once
     # (Phi3ForCausalLM.prepare_inputs_for_generation). The loop does the same at this position.
     reprefill_at: int | None = None
-    # NTK "dynamic" RoPE reads the batch's longest position: finished rows must stay in it.
+    # Rows that are not independent in the graph must stay in the batch until all finish. The
+    # export now picks length-dependent RoPE frequencies per row, so no kiln graph needs it.
     keep_finished: bool = False
 
     @property
@@ -72,7 +73,6 @@ def inspect_artifact(path: Path) -> ArtifactInfo:
                 _onnx_max_context(path, manifest),
                 *_special_ids(path, manifest),
                 reprefill_at=_reprefill_at(path, manifest),
-                keep_finished=_rope_type(_model_config(path, manifest)) == "dynamic",
             )
     raise ArtifactError(
         f"{path} holds neither model.onnx with a manifest ({', '.join(ONNX_MANIFESTS)}) nor "

@@ -223,8 +223,9 @@ def generate(
         if not keep_finished:
             last_B = last_B[[not seq.done for seq in state.rows]]
             drop_finished(state)
-        rebuild = reprefill_at is not None and int(state.next_pos_B.max()) == reprefill_at
-        if rebuild and max(len(s.prompt_ids) for s in rows) <= reprefill_at:
+        if reprefill_at is not None and reprefill_at in state.next_pos_B:
+            # A row reaches the switch: rebuild every row's cache (rows not at their switch get
+            # the keys they already had, recomputed).
             log.debug("position %d: rebuilding the cache (longrope switch)", reprefill_at)
             recompute_step(backend, state, last_B)
         else:
