@@ -51,6 +51,7 @@ def optimize_model(
     precision: str = "fp16",
     passes: list[str] | None = None,
     skip: tuple[str, ...] = (),
+    tied_embedding: str = "shared",
     allow_drift: bool = False,
     force: bool = False,
     check_torch: bool = True,
@@ -58,6 +59,7 @@ def optimize_model(
     """Optimize the export artifact `src_artifact_dir` into `out_dir`; return `out_dir`.
 
     `passes` replaces the default pass list (`default_passes`); `skip` removes names from it.
+    `tied_embedding="onehot"` adds the opt-in pass that lets TensorRT store a tied table once.
     Unchanged inputs (export hash, options, tool versions) reuse an existing artifact.
     """
     from kiln.optimize.passes import build_passes
@@ -68,7 +70,7 @@ def optimize_model(
     if not (src / MODEL_FILE).is_file():
         raise ArtifactError(f"{src} has export.json but no {MODEL_FILE}; rerun `kiln export`.")
     source_precision = export["exporter"]["precision"]
-    names = _pass_names(passes, skip, precision, source_precision)
+    names = _pass_names(passes, skip, precision, source_precision, tied_embedding)
     options = {
         "target": target,
         "precision": precision,
@@ -119,11 +121,13 @@ def optimize_model(
     return out
 
 
-def default_passes(precision: str, source_precision: str = "fp32") -> list[str]:
+def default_passes(
+    precision: str, source_precision: str = "fp32", *, tied_embedding: str = "shared"
+) -> list[str]:
     """The pass names run for `precision` on the tensorrt target, in order."""
     from kiln.optimize.passes import default_pass_names
 
-    return default_pass_names(precision, source_precision)
+    return default_pass_names(precision, source_precision, tied_embedding=tied_embedding)
 
 
 def _check_options(target: str, precision: str) -> None:
@@ -136,11 +140,21 @@ def _check_options(target: str, precision: str) -> None:
 
 
 def _pass_names(
-    passes: list[str] | None, skip: tuple[str, ...], precision: str, source_precision: str
+    passes: list[str] | None,
+    skip: tuple[str, ...],
+    precision: str,
+    source_precision: str,
+    tied_embedding: str,
 ) -> list[str]:
     from kiln.optimize.passes import PASSES
 
-    names = list(passes) if passes else default_passes(precision, source_precision)
+    if tied_embedding not in ("shared", "onehot"):
+        raise ConfigError(f"tied_embedding {tied_embedding!r} must be 'shared' or 'onehot'.")
+    names = (
+        list(passes)
+        if passes
+        else default_passes(precision, source_precision, tied_embedding=tied_embedding)
+    )
     unknown = [n for n in [*names, *skip] if n not in PASSES]
     if unknown:
         raise ConfigError(

@@ -43,6 +43,12 @@ def _fusion(name: str) -> Callable[..., GraphPass]:
     return make
 
 
+def _tied_onehot(**_: Any) -> GraphPass:
+    from kiln.optimize.tied_embedding import OneHotTiedEmbeddingPass
+
+    return OneHotTiedEmbeddingPass()
+
+
 def _precision(name: str) -> Callable[..., GraphPass]:
     def make(**_: Any) -> GraphPass:
         from kiln.optimize.precision import PRECISION_PASSES
@@ -55,11 +61,14 @@ def _precision(name: str) -> Callable[..., GraphPass]:
 PASSES: dict[str, Callable[..., GraphPass]] = {
     **{n: _cleanup(n) for n in CLEANUP},
     **{n: _fusion(n) for n in FUSIONS},
+    "tied-embedding-onehot": _tied_onehot,
     **{n: _precision(n) for n in ("fp16", "bf16", *_QUANT.values())},
 }
 
 
-def default_pass_names(precision: str, source_precision: str = "fp32") -> list[str]:
+def default_pass_names(
+    precision: str, source_precision: str = "fp32", *, tied_embedding: str = "shared"
+) -> list[str]:
     """Cleanup, then fusions, then precision: fusions match the exporter's fp32 patterns best.
 
     Attention is fused only for low-precision activations: TensorRT-RTX has no dedicated fp32
@@ -68,6 +77,8 @@ def default_pass_names(precision: str, source_precision: str = "fp32") -> list[s
     act = _ACTIVATIONS[precision]
     fusions = [f for f in FUSIONS if f != "attention" or act != "fp32"]
     names = [*CLEANUP, *fusions]
+    if tied_embedding == "onehot":
+        names.append("tied-embedding-onehot")
     if act != "fp32" and act != source_precision:
         names.append(act)
     if precision in _QUANT:

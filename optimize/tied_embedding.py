@@ -72,3 +72,49 @@ class TiedEmbeddingPass(GraphPass):
             ):
                 return True
         return False
+
+
+class OneHotTiedEmbeddingPass(GraphPass):
+    """Opt-in: read a tied table through MatMul(OneHot(ids), W) so TensorRT stores W once.
+
+    TensorRT-RTX packs a constant for every MatMul but keeps a Gather's table as is, so a tied
+    GPT-2-small engine holds the [50257, 768] table twice (+77 MB). With the embedding also a
+    MatMul on W, the engine drops to the size of the weights (NOTES.md: 330.7 -> 253.8 MB).
+    The price is a [tokens, V] one-hot and a second V x E GEMM per token (unmeasured on a GPU),
+    so it is not in the default pass list (`--tied-embedding onehot`).
+    """
+
+    name = "tied-embedding-onehot"
+
+    def run(self, model: ir.Model) -> Result[ir.Model]:
+        """Replace Gather(W, ids) by MatMul(OneHot(ids, V), W) for each tied table W."""
+        graph, done = model.graph, 0
+        for node in list(graph):
+            axis = node.attributes.get("axis")
+            if node.op_type != "Gather" or (axis is not None and axis.as_int() != 0):
+                continue
+            w, ids = node.inputs[0], node.inputs[1]
+            if w is None or ids is None or w.const_value is None or len(w.shape or ()) != 2:
+                continue
+            if not TiedEmbeddingPass._feeds_matmul_transposed(w):
+                continue
+            np_dtype = w.const_value.numpy().dtype  # type: ignore[union-attr]
+            depth = ir.Value(
+                name=f"{w.name}_depth",
+                const_value=ir.tensor(np.array(w.shape[0], np.int64)),  # type: ignore[index]
+            )
+            values = ir.Value(
+                name=f"{w.name}_onehot_values", const_value=ir.tensor(np.array([0, 1], np_dtype))
+            )
+            for v in (depth, values):
+                v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)  # type: ignore[union-attr]
+                graph.register_initializer(v)
+            onehot = ir.node("OneHot", [ids, depth, values], attributes={"axis": -1})
+            matmul = ir.node("MatMul", [onehot.outputs[0], w])
+            out = node.outputs[0]
+            matmul.outputs[0].type, matmul.outputs[0].shape = out.type, out.shape
+            graph.insert_after(node, [onehot, matmul])
+            out.replace_all_uses_with(matmul.outputs[0], replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            done += 1
+        return Result(model, changed=done > 0, counts={"onehot_embeddings": done})

@@ -58,6 +58,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--skip", type=_names, default=[], help="comma-separated pass names to leave out"
     )
     p.add_argument(
+        "--tied-embedding",
+        choices=["shared", "onehot"],
+        default="shared",
+        help="shared (default): a tied embedding/LM-head table is stored once in the ONNX, but "
+        "TensorRT-RTX still packs a second copy for the head (+V*E weights in the engine); "
+        "onehot: the embedding reads the table through MatMul(OneHot(ids), W), so the engine "
+        "stores it once, at the cost of a second V x E GEMM per token",
+    )
+    p.add_argument(
         "--no-torch-check",
         action="store_true",
         help="skip the parity check against the PyTorch source model (the export graph and "
@@ -79,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     from kiln.optimize import default_passes, optimize_model
 
     if args.list_passes:
-        print("\n".join(default_passes(args.precision)))
+        print("\n".join(default_passes(args.precision, tied_embedding=args.tied_embedding)))
         return 0
     out = args.out or args.artifact.resolve().parent / f"optimized-{args.precision}"
     optimize_model(
@@ -89,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         precision=args.precision,
         passes=args.passes,
         skip=tuple(args.skip),
+        tied_embedding=args.tied_embedding,
         allow_drift=args.allow_drift,
         force=args.force,
         check_torch=not args.no_torch_check,

@@ -84,3 +84,21 @@ def test_fp8_qdq_builds_for_ada_only(optimized):  # noqa: F811
     assert manifest["parity"]["ok"] and manifest["engine_hints"]["min_compute_capability"] == "SM89"
     assert build(out / "model.onnx", ("SM89",))["ok"]
     assert not build(out / "model.onnx", ("SM86", "SM89"))["ok"]  # FP8 needs SM89+
+
+
+def test_onehot_tied_embedding_keeps_parity_and_builds(exported, tmp_path):
+    from kiln.optimize import optimize_model
+
+    out = optimize_model(
+        exported("gpt2"), tmp_path / "o", precision="fp16", tied_embedding="onehot"
+    )
+    proto = onnx.load(str(out / "model.onnx"))
+    nodes = proto.graph.node
+    onehot = next(n.output[0] for n in nodes if n.op_type == "OneHot")
+    table = next(n.input[1] for n in nodes if n.op_type == "MatMul" and n.input[0] == onehot)
+    users = [n.op_type for n in nodes if table in n.input]
+    assert sorted(users) == ["MatMul", "Transpose"]  # no Gather reads the tied table any more
+    assert [n.op_type for n in proto.graph.node].count("OneHot") == 1
+    parity = json.loads((out / "optimize.json").read_text())["parity"]
+    assert parity["ok"] and parity["torch"]["ok"]
+    assert build(out / "model.onnx")["ok"]
