@@ -8,53 +8,97 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+ENGINE_PROFILES = ("rtx-ampere-ada-fp16", "rtx-ampere-ada-int8wo")
 
-def _prompt_ids(tokenizer: object, prompt: str) -> list[int]:
-    """Token ids of `prompt` with BOS first, as the model saw its training sequence."""
-    ids = list(tokenizer(prompt)["input_ids"])  # type: ignore[operator]
-    bos = tokenizer.bos_token_id  # type: ignore[attr-defined]
-    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+@dataclass
+class _Row:
+    stage: str
+    artifact: Path
+    seconds: float
+    result: str
+    ok: bool
+
+
+def _generate(artifact: Path, expected: str) -> tuple[str, float, int]:
+    """Greedy text from `artifact` through the runtime (ONNX Runtime, CPU), time and tokens."""
+    from kiln.models.zen import ZEN_PROMPT
+    from kiln.runtime import load
+
+    gen = load(artifact, backend="onnxruntime", device="cpu")
+    t0 = time.perf_counter()
+    done = gen.generate(ZEN_PROMPT, max_new_tokens=400)
+    elapsed = time.perf_counter() - t0
+    return ZEN_PROMPT + (done.text or ""), elapsed, len(done.token_ids)  # type: ignore[union-attr]
+
+
+def _check_text(stage: str, artifact: Path, expected: str) -> tuple[bool, str]:
+    text, secs, tokens = _generate(artifact, expected)
+    ok = text == expected
+    print(f"\n=== {stage}: generated greedily through {artifact / 'model.onnx'} ===")
+    print(text)
+    verdict = "matches" if ok else "DIFFERS FROM"
+    print(
+        f"=== {verdict} the training text; {tokens} tokens in {secs:.2f} s "
+        f"({tokens / secs:.0f} tok/s, kiln runtime on ONNX Runtime CPU) ==="
+    )
+    return ok, f"text {'ok' if ok else 'WRONG'}, {tokens / secs:.0f} tok/s"
 
 
 def run_demo(out: Path, *, model: Path | None = None) -> int:
-    """Export the bundled model in fp32 and fp16, generate from each; 0 when every text matches."""
-    from transformers import AutoTokenizer
+    """Export, optimize to fp16 and int8, build TensorRT-RTX engines, generate from each ONNX.
 
+    Returns 0 when every ONNX artifact reproduces the text and every engine built.
+    """
+    from kiln.engine import build_engine, read_engine
     from kiln.export import export_model
-    from kiln.models.zen import ZEN_DIR, ZEN_PROMPT, zen_text
-    from kiln.runtime.greedy import greedy_from_onnx
+    from kiln.models.zen import ZEN_DIR, zen_text
+    from kiln.optimize import optimize_model
 
     source = model or ZEN_DIR
     expected = zen_text()
-    rows: list[tuple[str, float, bool]] = []
-    for precision in ("fp32", "fp16"):
+    rows: list[_Row] = []
+
+    def timed_stage(stage: str, make: object) -> Path:
         t0 = time.perf_counter()
-        artifact = export_model(source, out / f"onnx-{precision}", precision=precision)
-        elapsed = time.perf_counter() - t0
-        tok = AutoTokenizer.from_pretrained(artifact)
-        prompt = _prompt_ids(tok, ZEN_PROMPT)
-        t1 = time.perf_counter()
-        new = greedy_from_onnx(
-            artifact,
-            prompt,
-            max_new_tokens=len(tok(expected)["input_ids"]) + 8,
-            eos_id=tok.eos_token_id,
+        artifact = make()  # type: ignore[operator]
+        rows.append(_Row(stage, artifact, time.perf_counter() - t0, "", True))
+        return artifact
+
+    onnx = timed_stage("export fp32", lambda: export_model(source, out / "onnx"))
+    rows[-1].ok, rows[-1].result = _check_text("export fp32", onnx, expected)
+    optimized = {}
+    for precision in ("fp16", "int8"):
+        stage = f"optimize {precision}"
+        optimized[precision] = timed_stage(
+            stage, lambda p=precision: optimize_model(onnx, out / f"optimized-{p}", precision=p)
         )
-        gen_s = time.perf_counter() - t1
-        text = ZEN_PROMPT + tok.decode(new, skip_special_tokens=True)
-        ok = text == expected
-        print(f"\n=== generated greedily through {artifact / 'model.onnx'} ({precision}) ===")
-        print(text)
-        print(
-            f"=== {'matches' if ok else 'DIFFERS FROM'} the training text; "
-            f"{len(new)} tokens in {gen_s:.2f} s ({len(new) / gen_s:.0f} tok/s, ORT CPU) ==="
-        )
-        rows.append((f"export {precision}", elapsed, ok))
-    print("\nstage           time      text")
-    for name, secs, ok in rows:
-        print(f"{name:<15} {secs:6.1f} s  {'ok' if ok else 'WRONG'}")
-    return 0 if all(ok for _, _, ok in rows) else 1
+        rows[-1].ok, rows[-1].result = _check_text(stage, optimized[precision], expected)
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except ImportError:
+        print("\n(no tensorrt_rtx: install the engine extra to build engines)")
+    else:
+        for name, precision in zip(ENGINE_PROFILES, ("fp16", "int8"), strict=True):
+            stage = f"engine {name}"
+            folder = timed_stage(
+                stage,
+                lambda n=name, p=precision: build_engine(optimized[p], n, out / "engines" / n),
+            )
+            m = read_engine(folder)
+            targets = "+".join(m["compute_capabilities"])
+            library = f"{m['library']['name']} {m['library']['version']}"
+            rows[-1].result = (
+                f"{m['plan']['bytes'] / 1e6:.1f} MB plan for SM {targets} ({library}); "
+                "runs on a matching GPU"
+            )
+    print(f"\n{'stage':<32} {'time':>7}  result")
+    for r in rows:
+        print(f"{r.stage:<32} {r.seconds:6.1f}s  {r.result}")
+    print(f"artifacts under {out}/")
+    return 0 if all(r.ok for r in rows) else 1
