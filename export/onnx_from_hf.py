@@ -26,7 +26,7 @@ import onnx
 import torch
 
 from kiln.errors import ExportError
-from kiln.export.patches import sequence_dependent_rope_in_graph
+from kiln.export.patches import grouped_query_attention, sequence_dependent_rope_in_graph
 from kiln.export.static_kv import (
     StaticKVWrapper,
     kv_write_onnx,
@@ -138,7 +138,7 @@ def onnx_from_hf(
         wrapper = FlatKVWrapper(traced, shape.layers).eval()
         args = _example_inputs(shape, dtype)
         names, dynamic = input_names(shape.layers), _dynamic_shapes(shape.layers)
-        translations, gqa = None, contextlib.nullcontext()
+        translations, gqa = None, grouped_query_attention()
     # Count each storage once: a tied LM head shares the embedding's tensor.
     unique = {t.data_ptr(): t for t in traced.state_dict().values()}
     weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())

@@ -80,3 +80,58 @@ def sequence_dependent_rope_in_graph(model: torch.nn.Module) -> Iterator[int]:
     finally:
         for module in patched:
             del module.forward  # the instance attribute shadowed the class's forward
+
+
+def _grouped_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention as sdpa computes it, for grouped K/V without repeating them per query head.
+
+    q [B, H, S, D] -> [B, Hkv, r*S, D] (r = H / Hkv, query head h reads KV head h // r, as
+    transformers' repeat_kv), so both matmuls read each cached K/V once instead of r times.
+    """
+    b, h, s, d = query.shape
+    hkv, t = key.shape[1], key.shape[2]
+    r = h // hkv
+    scale = scaling if scaling is not None else d**-0.5
+    scores = torch.matmul(query.reshape(b, hkv, r * s, d), key.transpose(2, 3)) * scale
+    if attention_mask is None:  # sdpa's is_causal case: the new tokens are the last S of T
+        i = torch.arange(s, device=query.device)[:, None] + (t - s)
+        attention_mask = (torch.arange(t, device=query.device)[None, :] <= i)[None, None]
+    mb = attention_mask.shape[0]
+    mask = attention_mask[:, :, None].expand(mb, 1, r, s, t).reshape(mb, 1, r * s, t)
+    if mask.dtype == torch.bool:
+        # Fully masked rows (left padding) get a uniform softmax instead of sdpa's NaN guard;
+        # nothing reads their outputs.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    out = torch.matmul(probs, value).reshape(b, h, s, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def grouped_query_attention() -> Iterator[None]:
+    """Within the block, transformers' "sdpa" attention traces as `_grouped_attention`.
+
+    The exporter lowers sdpa at opset 18 by repeating K/V heads (Expand + Reshape of the whole
+    cache every step) and guarding fully masked rows with IsNaN/Where; measured on a
+    SmolLM-135M-shaped model on ONNX Runtime CPU, the grouped form decodes about 15% faster.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
+    original = mapping["sdpa"]
+    mapping["sdpa"] = _grouped_attention
+    try:
+        yield
+    finally:
+        mapping["sdpa"] = original

@@ -75,10 +75,69 @@ class SdpaAttentionFusion(pattern.RewriteRuleClassBase):
         return op.Attention(q, key, value, mask, scale=self._scale)
 
 
+class GroupedAttentionFusion(pattern.RewriteRuleClassBase):
+    """kiln's grouped export attention (export/patches.py: _grouped_attention) -> Attention.
+
+    The export stacks each KV group's query heads as rows instead of repeating K/V:
+      Reshape(q)[B,Hkv,r*S,D] @ Transpose(K) * s -> Where(Not(mask repeated r times), min)
+      -> Softmax (in fp32 for low precision: Cast around it) -> @ V -> Reshape [B,H,S,D]
+    """
+
+    def __init__(self, name: str, *, cast: bool, grouped: bool) -> None:
+        super().__init__(name=name, remove_nodes=False)
+        self._cast = cast
+        self._grouped = grouped  # False: one query head per KV head, the Reshapes fold away
+
+    def pattern(self, op, q, key, value, mask, qshape, scale, axis, s5, s4, fill, oshape):
+        """The grouped lowering, names as in the class docstring."""
+        rows_q = op.Reshape(q, qshape) if self._grouped else q
+        scores = op.Mul(op.MatMul(rows_q, op.Transpose(key, perm=[0, 1, 3, 2])), scale)
+        rows = op.Reshape(op.Expand(op.Unsqueeze(mask, axis), s5), s4)
+        filled = op.Where(op.Not(rows), fill, scores)
+        if self._cast:
+            probs = op.Cast(op.Softmax(op.Cast(filled, to=ir.DataType.FLOAT), axis=-1))
+        else:
+            probs = op.Softmax(filled, axis=-1)
+        out = op.MatMul(probs, value)
+        return op.Reshape(out, oshape) if self._grouped else out
+
+    def check(self, context, q, key, value, mask, scale, **_) -> pattern.MatchResult:
+        """4-D q/k/v with heads divisible by KV heads, a constant scale, a 4-D bool mask."""
+        result = pattern.MatchResult()
+        for name, t in (("q", q), ("key", key), ("value", value), ("mask", mask)):
+            if t.shape is None or len(t.shape) != 4:
+                return result.fail(f"{name} is not known to be 4-D", t)
+        h, hkv = q.shape[1], key.shape[1]
+        if not isinstance(h, int) or not isinstance(hkv, int) or h % hkv:
+            return result.fail(f"query heads {h} not a static multiple of KV heads {hkv}", key)
+        if str(q.shape[2]) != str(mask.shape[2]):
+            # The Reshape-free variant also matches inside a grouped form, where q is the
+            # stacked [B, Hkv, r*S, D] rows: q's rows must be the mask's query rows.
+            return result.fail(f"q rows {q.shape[2]} are not the mask's {mask.shape[2]}", q)
+        if mask.dtype != ir.DataType.BOOL:
+            return result.fail("the mask is not boolean", mask)
+        value_s = _ir_utils.get_singleton_value(scale)
+        if not isinstance(value_s, float):
+            return result.fail("the scale is not a constant scalar", scale)
+        self._scale = float(value_s)
+        return result
+
+    def rewrite(self, op, q, key, value, mask, **_):
+        """One Attention node over the un-repeated KV heads, output [B, H, S, D]."""
+        return op.Attention(q, key, value, mask, scale=self._scale)
+
+
 ATTENTION_RULES = pattern.RewriteRuleSet(
     [
         SdpaAttentionFusion.rule("SdpaGqaAttention", gqa=True),
         SdpaAttentionFusion.rule("SdpaAttention", gqa=False),
+        *(
+            GroupedAttentionFusion.rule(
+                f"GroupedAttention{c * 'Cast'}{g * 'Gqa'}", cast=c, grouped=g
+            )
+            for c in (False, True)
+            for g in (True, False)
+        ),
     ]
 )
 
@@ -95,9 +154,11 @@ class AttentionFusionPass(FusionPass):
         return ATTENTION_RULES
 
     def expected(self, model: ir.Model) -> str | None:
-        """A lowered sdpa leaves Softmax and IsNaN behind."""
+        """A lowered sdpa leaves Softmax and IsNaN behind; kiln's grouped form Softmax and Not."""
         if has_ops(model, "Softmax", "IsNaN"):
             return "the graph has Softmax and IsNaN (lowered sdpa)"
+        if has_ops(model, "Softmax", "Not"):
+            return "the graph has Softmax and Not (kiln's grouped attention)"
         return None
 
 
