@@ -218,3 +218,48 @@ def test_a_near_miss_is_not_fused_and_says_why(name, model, why):  # negative co
     assert result.counts == {CASES[name][1]: 0}
     assert not result.changed
     assert any(why in note for note in result.notes), result.notes
+
+
+def grouped_attention_graph(const_scale: bool = True) -> ir.Model:
+    """kiln's grouped export attention (export/patches.py): H=4, Hkv=2, S=3, T=5, D=8."""
+    nodes = [
+        helper.make_node("Reshape", ["q", "qshape"], ["qg"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["qg", "kt"], ["sc"]),
+        helper.make_node("Mul", ["sc", "scale"], ["ss"]),
+        helper.make_node("Unsqueeze", ["mask", "ax2"], ["m5"]),
+        helper.make_node("Expand", ["m5", "shape5"], ["me"]),
+        helper.make_node("Reshape", ["me", "shape4"], ["mr"]),
+        helper.make_node("Not", ["mr"], ["nm"]),
+        helper.make_node("Where", ["nm", "fill", "ss"], ["filled"]),
+        helper.make_node("Softmax", ["filled"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["og"]),
+        helper.make_node("Reshape", ["og", "oshape"], ["y"]),
+    ]
+    shapes = {"qshape": [1, 2, 6, 8], "ax2": [2], "shape5": [1, 1, 2, 3, 5]}
+    shapes |= {"shape4": [1, 1, 6, 5], "oshape": [1, 4, 3, 8]}
+    inits = [_c(k, v, np.int64) for k, v in shapes.items()]
+    inits.append(_c("fill", np.finfo(np.float32).min))
+    inputs = [_vi("q", [1, 4, 3, 8]), _vi("k", [1, 2, 5, 8]), _vi("v", [1, 2, 5, 8])]
+    inputs.append(_vi("mask", [1, 1, 3, 5], TensorProto.BOOL))
+    if const_scale:
+        inits.append(_c("scale", 8**-0.5))
+    else:
+        inputs.append(_vi("scale", []))
+    return _model(nodes, inputs, [_vi("y", [1, 4, 3, 8])], inits)
+
+
+def test_grouped_attention_becomes_one_op():
+    model = grouped_attention_graph()
+    feeds = _feeds(model)
+    ref = _run(model, feeds)[0]
+    result, ops = _fuse("attention", model)
+    assert result.counts == {"Attention": 1}
+    assert ops == ["Attention"], ops  # the Reshapes, mask repeat, Not/Where and Softmax are gone
+    np.testing.assert_allclose(_run(result.value, feeds)[0], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_grouped_attention_near_miss_says_why():  # negative control
+    result, _ = _fuse("attention", grouped_attention_graph(const_scale=False))
+    assert result.counts == {"Attention": 0}
+    assert any("scale is not a constant scalar" in note for note in result.notes), result.notes
