@@ -25,9 +25,9 @@ from kiln.export.patches import SEQUENCE_DEPENDENT_ROPE
 from kiln.export.source import TOKENIZER_FILES, Source, describe_source, load_model
 from kiln.log import timed
 from kiln.manifest import (
+    file_records,
+    is_current,
     publish_dir,
-    read_manifest,
-    sha256_file,
     sha256_json,
     staging_dir,
     tool_versions,
@@ -73,7 +73,7 @@ def export_model(
         options["max_context"] = max_context
     versions = tool_versions(*_VERSIONED)
     key = sha256_json({"source": src.sha256, "options": options, "versions": versions})
-    if not force and _reusable(out, key):
+    if not force and is_current(out, MANIFEST, MODEL_FILE, key, made_by="kiln export"):
         log.info(
             "export: %s is up to date with %s (cache key %s); reusing it", out, source, key[:12]
         )
@@ -169,15 +169,6 @@ def _check_layout(kv: str, max_context: int | None, opset: int | None) -> int:
     return opset or STATIC_OPSET
 
 
-def _reusable(out: Path, key: str) -> bool:
-    if not (out / MANIFEST).is_file() or not (out / MODEL_FILE).is_file():
-        return False
-    manifest = read_manifest(out, MANIFEST, made_by="kiln export")
-    return manifest.get("cache_key") == key and manifest.get("files", {}).get(MODEL_FILE, {}).get(
-        "sha256"
-    ) == sha256_file(out / MODEL_FILE)
-
-
 def _check_rope(src: Source, config: Any) -> str | None:
     rope = src.family.rope_type(config)
     allowed = (*src.family.rope_types, *SEQUENCE_DEPENDENT_ROPE)
@@ -229,10 +220,7 @@ def _manifest(
     versions: dict[str, str],
     key: str,
 ) -> dict[str, Any]:
-    files = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(onnx_path.parent.glob(f"{MODEL_FILE}*"))
-    }
+    files = file_records(onnx_path.parent, f"{MODEL_FILE}*")
     return {
         "kind": "kiln.export",
         "cache_key": key,

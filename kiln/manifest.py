@@ -101,3 +101,21 @@ def publish_dir(staged: Path, final: Path) -> None:
     os.replace(staged, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def file_records(folder: Path, pattern: str) -> dict[str, dict[str, Any]]:
+    """Name -> {sha256, bytes} of the files in `folder` matching `pattern`, for a manifest."""
+    return {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.glob(pattern))
+        if p.is_file()
+    }
+
+
+def is_current(folder: Path, manifest: str, main_file: str, key: str, *, made_by: str) -> bool:
+    """True when `folder` holds a finished artifact built for cache `key`, its file untouched."""
+    if not (folder / manifest).is_file() or not (folder / main_file).is_file():
+        return False
+    recorded = read_manifest(folder, manifest, made_by=made_by)
+    sha = recorded.get("files", {}).get(main_file, {}).get("sha256")
+    return recorded.get("cache_key") == key and sha == sha256_file(folder / main_file)

@@ -18,6 +18,8 @@ from typing import Any
 
 from kiln.errors import ArtifactError, ConfigError
 from kiln.manifest import (
+    file_records,
+    is_current,
     publish_dir,
     read_manifest,
     sha256_file,
@@ -80,7 +82,7 @@ def optimize_model(
     versions = tool_versions(*_VERSIONED)
     export_sha = sha256_file(src / "export.json")
     key = sha256_json({"export": export_sha, "options": options, "versions": versions})
-    if not force and _reusable(out, key):
+    if not force and is_current(out, MANIFEST, MODEL_FILE, key, made_by="kiln optimize"):
         log.info("optimize: %s is up to date (cache key %s); reusing it", out, key[:12])
         return out
 
@@ -191,15 +193,6 @@ def _fail_or_warn(parity: dict[str, Any], allow_drift: bool) -> None:
     parity["allowed_drift"] = True
 
 
-def _reusable(out: Path, key: str) -> bool:
-    if not (out / MANIFEST).is_file() or not (out / MODEL_FILE).is_file():
-        return False
-    manifest = read_manifest(out, MANIFEST, made_by="kiln optimize")
-    return manifest.get("cache_key") == key and manifest.get("files", {}).get(MODEL_FILE, {}).get(
-        "sha256"
-    ) == sha256_file(out / MODEL_FILE)
-
-
 def _manifest(
     src: Path,
     export: dict[str, Any],
@@ -212,10 +205,7 @@ def _manifest(
 ) -> dict[str, Any]:
     from kiln.optimize.passes import engine_hints, io_signature
 
-    files = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(onnx_path.parent.glob(f"{MODEL_FILE}*"))
-    }
+    files = file_records(onnx_path.parent, f"{MODEL_FILE}*")
     return {
         "kind": "kiln.optimize",
         "cache_key": key,
