@@ -37,6 +37,7 @@ from kiln.engine.progress import heartbeat, progress_monitor
 from kiln.engine.shapes import fit_to_model, input_ranges, io_signature, tensor_ranges
 from kiln.errors import ArtifactError
 from kiln.manifest import (
+    copy_carried_files,
     publish_dir,
     read_manifest,
     sha256_file,
@@ -145,6 +146,8 @@ def _build(
             "compute_capabilities": list(gpu.compute_capabilities),
             **facts,
         }
+        # Config and tokenizer travel with the plan: a serving host may not have the ONNX folder.
+        copy_carried_files(artifact, staged)
         write_json_atomic(staged / MANIFEST, manifest)  # last: a folder without it is unfinished
         publish_dir(staged, out)
     except BaseException:

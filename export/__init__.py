@@ -22,9 +22,10 @@ from kiln.export.check import (
 )
 from kiln.export.onnx_from_hf import DTYPES, onnx_from_hf
 from kiln.export.patches import SEQUENCE_DEPENDENT_ROPE
-from kiln.export.source import TOKENIZER_FILES, Source, describe_source, load_model
+from kiln.export.source import Source, describe_source, load_model
 from kiln.log import timed
 from kiln.manifest import (
+    copy_carried_files,
     file_records,
     is_current,
     publish_dir,
@@ -120,9 +121,7 @@ def export_model(
             log.warning("parity failed but --allow-drift keeps the artifact")
         else:
             report.raise_if_failed(f"Exported graph of {source}")
-        for name in ("config.json", *TOKENIZER_FILES):
-            if (source / name).is_file():
-                shutil.copy2(source / name, staged / name)
+        copy_carried_files(source, staged)
         times["total"] = round(time.perf_counter() - t0, 3)
         manifest = _manifest(src, model.config, shape, onnx_path, options, versions, key)
         manifest.update(

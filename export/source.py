@@ -15,22 +15,12 @@ from typing import Any
 import torch
 
 from kiln.errors import ConfigError, KilnError
-from kiln.manifest import sha256_files
+from kiln.manifest import TOKENIZER_FILES, sha256_files
 from kiln.models.families import Family, family_for
 
 log = logging.getLogger(__name__)
 
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "generation_config.json",
-)
 
 
 @dataclass

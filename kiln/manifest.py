@@ -21,6 +21,28 @@ from kiln.errors import ArtifactError
 
 _CHUNK = 1 << 20
 
+# Files every artifact folder carries from its source, so each stage's folder is self-contained
+# for the runtime: the model's config, generation defaults and tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+)
+CARRIED_FILES = ("config.json", *TOKENIZER_FILES)
+
+
+def copy_carried_files(src: Path, dst: Path) -> list[str]:
+    """Copy the CARRIED_FILES that `src` has into `dst`; return their names."""
+    copied = [n for n in CARRIED_FILES if (src / n).is_file()]
+    for name in copied:
+        shutil.copy2(src / name, dst / name)
+    return copied
+
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of one file, streamed so multi-GB weights do not load into memory."""

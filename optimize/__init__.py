@@ -18,6 +18,7 @@ from typing import Any
 
 from kiln.errors import ArtifactError, ConfigError
 from kiln.manifest import (
+    copy_carried_files,
     file_records,
     is_current,
     publish_dir,
@@ -41,7 +42,6 @@ TARGETS = ("tensorrt",)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 # protobuf cannot hold more than 2 GiB; larger graphs keep their weights in model.onnx.data.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-_COPIED = ("export.json", "config.json")
 _VERSIONED = ("kiln", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "ml-dtypes")
 
 
@@ -107,11 +107,8 @@ def optimize_model(
         )
         if not parity["ok"]:
             _fail_or_warn(parity, allow_drift)
-        from kiln.export.source import TOKENIZER_FILES  # includes generation_config.json
-
-        for name in (*_COPIED, *TOKENIZER_FILES):
-            if (src / name).is_file():
-                shutil.copy2(src / name, staged / name)
+        shutil.copy2(src / "export.json", staged / "export.json")
+        copy_carried_files(src, staged)
         manifest = _manifest(src, export, export_sha, onnx_path, options, versions, key, records)
         manifest.update(parity=parity, elapsed_s=round(time.perf_counter() - t0, 3))
         write_json_atomic(staged / MANIFEST, manifest)

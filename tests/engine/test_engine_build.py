@@ -97,6 +97,16 @@ def test_manifest_describes_the_engine(zen_engine, zen_fp16):
     }
 
 
+def test_engine_folder_carries_config_and_tokenizer(zen_engine, zen_fp16):
+    """A serving host gets the plan's folder alone: config and tokenizer travel with it."""
+    from transformers import AutoTokenizer
+
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (zen_engine / name).read_bytes() == (zen_fp16 / name).read_bytes(), name
+    tok = AutoTokenizer.from_pretrained(zen_engine)
+    assert tok.decode(tok("Beautiful is")["input_ids"], skip_special_tokens=True) == "Beautiful is"
+
+
 def test_second_build_is_skipped(zen_engine, zen_fp16, caplog):
     before = os.stat(zen_engine / "engine.plan")
     with caplog.at_level(logging.INFO, logger="kiln"):
