@@ -25,10 +25,9 @@ WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 
 @dataclass
 class Source:
-    """A model folder as the manifest describes it: family, raw config, content hash."""
+    """A model folder as the manifest describes it: family, content hash, files."""
 
     path: Path
-    raw_config: dict[str, Any]
     family: Family
     sha256: str
     files: list[str]
@@ -71,7 +70,6 @@ def describe_source(folder: Path) -> Source:
     hashed += [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
     return Source(
         path=folder,
-        raw_config=raw,
         family=family,
         sha256=sha256_files(hashed, folder),
         files=sorted(str(p.relative_to(folder)) for p in hashed),
