@@ -5,6 +5,9 @@ ONNX, profile and library version (content-addressed). Otherwise it parses the O
 TensorRT / TensorRT-RTX adapter (builder.py), checks the graph's precision against the profile's,
 sets the prefill/decode optimization profiles from the GPU profile's shape ranges, builds with a
 progress monitor, and publishes the folder atomically with engine.json written last.
+Graphs with non-standard-domain ops are refused before parsing (guard.py); static-KV artifacts
+get slot/new-token profiles with their fixed max_context (kv_layout.py); fp32 attention is
+marked decomposable (attention.py); dead builds' staging folders are removed (staging.py).
 """
 
 from __future__ import annotations
@@ -14,15 +17,23 @@ import logging
 import os
 import platform
 import resource
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from kiln.engine.attention import mark_decomposable
 from kiln.engine.builder import Backend
 from kiln.engine.errors import EngineBuildError, EngineMismatchError, ParseError, ProfileError
+from kiln.engine.guard import ForeignOpsError, check_standard_ops
+from kiln.engine.kv_layout import (
+    check_kv_updates,
+    kv_layout,
+    kv_record,
+    kv_updates,
+    static_shapes,
+)
 from kiln.engine.manifest import (
     FORMAT,
     MANIFEST,
@@ -35,6 +46,7 @@ from kiln.engine.precision import check_precision, precision_of
 from kiln.engine.profiles import GpuProfile, available_profiles, load_profile
 from kiln.engine.progress import heartbeat, progress_monitor
 from kiln.engine.shapes import fit_to_model, input_ranges, io_signature, tensor_ranges
+from kiln.engine.staging import locked_staging
 from kiln.errors import ArtifactError
 from kiln.manifest import (
     copy_carried_files,
@@ -42,7 +54,6 @@ from kiln.manifest import (
     read_manifest,
     sha256_file,
     sha256_json,
-    staging_dir,
     write_json_atomic,
 )
 
@@ -51,6 +62,7 @@ __all__ = [
     "PLAN",
     "EngineBuildError",
     "EngineMismatchError",
+    "ForeignOpsError",
     "GpuProfile",
     "ParseError",
     "ProfileError",
@@ -124,8 +136,7 @@ def _build(
         backend.version,
         ", ".join(gpu.compute_capabilities),
     )
-    staged = staging_dir(out)
-    try:
+    with locked_staging(out) as staged:
         facts = _build_plan(backend, gpu, artifact, source, staged / PLAN, times)
         onnx_sha = hashing.result()
         key = _cache_key(onnx_sha, gpu, backend)
@@ -150,9 +161,6 @@ def _build(
         copy_carried_files(artifact, staged)
         write_json_atomic(staged / MANIFEST, manifest)  # last: a folder without it is unfinished
         publish_dir(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     log.info(
         "%s done in %.1f s (build %.1f s): %.1f MB -> %s",
         what,
@@ -172,17 +180,20 @@ def _build_plan(
     plan_path: Path,
     times: dict[str, float],
 ) -> dict[str, Any]:
-    """Parse, check precision and I/O, build, write the plan; return its manifest entries."""
+    """Check, parse, check precision and I/O, build, write the plan; return manifest entries."""
     what = f"engine {gpu.name}"
     onnx_path = artifact / MODEL_FILE
+    io, layout, shapes = _plan_shapes(gpu, artifact, source)
+    check_standard_ops(onnx_path)  # before the parse: names every foreign op at once
     t = time.perf_counter()
     net = backend.parse(onnx_path)
     times["parse"] = round(time.perf_counter() - t, 3)
     found = precision_of(backend, net)
     check_precision(found, gpu, str(artifact))
-    io = io_signature(onnx_path, source)
     _check_io(io, net, onnx_path)
-    shapes = fit_to_model(gpu.shapes, source.get("config", {}).get("max_positions"))
+    types, aliases = net.layer_types(), kv_updates(backend, net)
+    check_kv_updates(layout, aliases, io, f"{backend.library} {backend.version}: {onnx_path}")
+    attention = mark_decomposable(backend, net, source.get("engine_hints", {}).get(_HINT))
     monitor = progress_monitor(backend.trt, what)
     ranges = [input_ranges(io["inputs"], s) for s in shapes]
     # Full TensorRT's tactic timings hold per library version and GPU; kept beside the engines.
@@ -208,6 +219,8 @@ def _build_plan(
             "quantized": found.quantized,
         },
         "io": io,
+        "kv_cache": kv_record(layout, shapes, aliases),
+        "attention": attention,
         "optimization_profiles": [
             {"index": i, "name": s.name, "axes": s.axes(), "tensors": tensor_ranges(io, s)}
             for i, s in enumerate(shapes)
@@ -216,9 +229,24 @@ def _build_plan(
         "build": {
             "process_peak_rss_mib": _peak_rss_mib(),
             "network_layers": layers,
+            "layer_types": types,
             "host": platform.node(),
         },
     }
+
+
+_HINT = "attention_decomposable"  # optimize.json engine_hints key
+
+
+def _plan_shapes(
+    gpu: GpuProfile, artifact: Path, source: dict[str, Any]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], list[Any]]:
+    """The graph's I/O, its KV layout and the optimization profiles' shape ranges."""
+    io = io_signature(artifact / MODEL_FILE, source)
+    layout = kv_layout(artifact, source, io)
+    if layout["layout"] == "static":
+        return io, layout, static_shapes(gpu, layout["max_context"])
+    return io, layout, fit_to_model(gpu.shapes, source.get("config", {}).get("max_positions"))
 
 
 def source_of(artifact: Path) -> tuple[Path, dict[str, Any], str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ class Network:
     def layers(self) -> list[Any]:
         """Every layer, in topological order."""
         return [self.network.get_layer(i) for i in range(self.network.num_layers)]
+
+    def layer_types(self) -> dict[str, int]:
+        """Layer count per LayerType name (KV_CACHE_UPDATE, ATTENTION_OUTPUT, ...), sorted."""
+        counts = Counter(str(layer.type).rsplit(".", 1)[-1] for layer in self.layers())
+        return dict(sorted(counts.items()))
 
 
 class Backend:

@@ -18,7 +18,8 @@ from kiln.manifest import read_manifest, sha256_file
 
 MANIFEST = "engine.json"
 PLAN = "engine.plan"
-FORMAT = 1  # bump when engine.json's layout changes; it is part of the cache key
+FORMAT = 2  # bump when engine.json's layout changes; it is part of the cache key
+# 2: kv_cache (layout, static max_context/slots, present aliases past), attention, layer_types
 
 
 def read_engine(folder: Path, *, verify: bool = True) -> dict[str, Any]:
