@@ -1,0 +1,150 @@
+"""The engine stage's guards: foreign-domain ops refused before parsing; dead builds cleaned up."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from kiln.engine import build_engine, read_engine
+from kiln.engine.guard import ForeignOpsError, foreign_ops
+from kiln.engine.staging import remove_stale
+
+PROFILE = "rtx-ampere-ada-fp16"
+
+
+def _model(nodes, functions=(), extra_opsets=()):
+    """x [1, 8] fp16 -> y [1, 8] through `nodes`, opset 23 plus the given domains."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8])],
+        [helper.make_tensor("w", TensorProto.FLOAT16, [8], [1.0] * 8)],
+    )
+    opsets = [helper.make_opsetid("", 23), *(helper.make_opsetid(d, 1) for d in extra_opsets)]
+    return helper.make_model(graph, opset_imports=opsets, functions=list(functions), ir_version=10)
+
+
+def _artifact(tmp_path, model):
+    """An artifact folder as `kiln optimize --target onnxruntime` would leave it (minimal)."""
+    art = tmp_path / "art"
+    art.mkdir()
+    onnx.save(model, str(art / "model.onnx"))
+    (art / "optimize.json").write_text(
+        json.dumps({"kind": "kiln.optimize", "target": "onnxruntime"})
+    )
+    return art
+
+
+def _contrib_graph():
+    skip = helper.make_node(
+        "SkipSimplifiedLayerNormalization", ["x", "x", "w"], ["n"], "norm0", domain="com.microsoft"
+    )
+    gqa = helper.make_node(
+        "GroupQueryAttention", ["n"], ["a"], "layer0_gqa", domain="com.microsoft"
+    )
+    gqa2 = helper.make_node(
+        "GroupQueryAttention", ["a"], ["y"], "layer1_gqa", domain="com.microsoft"
+    )
+    return _model([skip, gqa, gqa2], extra_opsets=["com.microsoft"])
+
+
+def test_contrib_ops_are_refused_before_parsing_with_names_and_fix(tmp_path):
+    art = _artifact(tmp_path, _contrib_graph())
+    with pytest.raises(ForeignOpsError) as e:
+        build_engine(art, PROFILE, tmp_path / "eng")
+    msg = str(e.value)
+    assert (
+        "com.microsoft.GroupQueryAttention x2, com.microsoft.SkipSimplifiedLayerNormalization x1"
+        in msg
+    )
+    assert "node 'layer0_gqa' (op GroupQueryAttention): domain 'com.microsoft'" in msg
+    assert "node 'norm0' (op SkipSimplifiedLayerNormalization)" in msg
+    assert "`kiln optimize --target tensorrt`" in msg and "--target onnxruntime" in msg
+    assert "cannot parse" not in msg  # the guard spoke, not TensorRT's parser
+    assert list(tmp_path.iterdir()) == [art]  # no engine, no staging folder
+
+
+def test_standard_graph_and_local_functions_pass_the_guard(tmp_path):
+    """Negative control: standard ops, also inside a model-local function of a custom domain."""
+    body = [helper.make_node("Mul", ["a", "b"], ["c"])]
+    fn = helper.make_function(
+        "kiln.local", "Scale", ["a", "b"], ["c"], body, [helper.make_opsetid("", 23)]
+    )
+    call = helper.make_node("Scale", ["x", "w"], ["y"], "scale0", domain="kiln.local")
+    path = tmp_path / "ok.onnx"
+    onnx.save(_model([call], [fn], ["kiln.local"]), str(path))
+    assert foreign_ops(path) == []
+    # The same function with a contrib op inside is caught through the call.
+    body = [helper.make_node("FastGelu", ["a"], ["c"], "gelu_in_fn", domain="com.microsoft")]
+    fn = helper.make_function(
+        "kiln.local", "Scale", ["a", "b"], ["c"], body,
+        [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)],
+    )  # fmt: skip
+    onnx.save(_model([call], [fn], ["kiln.local", "com.microsoft"]), str(path))
+    assert foreign_ops(path) == [("com.microsoft", "FastGelu", "gelu_in_fn")]
+
+
+def test_kiln_export_passes_the_guard(exported):
+    assert foreign_ops(exported("llama", "fp16", kv="static") / "model.onnx") == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _aged(path, seconds=3600):
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+    return path
+
+
+def test_stale_staging_is_removed_and_live_builds_are_kept(tmp_path):
+    out = tmp_path / "eng"
+    dead = tmp_path / ".eng.k1ll3d.tmp"
+    dead.mkdir()
+    (dead / "engine.plan").write_bytes(b"x" * 1000)
+    _aged(dead)
+    old = tmp_path / f".eng.old-{_dead_pid()}"
+    old.mkdir()
+    live = tmp_path / ".eng.l1ve.tmp"
+    live.mkdir()
+    _aged(live)
+    young = tmp_path / ".eng.y0ung.tmp"  # maybe a build between mkdtemp and flock
+    young.mkdir()
+    other = tmp_path / ".other.k1ll3d.tmp"  # another output's folder
+    other.mkdir()
+    _aged(other)
+    mine = tmp_path / f".eng.old-{os.getpid()}"  # a live publisher's
+    mine.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running build holds its folder
+        assert sorted(p.name for p in remove_stale(out)) == sorted([dead.name, old.name])
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, young.name, other.name, mine.name]
+    )
+    assert [p.name for p in remove_stale(out)] == [live.name]  # its build is gone now
+
+
+def test_next_build_removes_a_killed_builds_folder(exported, tmp_path):
+    out = tmp_path / "eng"
+    dead = tmp_path / ".eng.abcd1234.tmp"
+    dead.mkdir()
+    (dead / "engine.plan").write_bytes(b"half a plan")
+    _aged(dead)
+    build_engine(exported("llama", "fp16", kv="static"), PROFILE, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
+    assert read_engine(out)["kv_cache"]["layout"] == "static"
