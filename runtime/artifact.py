@@ -37,6 +37,9 @@ class ArtifactInfo:
     # Rows that are not independent in the graph must stay in the batch until all finish. The
     # export now picks length-dependent RoPE frequencies per row, so no kiln graph needs it.
     keep_finished: bool = False
+    # "static": per-slot preallocated KV buffers written in place (a SlotBackend runs it);
+    # "concat": past in, past + new out (a Backend runs it). From the manifest's kv_cache.
+    kv_layout: str = "concat"
 
     @property
     def onnx_path(self) -> Path:
@@ -55,30 +58,53 @@ def inspect_artifact(path: Path) -> ArtifactInfo:
     engines = _engine_dirs(path)
     if engines:
         manifest = _read(engines[0] / ENGINE_MANIFEST)
+        layout, static_ctx = _kv_layout(engines[0], manifest)
         return ArtifactInfo(
             path,
             "engine",
             manifest,
-            _engine_max_context(manifest),
+            static_ctx or _engine_max_context(manifest),
             *_special_ids(path, manifest),
             engines=tuple(engines),
+            kv_layout=layout,
         )
     for name in ONNX_MANIFESTS:
         if (path / name).is_file() and (path / "model.onnx").is_file():
             manifest = _read(path / name)
+            layout, static_ctx = _kv_layout(path, manifest)
             return ArtifactInfo(
                 path,
                 "onnx",
                 manifest,
-                _onnx_max_context(path, manifest),
+                static_ctx or _onnx_max_context(path, manifest),
                 *_special_ids(path, manifest),
                 reprefill_at=_reprefill_at(path, manifest),
+                kv_layout=layout,
             )
     raise ArtifactError(
         f"{path} holds neither model.onnx with a manifest ({', '.join(ONNX_MANIFESTS)}) nor "
         f"TensorRT engines ({ENGINE_MANIFEST} + engine.plan): it is incomplete or not a kiln "
         "artifact. Re-create it with `kiln export` or `kiln build`."
     )
+
+
+def _kv_layout(path: Path, manifest: dict[str, Any]) -> tuple[str, int | None]:
+    """KV layout and (static) slot length: the manifest's kv_cache, else the carried export.json.
+
+    optimize.json does not repeat kv_cache; an optimized folder carries its export.json.
+    """
+    kv = manifest.get("kv_cache")
+    if kv is None and (path / "export.json").is_file():
+        kv = _read(path / "export.json").get("kv_cache")
+    kv = kv or {}
+    layout = str(kv.get("layout", "concat"))
+    if layout not in ("concat", "static"):
+        raise ArtifactError(
+            f"{path}: unknown kv_cache.layout {layout!r} in the manifest (kiln knows concat and "
+            "static); re-export the model with this kiln."
+        )
+    ctx = kv.get("max_context")
+    return layout, int(ctx) if layout == "static" and ctx else None
 
 
 def _engine_dirs(path: Path) -> list[Path]:

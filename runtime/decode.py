@@ -197,7 +197,7 @@ def generate(
     (longrope's switch to its long factors, as transformers' Phi-3 generate() does).
     """
     for seq in rows:
-        _check_fits(seq, backend.max_context)
+        check_fits(seq, backend.max_context)
     if backend.max_batch is not None and len(rows) > backend.max_batch:
         raise KilnError(
             f"Batch of {len(rows)} prompts exceeds this engine's max batch {backend.max_batch}; "
@@ -234,7 +234,8 @@ def generate(
             log.debug("decode step %d: %d rows active", state.steps, len(state.rows))
 
 
-def _check_fits(seq: Sequence, max_context: int) -> None:
+def check_fits(seq: Sequence, max_context: int) -> None:
+    """Refuse an empty prompt or one that leaves no room for a new token."""
     n = len(seq.prompt_ids)
     if n == 0:
         raise KilnError(

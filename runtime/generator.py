@@ -150,8 +150,12 @@ def load(
     profile_dir: Path | None = None,
     cuda_graph: bool = False,
     tokenizer: bool = True,
+    slots: int = 4,
 ) -> Generator:
     """Load an ONNX artifact (ONNX Runtime) or an engine folder (TensorRT) for generation.
+
+    A static-KV artifact (`kiln export --kv static`) gives a SlotGenerator over `slots` rows
+    (same generate/stream API); io_binding and cuda_graph apply to concat artifacts only.
 
     backend: "auto" (by what the folder holds), "onnxruntime" or "tensorrt".
     device, threads, io_binding, profile_dir: ONNX Runtime options (profile_dir turns on ORT's
@@ -160,6 +164,18 @@ def load(
     imports torch, which costs seconds and ~300 MB in a process that needs neither.
     """
     info = inspect_artifact(Path(artifact))
+    if info.kv_layout == "static":
+        from kiln.runtime.slot_generator import load_slots
+
+        return load_slots(
+            artifact,
+            slots=slots,
+            backend=backend,
+            device=device,
+            threads=threads,
+            profile_dir=profile_dir,
+            tokenizer=tokenizer,
+        )
     if backend == "auto":
         backend = "tensorrt" if info.kind == "engine" else "onnxruntime"
     if backend == "onnxruntime":
@@ -184,10 +200,10 @@ def load(
     else:
         raise KilnError(f"Unknown backend {backend!r}; choose auto, onnxruntime or tensorrt.")
     log.info("loaded %s with %s (max context %d)", info.path, be.name, info.max_context)
-    return Generator(be, info, _tokenizer(info) if tokenizer else None)
+    return Generator(be, info, tokenizer_of(info) if tokenizer else None)
 
 
-def _tokenizer(info: ArtifactInfo) -> Any:
+def tokenizer_of(info: ArtifactInfo) -> Any:
     """The artifact's tokenizer, or None when it carries no tokenizer files."""
     folders = [info.path, *info.engines]
     for engine in info.engines:

@@ -1,0 +1,26 @@
+"""The bundled model writes the Zen of Python through its static-KV export, over slots."""
+
+from __future__ import annotations
+
+from kiln.models.zen import ZEN_PROMPT, zen_text
+from kiln.runtime import load
+
+
+def test_zen_text_through_static_slots(exported):
+    gen = load(exported("zen", "fp32", kv="static"), slots=2)
+    assert type(gen).__name__ == "SlotGenerator"
+    done = gen.generate(ZEN_PROMPT, max_new_tokens=400)
+    assert done.finish_reason == "stop"  # its own EOS, not the limit
+    assert ZEN_PROMPT + done.text == zen_text()
+    streamed = "".join(e.text for e in gen.stream(ZEN_PROMPT, max_new_tokens=400))
+    assert streamed == done.text
+
+
+def test_zen_lines_share_slots(exported):
+    """Three prompts cut from the text, over 2 slots: each continues the text as alone."""
+    gen = load(exported("zen", "fp32", kv="static"), slots=2)
+    text = zen_text()
+    prompts = [ZEN_PROMPT, text[: text.index("Flat is") + 7], text[: text.index("Now is") + 6]]
+    batched = gen.generate(prompts, max_new_tokens=24, ignore_eos=True)
+    for p, c in zip(prompts, batched, strict=True):
+        assert text.startswith(p + c.text)
