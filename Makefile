@@ -56,6 +56,22 @@ generate: $(OUT)/onnx/export.json  ## text from an artifact (ARTIFACT=folder PRO
 bench: $(STAMP)  ## decode loop on ORT CPU vs transformers eager vs onnxruntime-genai: TTFT, tok/s b1/b4, memory, roofline; out/bench/bench.{json,png}
 	$(PY) -m kiln.runtime.bench --out out/bench $(BENCH_FLAGS)
 
+# Serving: the bundled model exported with static KV slots, unless ARTIFACT= names a static folder.
+.PHONY: serve load
+STATIC_OUT ?= $(OUT)/onnx-static
+MAX_CONTEXT ?= 512
+SERVE_ARTIFACT = $(if $(filter command line environment,$(origin ARTIFACT)),$(ARTIFACT),$(STATIC_OUT))
+$(STATIC_OUT)/export.json: $(STAMP) $(wildcard $(MODEL)/*)
+	$(KILN) export $(MODEL) --out $(STATIC_OUT) --kv static --max-context $(MAX_CONTEXT)
+
+serve: $(STAMP)  ## OpenAI-compatible server with continuous batching on 127.0.0.1:8000 (ARTIFACT=static folder SERVE_FLAGS="--port 9000 --slots 16")
+	@if [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
+	$(KILN) serve $(SERVE_ARTIFACT) $(SERVE_FLAGS)
+
+load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients: req/s, TTFT p50/p99, tok/s; out/load/load.json (URL=http://127.0.0.1:PORT to target a running server)
+	@if [ -z "$(URL)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
+	$(PY) -m kiln.runtime.server.load --out out/load --artifact $(SERVE_ARTIFACT) $(if $(URL),--url $(URL)) $(LOAD_FLAGS)
+
 gpu-check: $(STAMP)  ## on a GPU host: build an engine for this GPU and prove the TensorRT backend end to end
 	$(PY) -m kiln.runtime.gpu_check --out out/gpu-check
 

@@ -24,6 +24,7 @@ COMMANDS = (
     "kiln.commands.engine",
     "kiln.commands.optimize",
     "kiln.commands.generate",
+    "kiln.commands.serve",
 )
 
 

@@ -29,3 +29,19 @@ class ParityError(KilnError):
 
 class ArtifactError(KilnError):
     """An artifact folder is missing, incomplete or was made by something else."""
+
+
+class RequestError(KilnError):
+    """A serving request the server cannot run as given (the server answers HTTP 4xx).
+
+    `status` is the HTTP status, `param` the request field at fault (OpenAI error shape), `code`
+    a short machine-readable reason such as "context_length_exceeded".
+    """
+
+    def __init__(
+        self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code

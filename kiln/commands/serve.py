@@ -1,0 +1,67 @@
+"""`kiln serve`: an OpenAI-compatible HTTP server over a static-KV artifact."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `kiln serve`."""
+    p = sub.add_parser(
+        "serve",
+        help="serve a static-KV artifact over the OpenAI API (completions, chat, streaming)",
+        description=(
+            "Serve an artifact exported with `kiln export MODEL --kv static --max-context N` "
+            "with continuous batching over its KV slots: POST /v1/completions, "
+            "/v1/chat/completions (SSE with stream=true), GET /v1/models, /health, /metrics "
+            "(Prometheus). SIGTERM drains: running requests finish, new ones get 503."
+        ),
+    )
+    p.add_argument("artifact", type=Path, help="static-KV artifact folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded at once (KV rows)")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests that may wait for a slot; beyond: 429"
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=64,
+        help="prompt tokens fed per step (bounds the running streams' stall; 0: whole prompt)",
+    )
+    p.add_argument("--model-name", default=None, help="name clients use (default: model folder)")
+    p.add_argument(
+        "--drain-timeout", type=float, default=30, help="seconds running requests get on SIGTERM"
+    )
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kiln.errors import ConfigError
+    from kiln.runtime.server import ServerState, serve
+    from kiln.runtime.server.serve import check_static, slots_loader
+
+    for name in ("slots", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1.")
+    check_static(args.artifact)
+    loader = slots_loader(
+        args.artifact,
+        slots=args.slots,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+    )
+    state = ServerState(
+        loader,
+        model_name=args.model_name,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+    )
+    serve(state, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
+    return 0

@@ -1,0 +1,309 @@
+"""The FastAPI app: OpenAI routes, health, metrics, and the bridge from engine thread to asyncio.
+
+The model loads in a background thread after the HTTP server starts, so `/health` can say
+"loading" (503) until the artifact is loaded and a warm-up step has run, then "ok" (200). Each
+request becomes a scheduler `Job` whose `emit` hands pieces to the request's asyncio queue via
+`loop.call_soon_threadsafe`; a client that goes away cancels its job, which frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kiln.errors import KilnError, RequestError
+from kiln.runtime.decode import Sequence
+from kiln.runtime.server.metrics import Metrics
+from kiln.runtime.server.prepare import ModelView, Prepared, prepare_chat, prepare_completion
+from kiln.runtime.server.responses import SSE_DONE, Reply, error_body, error_kind, sse
+from kiln.runtime.server.scheduler import Job, Piece, Scheduler
+from kiln.runtime.server.schemas import ChatRequest, CompletionRequest, parse_request
+
+log = logging.getLogger(__name__)
+
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_DISCONNECT_POLL_S = 0.5
+
+
+class ServerState:
+    """The served model, its scheduler and metrics, and whether the server takes requests."""
+
+    def __init__(
+        self,
+        loader: Callable[[], Any],
+        *,
+        model_name: str | None = None,
+        max_queue: int = 64,
+        prefill_chunk: int = 64,
+    ) -> None:
+        self.loader = loader
+        self.model_name = model_name
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.metrics = Metrics()
+        self.scheduler: Scheduler | None = None
+        self.model: ModelView | None = None
+        self.ready = threading.Event()
+        self.draining = False
+        self.load_error: str | None = None
+
+    def load(self) -> None:
+        """Load the artifact, build the scheduler, warm up; then the server is ready."""
+        t0 = time.perf_counter()
+        try:
+            gen = self.loader()
+            backend = gen.backend
+            self.model = ModelView(
+                name=self.model_name or served_name(gen.info),
+                max_context=backend.max_context,
+                vocab=backend.vocab,
+                eos_ids=tuple(gen.info.eos_ids),
+                tokenizer=gen.tokenizer,
+            )
+            self.scheduler = Scheduler(
+                backend, self.metrics, max_queue=self.max_queue, prefill_chunk=self.prefill_chunk
+            )
+            self.scheduler.start()
+        except Exception as e:
+            self.load_error = str(e)
+            log.exception("loading the model failed")
+            return
+        self.ready.set()
+        log.info(
+            "serving '%s' (%s, %d slots x %d positions) after %.1f s",
+            self.model.name,
+            backend.name,
+            backend.slots,
+            backend.max_context,
+            time.perf_counter() - t0,
+        )
+
+    def drain(self, timeout_s: float) -> None:
+        """Refuse new requests (503); wait up to `timeout_s` for running ones; stop the engine."""
+        self.draining = True
+        if self.scheduler is not None:
+            if timeout_s > 0:
+                log.info("draining: waiting up to %.0f s for running requests", timeout_s)
+            self.scheduler.stop(timeout_s)
+
+    def require_serving(self) -> tuple[Scheduler, ModelView]:
+        """The scheduler and model, or a 503 RequestError while loading or shutting down."""
+        if self.draining:
+            raise RequestError(
+                "The server is shutting down and takes no new requests; retry against another "
+                "replica or after it restarts.",
+                status=503,
+                code="shutting_down",
+            )
+        if not self.ready.is_set() or self.scheduler is None or self.model is None:
+            why = f"failed to load: {self.load_error}" if self.load_error else "is still loading"
+            raise RequestError(
+                f"The model {why}; poll GET /health until it answers 200, then retry.",
+                status=503,
+                code="not_ready",
+            )
+        return self.scheduler, self.model
+
+
+def served_name(info: Any) -> str:
+    """The model name clients use: the exported model folder's name, else the artifact's."""
+    src = (info.manifest.get("source") or {}).get("path")
+    return str(src).rstrip("/").rsplit("/", 1)[-1] if src else info.path.name
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The app over one ServerState; the model loads in a thread when the app starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=state.load, name="kiln-load", daemon=True).start()
+        yield
+        state.drain(0.0)
+
+    app = FastAPI(title="kiln", lifespan=lifespan)
+    app.state.kiln = state
+    app.add_middleware(_CountRequests, metrics=state.metrics)
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        if state.load_error:
+            return JSONResponse({"status": "error", "message": state.load_error}, 500)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        if not state.ready.is_set() or state.model is None or state.scheduler is None:
+            return JSONResponse({"status": "loading"}, 503)
+        b = state.scheduler.backend
+        return JSONResponse(
+            {"status": "ok", "model": state.model.name, "slots": b.slots, "backend": b.name}
+        )
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        _, model = state.require_serving()
+        card = {"id": model.name, "object": "model", "created": 0, "owned_by": "kiln"}
+        return {"object": "list", "data": [{**card, "max_model_len": model.max_context}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        scheduler, model = state.require_serving()
+        req = parse_request(await request.body(), CompletionRequest)
+        return await _respond(request, scheduler, model, prepare_completion(req, model), False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        scheduler, model = state.require_serving()
+        req = parse_request(await request.body(), ChatRequest)
+        return await _respond(request, scheduler, model, prepare_chat(req, model), True)
+
+    return app
+
+
+async def _respond(
+    request: Request, scheduler: Scheduler, model: ModelView, prep: Prepared, chat: bool
+) -> Response:
+    """Submit the job (429/503 come back here, before any byte is sent), then answer."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+
+    def emit(item: Piece | BaseException) -> None:  # engine thread
+        # RuntimeError: the event loop is gone (shutdown), nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    seq = Sequence(0, prep.prompt_ids, prep.params, model.eos_ids, model.tokenizer)
+    job = Job(seq, emit)
+    scheduler.submit(job)
+    reply = Reply(model.name, chat, len(prep.prompt_ids))
+    if prep.stream:
+        body = _stream(scheduler, job, queue, reply, prep.include_usage)
+        return StreamingResponse(body, media_type="text/event-stream")
+    text, ids, reason = [], [], "length"
+    async for piece in _pieces(request, scheduler, job, queue):
+        text.append(piece.text)
+        ids.append(piece.token_id)
+        reason = piece.finish_reason or reason
+    return JSONResponse(reply.full("".join(text), ids, reason))
+
+
+async def _pieces(
+    request: Request | None,
+    scheduler: Scheduler,
+    job: Job,
+    queue: asyncio.Queue[Piece | BaseException],
+) -> AsyncIterator[Piece]:
+    """The job's pieces until it finishes; cancels the job if the consumer stops early."""
+    try:
+        while True:
+            if request is None:
+                item = await queue.get()
+            else:  # a non-streamed request: notice a client that went away while waiting
+                try:
+                    item = await asyncio.wait_for(queue.get(), _DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        log.info("client went away; cancelling its request")
+                        return
+                    continue
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        if not job.seq.done:
+            scheduler.cancel(job)
+
+
+async def _stream(
+    scheduler: Scheduler,
+    job: Job,
+    queue: asyncio.Queue[Piece | BaseException],
+    reply: Reply,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE events: one chunk per text piece, the finish reason, optional usage, `[DONE]`.
+
+    Starlette cancels this generator when the client disconnects (ASGI spec 2.3 disconnect
+    listener); `_pieces`' finally then cancels the job.
+    """
+    n = 0
+    try:
+        if reply.chat:
+            yield reply.chunk("", None, first=True)
+        async for piece in _pieces(None, scheduler, job, queue):
+            n += 1  # one chunk per token, even with '' (a character not complete yet)
+            yield reply.chunk(piece.text, piece.finish_reason, token_id=piece.token_id)
+    except KilnError as e:  # the headers are sent: report the error as an event, as OpenAI does
+        status = e.status if isinstance(e, RequestError) else 400
+        yield sse(error_body(str(e), kind=error_kind(status)))
+    finally:  # cancelled while suspended at a yield (client gone): free the slot now
+        if not job.seq.done:
+            scheduler.cancel(job)
+    if include_usage:
+        yield reply.usage_chunk(n)
+    yield SSE_DONE
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(KilnError)
+    async def kiln_error(request: Request, e: KilnError) -> JSONResponse:
+        status, param, code = 400, None, None
+        if isinstance(e, RequestError):
+            status, param, code = e.status, e.param, e.code
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        body = error_body(str(e), kind=error_kind(status), param=param, code=code)
+        return JSONResponse(body, status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        hint = f"; the routes are {', '.join(_ENDPOINTS)}" if e.status_code in (404, 405) else ""
+        body = error_body(
+            f"{e.detail}: {request.method} {request.url.path}{hint}.",
+            kind=error_kind(e.status_code),
+        )
+        return JSONResponse(body, e.status_code)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        body = error_body(
+            f"Internal server error ({type(e).__name__}: {e}); this is a bug in kiln.",
+            kind="server_error",
+        )
+        return JSONResponse(body, 500)
+
+
+class _CountRequests:
+    """ASGI middleware: count each response by endpoint and status code."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

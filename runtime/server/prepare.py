@@ -1,0 +1,170 @@
+"""From a validated request to what the scheduler runs: prompt token ids and SamplingParams.
+
+Every check that depends on the loaded model lives here (model name, chat template, token ids
+within the vocabulary, prompt plus max_tokens within the slot context), each raising a
+RequestError whose message names the field, the offending value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.errors import ConfigError, RequestError
+from kiln.runtime.sampling import SamplingParams
+from kiln.runtime.server.schemas import ChatRequest, CompletionRequest, SamplingFields
+
+MAX_STOP_STRINGS = 4  # as the OpenAI API
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What request checks need to know about the served model."""
+
+    name: str
+    max_context: int
+    vocab: int
+    eos_ids: tuple[int, ...]
+    tokenizer: Any  # None when the artifact carries no tokenizer files
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the scheduler."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def prepare_completion(req: CompletionRequest, model: ModelView) -> Prepared:
+    """Prompt ids of a completion request (text or ids, one prompt) and its sampling params."""
+    _check_common(req, model)
+    prompt: Any = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise RequestError(
+                f"Field 'prompt' holds {len(prompt)} prompts; this server runs one prompt per "
+                "request: send them as separate (concurrent) requests.",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = _encode(prompt, model)
+    else:
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < model.vocab]
+        if bad:
+            raise RequestError(
+                f"Field 'prompt' holds token id {bad[0]}, outside this model's vocabulary "
+                f"[0, {model.vocab}); send ids below {model.vocab}.",
+                param="prompt",
+            )
+    return _prepared(req, ids, req.max_tokens, model)
+
+
+def prepare_chat(req: ChatRequest, model: ModelView) -> Prepared:
+    """Prompt ids of a conversation (the tokenizer's chat template) and its sampling params."""
+    _check_common(req, model)
+    tok = model.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise RequestError(
+            f"Model '{model.name}' has no chat template (chat_template.jinja or "
+            "tokenizer_config.json); use POST /v1/completions with a plain prompt instead.",
+            param="messages",
+            code="no_chat_template",
+        )
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+        ids = ids["input_ids"]
+    max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
+    return _prepared(req, [int(t) for t in ids], max_tokens, model)
+
+
+def _check_common(req: SamplingFields, model: ModelView) -> None:
+    if req.model is not None and req.model != model.name:
+        raise RequestError(
+            f"Model '{req.model}' is not served here; this server serves '{model.name}' "
+            "(GET /v1/models lists it): set 'model' to that name.",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+    if req.n not in (None, 1):
+        raise RequestError(
+            f"Field 'n' = {req.n}: this server returns one choice per request; set n=1 (or omit "
+            "it) and send separate requests, with different seeds, for more choices.",
+            param="n",
+        )
+
+
+def _encode(text: str, model: ModelView) -> list[int]:
+    if model.tokenizer is None:
+        raise RequestError(
+            f"Model '{model.name}' carries no tokenizer, so a text prompt cannot be encoded; "
+            "send 'prompt' as a list of token ids.",
+            param="prompt",
+            code="no_tokenizer",
+        )
+    return list(model.tokenizer(text)["input_ids"])
+
+
+def _prepared(
+    req: SamplingFields, ids: list[int], max_tokens: int | None, model: ModelView
+) -> Prepared:
+    n, ctx = len(ids), model.max_context
+    if n == 0:
+        raise RequestError(
+            "The prompt encodes to no tokens; send a non-empty prompt.", param="prompt"
+        )
+    if n >= ctx:
+        raise RequestError(
+            f"The prompt has {n} tokens; this model's context is {ctx} tokens (prompt plus at "
+            f"least one new token): shorten the prompt to at most {ctx - 1} tokens.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    room = ctx - n
+    if max_tokens is None:
+        max_tokens = min(16, room) if isinstance(req, CompletionRequest) else room
+    if max_tokens < 1 or max_tokens > room:
+        raise RequestError(
+            f"Field 'max_tokens' = {max_tokens}: must be between 1 and {room} (this model's "
+            f"context of {ctx} tokens minus the prompt's {n}); ask for fewer tokens or shorten "
+            "the prompt.",
+            param="max_tokens",
+            code="context_length_exceeded" if max_tokens > room else "invalid_value",
+        )
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP_STRINGS or any(s == "" for s in stop):
+        raise RequestError(
+            f"Field 'stop' = {stop!r}: give up to {MAX_STOP_STRINGS} non-empty strings.",
+            param="stop",
+        )
+    top_k = req.top_k or 0
+    try:
+        params = SamplingParams(
+            max_new_tokens=max_tokens,
+            min_new_tokens=req.min_tokens or 0,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=0 if top_k == -1 else top_k,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            seed=req.seed,
+            stop=tuple(stop),
+            ignore_eos=req.ignore_eos,
+        )
+    except ConfigError as e:  # names the field and its allowed range
+        raise RequestError(f"{e} Change it in the request.", param=_field_of(str(e))) from None
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Prepared(ids, params, bool(req.stream), include_usage)
+
+
+def _field_of(message: str) -> str | None:
+    names = {"temperature", "top_k", "top_p", "repetition_penalty", "min_new_tokens"}
+    for name in names:
+        if f" {name}=" in message:
+            return "min_tokens" if name == "min_new_tokens" else name
+    return None

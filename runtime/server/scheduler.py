@@ -1,0 +1,266 @@
+"""Continuous batching over the static-KV slots: one engine thread, one graph call per step.
+
+Every step feeds each slot that holds a sequence: a decoding sequence its last token, a new one
+(the next chunk of) its prompt, with `restart` on its first chunk. A waiting request takes a free
+slot at the next step, so its prefill runs in the same graph call as the others' decode; a
+finished or cancelled sequence frees its slot at once and the others never wait for it.
+
+The static graph takes right-padded rows, so a step that prefills P prompt tokens runs S=P for
+every fed slot: the running streams' next token waits for the whole step. `prefill_chunk`
+bounds that wait (a long prompt is fed over several steps, sampling only after its last chunk).
+
+Per-request state (sampling with its seed, stop tokens and strings, incremental detokenization)
+is runtime/decode.py's `Sequence`; this module only decides what each slot is fed.
+The graph call blocks, so the loop runs in its own thread; results reach asyncio through the
+`emit` callback each job carries (the server wraps `loop.call_soon_threadsafe`).
+
+Letters in names: N slots fed this step, V vocab.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.errors import KilnError, RequestError
+from kiln.runtime.decode import Sequence
+from kiln.runtime.server.metrics import Metrics
+from kiln.runtime.slots import SlotBackend, SlotFeed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One generated token of one request, with the text it completes (maybe '')."""
+
+    token_id: int
+    text: str
+    finish_reason: str | None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside the scheduler: its Sequence, where results go, where it stands."""
+
+    seq: Sequence
+    emit: Callable[[Piece | BaseException], None]
+    cancelled: bool = False
+    slot: int | None = None
+    fed: int = 0  # prompt tokens fed so far (a long prompt is fed over several steps)
+    submitted_s: float = field(default_factory=time.perf_counter)
+    last_token_s: float | None = None
+
+
+class Scheduler:
+    """Owns the slot backend: admits waiting jobs into free slots and runs the step loop.
+
+    At most `slots + max_queue` jobs are in at once; one more is refused with 429 (never queued
+    without bound, never left hanging).
+    """
+
+    def __init__(
+        self,
+        backend: SlotBackend,
+        metrics: Metrics,
+        *,
+        max_queue: int = 64,
+        prefill_chunk: int = 64,
+        retry_after_s: int = 1,
+    ) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk if prefill_chunk > 0 else backend.max_context
+        self.retry_after_s = retry_after_s
+        self.steps = 0
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: dict[int, Job] = {}  # slot -> job
+        self._free = list(range(backend.slots))
+        self._cv = threading.Condition()
+        self._closing = False  # no new jobs
+        self._abort = False  # fail what is left and exit the loop
+        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+
+    # -- called from the server (any thread) --------------------------------------------------
+
+    def start(self) -> None:
+        """Warm the graph up (one step on slot 0, then free it) and start the engine thread."""
+        t0 = time.perf_counter()
+        self.backend.step([SlotFeed(0, [0], restart=True)])
+        self.backend.release(0)
+        log.info("warm-up step in %.2f s; engine thread started", time.perf_counter() - t0)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise RequestError 429 (queue full) or 503 (shutting down)."""
+        with self._cv:
+            if self._closing:
+                raise RequestError(
+                    "The server is shutting down and takes no new requests; retry against "
+                    "another replica or after it restarts.",
+                    status=503,
+                    code="shutting_down",
+                )
+            if len(self._waiting) + len(self._active) >= self.backend.slots + self.max_queue:
+                raise RequestError(
+                    f"Server busy: all {self.backend.slots} slots are taken and "
+                    f"{len(self._waiting)} requests wait (queue limit {self.max_queue}); retry "
+                    f"after {self.retry_after_s} s or lower your concurrency.",
+                    status=429,
+                    code="queue_full",
+                )
+            self._waiting.append(job)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job (its client went away); its slot is freed before the next step."""
+        with self._cv:
+            job.cancelled = True
+            self._cv.notify()
+
+    @property
+    def idle(self) -> bool:
+        """True when no job waits or runs."""
+        with self._cv:
+            return not self._waiting and not self._active
+
+    def close(self) -> None:
+        """Refuse new jobs from now on (jobs already in finish normally)."""
+        with self._cv:
+            self._closing = True
+
+    def stop(self, timeout_s: float = 0.0) -> None:
+        """Close, let running jobs finish for up to `timeout_s`, fail the rest, end the thread."""
+        self.close()
+        deadline = time.monotonic() + timeout_s
+        while not self.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._cv:
+            self._abort = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._abort and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._abort:
+                    self._fail_all(
+                        RequestError(
+                            "The server shut down before this request finished; retry it.",
+                            status=503,
+                            code="shutting_down",
+                        )
+                    )
+                    return
+                self._drop_cancelled()
+                self._admit()
+                batch = list(self._active.values())
+            if batch:
+                self._step(batch)
+
+    def _admit(self) -> None:
+        """Give free slots to waiting jobs, first come first served (lock held)."""
+        while self._free and self._waiting:
+            job = self._waiting.popleft()
+            if job.cancelled:
+                self.metrics.finished.labels("cancelled").inc()
+                continue
+            job.slot = self._free.pop(0)
+            self._active[job.slot] = job
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.active.set(len(self._active))
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._active.values() if j.cancelled]:
+            self._release(job, "cancelled")
+        kept = [j for j in self._waiting if not j.cancelled]
+        for _ in range(len(self._waiting) - len(kept)):
+            self.metrics.finished.labels("cancelled").inc()
+        self._waiting = collections.deque(kept)
+
+    def _release(self, job: Job, reason: str) -> None:
+        """Free a job's slot (lock held, or engine thread with the job no longer fed)."""
+        assert job.slot is not None
+        self.backend.release(job.slot)
+        del self._active[job.slot]
+        self._free.append(job.slot)
+        self._free.sort()
+        job.slot = None
+        self.metrics.finished.labels(reason).inc()
+        self.metrics.active.set(len(self._active))
+
+    def _feed(self, job: Job) -> SlotFeed:
+        """This step's tokens for a job: its next prompt chunk, or its last sampled token."""
+        prompt = job.seq.prompt_ids
+        assert job.slot is not None
+        if job.fed < len(prompt):
+            chunk = prompt[job.fed : job.fed + self.prefill_chunk]
+            feed = SlotFeed(job.slot, chunk, restart=job.fed == 0)
+            job.fed += len(chunk)
+            self.metrics.prompt_tokens.inc(len(chunk))
+            return feed
+        return SlotFeed(job.slot, [job.seq.out_ids[-1]])
+
+    def _step(self, batch: list[Job]) -> None:
+        """One graph call over the fed slots, then sample, emit and free finished slots."""
+        feeds = [self._feed(job) for job in batch]
+        t0 = time.perf_counter()
+        try:
+            logits_NV = self.backend.step(feeds)
+        except Exception as e:  # the requests fail, the server keeps serving
+            if not isinstance(e, KilnError):
+                log.exception("graph step failed (%d slots fed)", len(feeds))
+            with self._cv:
+                for job in batch:
+                    job.emit(e)
+                    self._release(job, "error")
+            return
+        now = time.perf_counter()
+        self.steps += 1
+        self.metrics.step_time.observe(now - t0)
+        self.metrics.batch_size.observe(len(feeds))
+        done = []
+        for job, logits_V in zip(batch, logits_NV, strict=True):
+            if job.fed < len(job.seq.prompt_ids) or job.cancelled:
+                continue  # a prompt chunk that is not the last: nothing to sample yet
+            self._sample(job, np.asarray(logits_V), now)
+            if job.seq.done:
+                done.append(job)
+        if done:
+            with self._cv:
+                for job in done:
+                    self._release(job, job.seq.finish_reason or "stop")
+
+    def _sample(self, job: Job, logits_V: np.ndarray, now: float) -> None:
+        seq = job.seq
+        token = seq.choose(logits_V)
+        text = seq.accept(token, self.backend.max_context - len(seq.prompt_ids))
+        if job.last_token_s is None:
+            self.metrics.ttft.observe(now - job.submitted_s)
+        else:
+            self.metrics.token_latency.observe(now - job.last_token_s)
+        job.last_token_s = now
+        self.metrics.generated.inc()
+        job.emit(Piece(token, text, seq.finish_reason))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for job in [*self._waiting, *self._active.values()]:
+            if not job.cancelled:
+                job.emit(error)
+        for job in list(self._active.values()):
+            self._release(job, "error")
+        self._waiting.clear()
+        self.metrics.queue_depth.set(0)

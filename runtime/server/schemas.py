@@ -1,0 +1,164 @@
+"""Request schemas of the OpenAI completions and chat completions APIs, validated by pydantic.
+
+Strict types: `"max_tokens": "5"` is an error, not a silent conversion. Unknown fields are
+ignored (clients send `user` and the like), but features this server does not implement are
+refused when set to anything but their neutral value, so a client never gets a silently
+different answer. `parse_request` turns every failure into a RequestError naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kiln.errors import RequestError
+
+T = TypeVar("T", bound=BaseModel)
+
+# Fields of the OpenAI API that this server does not implement, with their neutral values.
+_UNSUPPORTED = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+}
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: include_usage adds a last chunk with the token counts."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields both endpoints share: model, length, sampling, stop rules, streaming."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = None  # extension (vLLM): 0 or -1 keeps every token
+    min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM)
+    repetition_penalty: float | None = Field(default=None, gt=0)  # extension (vLLM)
+    ignore_eos: bool = False  # extension (vLLM)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions: one prompt, as text or as token ids."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class TextPart(BaseModel):
+    """One part of a message's content list; only text parts exist for a text model."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat turn: a role and its text."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(SamplingFields):
+    """POST /v1/chat/completions: a conversation rendered by the tokenizer's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+def parse_request(body: bytes, schema: type[T]) -> T:
+    """Decode, parse and validate a request body, or raise a RequestError saying what to fix."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(
+            f"Request body is not valid UTF-8 (byte {body[e.start : e.start + 1]!r} at offset "
+            f"{e.start}); send the JSON encoded as UTF-8.",
+            code="invalid_utf8",
+        ) from None
+    if not text.strip():
+        raise RequestError(
+            "Request body is empty; send a JSON object such as "
+            '{"model": "...", "prompt": "Hello", "max_tokens": 16}.',
+            code="invalid_json",
+        )
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(
+            f"Request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+            "send one JSON object, with double-quoted keys and no trailing commas.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise RequestError(
+            f"Request body is a JSON {type(data).__name__}, not an object; send a JSON object "
+            "with the request fields.",
+            code="invalid_json",
+        )
+    try:
+        req = schema.model_validate_json(text)
+    except ValidationError as e:
+        raise _request_error(e) from None
+    _refuse_unsupported(data)
+    return req
+
+
+def _request_error(e: ValidationError) -> RequestError:
+    """The first validation error, worded as what to change, naming the field."""
+    err = e.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "body"
+    if err["type"] == "missing":
+        return RequestError(
+            f"Field '{loc}' is required; add it to the request.", param=loc, code="missing_field"
+        )
+    got = _short(err.get("input"))
+    more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
+    return RequestError(
+        f"Field '{loc}' = {got} is invalid: {err['msg']}; change it and retry{more}.",
+        param=loc,
+        code="invalid_type" if "type" in err["type"] else "invalid_value",
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _refuse_unsupported(data: dict[str, Any]) -> None:
+    for name, neutral in _UNSUPPORTED.items():
+        if name in data and data[name] not in neutral:
+            raise RequestError(
+                f"Field '{name}' = {_short(data[name])} is not supported by this server; "
+                "remove it (or leave it at its default).",
+                param=name,
+                code="unsupported_parameter",
+            )

@@ -1,0 +1,94 @@
+"""Live servers on 127.0.0.1 (free ports) over static exports of the bundled and a tiny model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kiln.runtime.server import LiveServer, ServerState
+from kiln.runtime.server.serve import slots_loader
+
+
+def start_server(
+    artifact: Path,
+    *,
+    slots: int = 4,
+    max_queue: int = 64,
+    prefill_chunk: int = 8,
+    loader: Callable | None = None,
+    wait: bool = True,
+) -> LiveServer:
+    """A LiveServer over `artifact` (ONNX Runtime, 1 thread: the tests share 2 cores)."""
+    load = loader or slots_loader(artifact, slots=slots, backend="auto", device="cpu", threads=1)
+    state = ServerState(load, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    return LiveServer(state, drain_timeout_s=30).start(wait=wait)
+
+
+class SlowSteps:
+    """The real slot backend, each step held `delay_s` longer: a request that holds its slot long
+    enough for a test to act while it runs (the tiny model decodes 250 tokens in ~0.1 s)."""
+
+    def __init__(self, backend, delay_s: float) -> None:
+        self._backend = backend
+        self.delay_s = delay_s
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def step(self, feeds):
+        time.sleep(self.delay_s)
+        return self._backend.step(feeds)
+
+
+def slow_loader(artifact: Path, *, slots: int, delay_s: float = 0.01) -> Callable:
+    """A loader whose backend is the real one wrapped in SlowSteps."""
+    load = slots_loader(artifact, slots=slots, backend="auto", device="cpu", threads=1)
+
+    def slow():
+        gen = load()
+        gen.backend = SlowSteps(gen.backend, delay_s)
+        return gen
+
+    return slow
+
+
+@pytest.fixture(scope="session")
+def zen_static(exported: Callable[..., Path]) -> Path:
+    return exported("zen", "fp32", kv="static")
+
+
+@pytest.fixture(scope="session")
+def tiny_static(exported: Callable[..., Path]) -> Path:
+    """A random tiny llama (vocab 300, no tokenizer: prompts are token ids)."""
+    return exported("llama", "fp32", kv="static")
+
+
+@pytest.fixture(scope="session")
+def zen_server(zen_static: Path) -> Iterator[LiveServer]:
+    """The bundled model, 4 slots; prompts fed 8 tokens per step (chunked prefill)."""
+    srv = start_server(zen_static)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_static: Path) -> Iterator[LiveServer]:
+    srv = start_server(tiny_static, slots=2)
+    yield srv
+    srv.stop()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (0 when absent)."""
+    import httpx2 as httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
