@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "optimize.json"
 MODEL_FILE = "model.onnx"
-TARGETS = ("tensorrt",)
+TARGETS = ("tensorrt", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 # protobuf cannot hold more than 2 GiB; larger graphs keep their weights in model.onnx.data.
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -72,7 +72,8 @@ def optimize_model(
     if not (src / MODEL_FILE).is_file():
         raise ArtifactError(f"{src} has export.json but no {MODEL_FILE}; rerun `kiln export`.")
     source_precision = export["exporter"]["precision"]
-    names = _pass_names(passes, skip, precision, source_precision, tied_embedding)
+    _check_source(target, source_precision, tied_embedding)
+    names = _pass_names(passes, skip, precision, source_precision, tied_embedding, target)
     options = {
         "target": target,
         "precision": precision,
@@ -89,12 +90,12 @@ def optimize_model(
     t0 = time.perf_counter()
     import onnx_ir as ir
 
-    from kiln.optimize.probe import OnnxProbe
-
     log.info("optimize %s -> %s [%s, %s]: %d passes", src, out, target, precision, len(names))
     model = ir.load(src / MODEL_FILE)
-    steps = build_passes(names, precision=precision, source_precision=source_precision)
-    probe = OnnxProbe(vocab=export["config"]["vocab"], prepare=_prepare_for_ort(precision))
+    steps = build_passes(
+        names, precision=precision, source_precision=source_precision, config=export["config"]
+    )
+    probe = _probe(export, precision)
     model, records = run_steps(steps, model, probe=probe, tolerances=TOL, allow_drift=allow_drift)
     staged = staging_dir(out)
     try:
@@ -121,9 +122,17 @@ def optimize_model(
 
 
 def default_passes(
-    precision: str, source_precision: str = "fp32", *, tied_embedding: str = "shared"
+    precision: str,
+    source_precision: str = "fp32",
+    *,
+    tied_embedding: str = "shared",
+    target: str = "tensorrt",
 ) -> list[str]:
-    """The pass names run for `precision` on the tensorrt target, in order."""
+    """The pass names run for `precision` on `target`, in order."""
+    if target == "onnxruntime":
+        from kiln.optimize.ort import ort_pass_names
+
+        return ort_pass_names(precision)
     from kiln.optimize.passes import default_pass_names
 
     return default_pass_names(precision, source_precision, tied_embedding=tied_embedding)
@@ -131,11 +140,45 @@ def default_passes(
 
 def _check_options(target: str, precision: str) -> None:
     if target not in TARGETS:
-        raise ConfigError(f"target {target!r} is not supported; kiln optimizes for {TARGETS}.")
+        raise ConfigError(
+            f"target {target!r} is not supported; kiln optimizes for {', '.join(TARGETS)}."
+        )
     if precision not in PRECISIONS:
         raise ConfigError(
             f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}."
         )
+    from kiln.optimize.ort import ORT_PRECISIONS
+
+    if target == "onnxruntime" and precision not in ORT_PRECISIONS:
+        raise ConfigError(
+            f"precision {precision!r} is not offered for target 'onnxruntime' (ONNX Runtime CPU "
+            f"kernels: fp32 activations, int8/int4 weight-only MatMulNBits); choose one of "
+            f"{', '.join(ORT_PRECISIONS)}, or --target tensorrt for {precision}."
+        )
+
+
+def _check_source(target: str, source_precision: str, tied_embedding: str) -> None:
+    if target != "onnxruntime":
+        return
+    if source_precision != "fp32":
+        raise ConfigError(
+            f"target 'onnxruntime' needs an fp32 export (this one is {source_precision}); "
+            "re-export with `kiln export MODEL --precision fp32`."
+        )
+    if tied_embedding != "shared":
+        raise ConfigError(
+            "--tied-embedding onehot is a TensorRT workaround; target 'onnxruntime' keeps the "
+            "shared table (drop the flag)."
+        )
+
+
+def _probe(export: dict[str, Any], precision: str) -> Any:
+    from kiln.optimize.probe import OnnxProbe, StaticProbe
+
+    vocab = export["config"]["vocab"]
+    if (export.get("kv_cache") or {}).get("layout") == "static":
+        return StaticProbe(vocab=vocab, prepare=_prepare_for_ort(precision))
+    return OnnxProbe(vocab=vocab, prepare=_prepare_for_ort(precision))
 
 
 def _pass_names(
@@ -144,6 +187,7 @@ def _pass_names(
     precision: str,
     source_precision: str,
     tied_embedding: str,
+    target: str = "tensorrt",
 ) -> list[str]:
     from kiln.optimize.passes import PASSES
 
@@ -152,7 +196,9 @@ def _pass_names(
     names = (
         list(passes)
         if passes
-        else default_passes(precision, source_precision, tied_embedding=tied_embedding)
+        else default_passes(
+            precision, source_precision, tied_embedding=tied_embedding, target=target
+        )
     )
     unknown = [n for n in [*names, *skip] if n not in PASSES]
     if unknown:
@@ -200,7 +246,7 @@ def _manifest(
     key: str,
     records: list[StepRecord],
 ) -> dict[str, Any]:
-    from kiln.optimize.passes import engine_hints, io_signature
+    from kiln.optimize.passes import contrib_op_counts, engine_hints, io_signature
 
     files = file_records(onnx_path.parent, f"{MODEL_FILE}*")
     return {
@@ -218,6 +264,7 @@ def _manifest(
         "config": export["config"],
         "io": io_signature(onnx_path),
         "engine_hints": engine_hints(onnx_path, options["precision"]),
+        "contrib_ops": contrib_op_counts(onnx_path),
         "passes": [r.as_dict() for r in records],
         "files": files,
         "versions": versions,

@@ -74,10 +74,33 @@ def decode_argmax(
     return out
 
 
+def decode_argmax_static(
+    sess: Any, prompt: list[int], n: int, forced: list[int] | None
+) -> list[int]:
+    """decode_argmax for a static-KV graph: one slot, buffers fed back, write_index advancing."""
+    names = [i.name for i in sess.get_inputs()]
+    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    dtype = _past_dtype(sess)
+    buffers = [np.zeros((1, p.shape[1], p.shape[2], p.shape[3]), dtype) for p in past]
+    ids, done, out = np.array([prompt], np.int64), 0, []
+    for i in range(n):
+        s = ids.shape[1]
+        feeds = [ids, np.arange(done, done + s)[None, :], np.array([done], np.int64), *buffers]
+        logits, *buffers = sess.run(None, dict(zip(names, feeds, strict=True)))
+        out.append(int(np.argmax(logits[0, -1])))
+        nxt = forced[i] if forced is not None else out[-1]
+        ids, done = np.array([[nxt]], np.int64), done + s
+    return out
+
+
 def greedy_agreement_64(
-    ref_path: Path, got_path: Path, cfg: dict[str, Any], prompt: list[int]
+    ref_path: Path, got_path: Path, cfg: dict[str, Any], prompt: list[int], *, static: bool = False
 ) -> float:
     """Fraction of the reference's 64 greedy tokens the optimized graph also picks."""
+    if static:
+        ref = decode_argmax_static(_session(ref_path), prompt, GREEDY_TOKENS, forced=None)
+        got = decode_argmax_static(_session(got_path), prompt, GREEDY_TOKENS, forced=ref)
+        return float(np.mean(np.array(got) == np.array(ref)))
     shape = (cfg["layers"], (cfg["kv_heads"], cfg["head_dim"]))
     ref = decode_argmax(_session(ref_path), prompt, GREEDY_TOKENS, *shape, forced=None)
     got = decode_argmax(_session(got_path), prompt, GREEDY_TOKENS, *shape, forced=ref)
@@ -102,15 +125,24 @@ def _torch_parity(path: Path, export: dict[str, Any], precision: str) -> dict[st
     source = Path(export["source"]["path"])
     if not (source / "config.json").is_file():
         return None
-    from kiln.export.check import check_parity
+    from kiln.export.check import check_parity, check_static_parity
     from kiln.export.source import describe_source, load_model
 
     src = describe_source(source)
     model = load_model(source)
     shape = src.family.shape(model.config)
-    # check_parity feeds fp16 past only for "fp16": quantized graphs have fp16 activations.
+    # check_parity feeds fp16 past only for "fp16": quantized graphs have fp16 activations,
+    # except on the onnxruntime target (fp32 activations, MatMulNBits weights).
     as_run = {"int8": "fp16", "int4": "fp16", "fp8": "fp16"}.get(precision, precision)
-    report, _ = check_parity(path, model, shape, precision=as_run)
+    if _past_dtype(_session(path)) == np.float32 and as_run == "fp16":
+        as_run = "fp32"
+    kv = export.get("kv_cache") or {}
+    if kv.get("layout") == "static":
+        report, _ = check_static_parity(
+            path, model, shape, max_context=int(kv["max_context"]), precision=as_run
+        )
+    else:
+        report, _ = check_parity(path, model, shape, precision=as_run)
     tol = TOL[precision]
     for d in report.diffs:  # re-judge the worst element of each output by this precision's TOL
         d.ok = d.max_abs <= tol.atol + tol.rtol * abs(d.ref_value)
@@ -124,8 +156,9 @@ def check_against_reference(
     tol = TOL[precision]
     with tempfile.TemporaryDirectory() as tmp:
         path = _runnable_path(onnx_path, precision, Path(tmp))
+        static = (export.get("kv_cache") or {}).get("layout") == "static"
         agree = greedy_agreement_64(
-            src / "model.onnx", path, export["config"], _prompt(src, export)
+            src / "model.onnx", path, export["config"], _prompt(src, export), static=static
         )
         torch = _torch_parity(path, export, precision) if check_torch else None
     out: dict[str, Any] = {

@@ -58,11 +58,32 @@ def _precision(name: str) -> Callable[..., GraphPass]:
     return make
 
 
+def _ort(name: str) -> Callable[..., GraphPass]:
+    """The onnxruntime target's passes; they read the export config (positions, window)."""
+
+    def make(*, config: dict[str, Any] | None = None, **_: Any) -> GraphPass:
+        from kiln.optimize.ort import passes as ort
+        from kiln.optimize.ort.matmul_nbits import MatMulNBitsPass
+
+        cfg = config or {}
+        if name == "ort-norms":
+            return ort.OrtNormsPass()
+        if name == "ort-rotary":
+            return ort.OrtRotaryPass(int(cfg.get("max_positions") or 4096))
+        if name == "ort-gqa":
+            return ort.OrtGqaPass(cfg.get("sliding_window"))
+        return MatMulNBitsPass(8 if name.endswith("int8") else 4)
+
+    return make
+
+
+_ORT = ("ort-norms", "ort-rotary", "ort-gqa", "matmul-nbits-int8", "matmul-nbits-int4")
 PASSES: dict[str, Callable[..., GraphPass]] = {
     **{n: _cleanup(n) for n in CLEANUP},
     **{n: _fusion(n) for n in FUSIONS},
     "tied-embedding-onehot": _tied_onehot,
     **{n: _precision(n) for n in ("fp16", "bf16", *_QUANT.values())},
+    **{n: _ort(n) for n in _ORT},
 }
 
 
@@ -86,7 +107,13 @@ def default_pass_names(
     return [*names, "cse", "remove-unused"]  # fusions leave per-rewrite Cos/Sin copies
 
 
-def build_passes(names: list[str], *, precision: str, source_precision: str) -> list[GraphPass]:
+def build_passes(
+    names: list[str],
+    *,
+    precision: str,
+    source_precision: str,
+    config: dict[str, Any] | None = None,
+) -> list[GraphPass]:
     """Instantiate the named passes, each with the TOL key its drift is judged by.
 
     Passes before the precision pass keep the graph's precision (the source's); the precision
@@ -95,10 +122,10 @@ def build_passes(names: list[str], *, precision: str, source_precision: str) -> 
     current = source_precision
     steps = []
     for name in names:
-        step = PASSES[name]()
+        step = PASSES[name](config=config)
         if name in ("fp16", "bf16"):
             current = name
-        elif name in _QUANT.values():
+        elif name in _QUANT.values() or name.startswith("matmul-nbits-"):
             current = precision
         step.tolerance = current
         steps.append(step)
@@ -132,7 +159,7 @@ def engine_hints(onnx_path: Path, precision: str) -> dict[str, Any]:
     import onnx
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    ops = {n.op_type for n in proto.graph.node}
+    ops = {n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")}
     has_fp32_attention = "Attention" in ops and _ACTIVATIONS[precision] == "fp32"
     return {
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
@@ -148,8 +175,22 @@ def engine_hints(onnx_path: Path, precision: str) -> dict[str, Any]:
                 "QuantizeLinear",
             }
         ),
+        # com.microsoft contrib ops (onnxruntime target): ONNX Runtime only, never TensorRT.
+        "contrib_ops": sorted({n.op_type for n in proto.graph.node if n.domain == "com.microsoft"}),
         # fp32 IAttention has no dedicated kernel in TensorRT-RTX: set decomposable=True.
         "attention_decomposable": has_fp32_attention,
         # FP8 types cannot be compiled for SM80/SM86 (TensorRT-RTX: HW-specific datatypes).
         "min_compute_capability": "SM89" if precision == "fp8" else "SM80",
     }
+
+
+def contrib_op_counts(onnx_path: Path) -> dict[str, int]:
+    """com.microsoft ops in the graph by type: what only ONNX Runtime can run."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.domain == "com.microsoft":
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))

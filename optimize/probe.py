@@ -89,3 +89,55 @@ class OnnxProbe:
             valid = feeds["attention_mask"][:, -feeds["input_ids"].shape[1] :].astype(bool)
             out.append(logits[valid])
         return out
+
+
+@dataclass
+class StaticProbe(OnnxProbe):
+    """Probe logits of a static-KV graph: 2 slots, a ragged right-padded prefill, then 3 more.
+
+    Call 1 writes 6 and 4 real tokens at write_index 0 (slot 1 right-padded, padding positions
+    repeat its last one); call 2 continues both slots by 3 tokens at write_index (6, 4) over the
+    source graph's own buffers. Logits at padding positions are dropped.
+    Letters: B slots, S new tokens, M max_context.
+    """
+
+    _valid: list[np.ndarray] = field(default_factory=list)
+
+    def _feeds(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
+        if self._calls:
+            return self._calls
+        rng = np.random.default_rng(self.seed)
+        ids = rng.integers(3, self.vocab, size=(2, 9), dtype=np.int64)
+        past = {v.name: v for v in model.graph.inputs if v.name.startswith("past_key_values")}
+        buffers = {
+            n: np.zeros((2, v.shape[1], v.shape[2], v.shape[3]), np.float32)  # type: ignore[index]
+            for n, v in past.items()
+        }
+        real = np.array([6, 4])
+        first_ids = np.where(np.arange(6)[None, :] < real[:, None], ids[:, :6], 0)
+        first = {
+            "input_ids": first_ids,
+            "position_ids": np.minimum(np.arange(6)[None, :], real[:, None] - 1).astype(np.int64),
+            "write_index": np.zeros(2, np.int64),
+        }
+        self._calls = [{**first, **buffers}]
+        outs = self._run(model, self._calls[0])
+        present = dict(zip([o.name for o in model.graph.outputs], outs, strict=True))
+        second = {
+            "input_ids": ids[:, 6:],
+            "position_ids": (real[:, None] + np.arange(3)[None, :]).astype(np.int64),
+            "write_index": real.astype(np.int64),
+        }
+        for n in past:
+            second[n] = present[n.replace("past_key_values", "present")].astype(np.float32)
+        self._calls.append(second)
+        self._valid = [np.arange(6)[None, :] < real[:, None], np.ones((2, 3), bool)]
+        return self._calls
+
+    def logits(self, model: ir.Model) -> list[np.ndarray]:
+        """Float32 logits of each probe call at real (unpadded) positions, [positions, V]."""
+        out = []
+        for feeds, valid in zip(self._feeds(model), self._valid, strict=True):
+            logits = self._run(model, feeds)[0].astype(np.float32)
+            out.append(logits[valid])
+        return out

@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         default=None,
-        help="output folder (default: <artifact>/../optimized-<precision>)",
+        help="output folder (default: <artifact>/../optimized-<precision>, "
+        "optimized-ort-<precision> for --target onnxruntime)",
     )
     p.add_argument(
         "--precision",
@@ -44,9 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target",
-        choices=["tensorrt"],
+        choices=["tensorrt", "onnxruntime"],
         default="tensorrt",
-        help="which runtime the fused ops are chosen for (tensorrt: TensorRT / TensorRT-RTX)",
+        help="which runtime the fused ops are chosen for: tensorrt (TensorRT / TensorRT-RTX, "
+        "standard ONNX ops) or onnxruntime (ONNX Runtime CPU: com.microsoft "
+        "GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization, MatMulNBits "
+        "for int8/int4; precisions fp32|int8|int4; never fed to TensorRT)",
     )
     p.add_argument(
         "--passes",
@@ -88,9 +92,13 @@ def _run(args: argparse.Namespace) -> int:
     from kiln.optimize import default_passes, optimize_model
 
     if args.list_passes:
-        print("\n".join(default_passes(args.precision, tied_embedding=args.tied_embedding)))
+        names = default_passes(
+            args.precision, tied_embedding=args.tied_embedding, target=args.target
+        )
+        print("\n".join(names))
         return 0
-    out = args.out or args.artifact.resolve().parent / f"optimized-{args.precision}"
+    suffix = "ort-" if args.target == "onnxruntime" else ""
+    out = args.out or args.artifact.resolve().parent / f"optimized-{suffix}{args.precision}"
     optimize_model(
         args.artifact,
         out,
