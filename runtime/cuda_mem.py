@@ -90,6 +90,16 @@ class Stream:
         check(rt.cudaMemcpyAsync(dst, host.ctypes.data, host.nbytes, kind, self.handle), "H2D")
         self._pending.append(host)  # the source must outlive the async copy
 
+    def to_host(self, host: np.ndarray, src: int) -> None:
+        """Copy `host.nbytes` bytes from device address `src` into the contiguous `host`."""
+        rt = cudart()
+        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        check(rt.cudaMemcpyAsync(host.ctypes.data, src, host.nbytes, kind, self.handle), "D2H")
+
+    def memset(self, dst: int, value: int, nbytes: int) -> None:
+        """Fill `nbytes` at device address `dst` with the byte `value` (zeroing KV buffers)."""
+        check(cudart().cudaMemsetAsync(dst, value, nbytes, self.handle), "cudaMemsetAsync")
+
     def to_host_2d(
         self, host: np.ndarray, src: int, *, src_pitch: int, row_bytes: int, rows: int
     ) -> None:

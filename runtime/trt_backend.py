@@ -9,6 +9,11 @@ swap, so a step allocates nothing and copies no cache. Only the last position's 
 back to the host. On TensorRT-RTX, `cuda_graph=True` sets the runtime's whole-graph capture
 strategy for the decode context, and JIT-compiled kernels persist in a runtime cache file.
 
+Static-KV engines (`kiln export --kv static`, then `kiln build`) run through TrtSlotBackend, a
+`kiln.runtime.slots.SlotBackend`: one `[slots, Hkv, max_context, D]` buffer per past input,
+bound as both past and present (IKVCacheUpdateLayer writes in place); the host-side planning is
+in trt_slots.py. NOT RUN here (no GPU): `make gpu-check` runs both backends on a GPU host.
+
 Letters in names: B batch, S new tokens, P past, T = P + S, Hkv KV heads, D head dim, V vocab.
 """
 
@@ -30,7 +35,8 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("tensorrt_rtx", "tensorrt")  # module names, as engine.json's library.name
 
 
-def _np_dtype(name: str) -> Any:
+def np_dtype(name: str) -> Any:
+    """The numpy dtype of an engine.json dtype name (bfloat16 through ml_dtypes)."""
     if name == "bfloat16":
         import ml_dtypes
 
@@ -66,6 +72,31 @@ def select_engine(
 
 def backend_from_engines(info: ArtifactInfo, *, cuda_graph: bool = False) -> TrtBackend:
     """Pick the engine for this GPU and library, deserialize it, allocate its buffers."""
+    trt, folder, manifest = _engine_for_this_gpu(info, static=False)
+    return TrtBackend(folder, manifest, trt, cuda_graph=cuda_graph)
+
+
+def slot_backend_from_engines(
+    info: ArtifactInfo, *, slots: int = 4, cuda_graph: bool = False
+) -> Any:
+    """The static-KV engine for this GPU and library as a SlotBackend with `slots` rows."""
+    from kiln.runtime.trt_slots import TrtSlotBackend
+
+    trt, folder, manifest = _engine_for_this_gpu(info, static=True)
+    return TrtSlotBackend(folder, manifest, trt, slots=slots, cuda_graph=cuda_graph)
+
+
+def _engine_for_this_gpu(info: ArtifactInfo, *, static: bool) -> tuple[Any, Path, dict[str, Any]]:
+    """(library module, engine folder, manifest) of the engine this GPU and library can run."""
+    layout = "static" if static else "concat"
+    engines = [d for d in info.engines if _layout(_manifest(d)) == layout]
+    if not engines:
+        have = sorted({_layout(_manifest(d)) for d in info.engines})
+        use = "a slot backend (kiln.runtime.slot_generator)" if not static else "kiln.runtime.load"
+        raise KilnError(
+            f"{info.path} holds only {', '.join(have)}-KV engines, not {layout} ones; load it with "
+            f"{use}, or build a {layout} engine (`kiln export --kv {layout}` then `kiln build`)."
+        )
     cc = gpu_compute_capability()
     if cc is None:
         raise KilnError(
@@ -73,7 +104,7 @@ def backend_from_engines(info: ArtifactInfo, *, cuda_graph: bool = False) -> Trt
             "none is visible here. Run the ONNX artifact with ONNX Runtime instead "
             "(`kiln generate ONNX_FOLDER`), or use a GPU machine (`make gpu-check`)."
         )
-    wanted = {m["library"]["name"] for m in (_manifest(d) for d in info.engines)}
+    wanted = {m["library"]["name"] for m in (_manifest(d) for d in engines)}
     trt = None
     for name in [n for n in LIBRARIES if n in wanted]:
         try:
@@ -86,8 +117,8 @@ def backend_from_engines(info: ArtifactInfo, *, cuda_graph: bool = False) -> Trt
             f"The engines in {info.path} were built with {', '.join(sorted(wanted))}, which is "
             "not installed; install it or rebuild the engines with the installed library."
         )
-    folder, manifest = select_engine(info.engines, cc, trt.__name__, trt.__version__)
-    return TrtBackend(folder, manifest, trt, cuda_graph=cuda_graph)
+    folder, manifest = select_engine(engines, cc, trt.__name__, trt.__version__)
+    return trt, folder, manifest
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
@@ -96,7 +127,41 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return read_engine(folder, verify=False)
 
 
-def _set_shape(ctx: Any, name: str, shape: tuple[int, ...]) -> None:
+def _layout(manifest: dict[str, Any]) -> str:
+    return (manifest.get("kv_cache") or {}).get("layout", "concat")
+
+
+def deserialize_plan(trt: Any, folder: Path) -> tuple[Any, Any]:
+    """(runtime, engine) of folder/engine.plan; the runtime must outlive the engine."""
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine((folder / "engine.plan").read_bytes())
+    if engine is None:
+        raise KilnError(
+            f"{trt.__name__} could not deserialize {folder / 'engine.plan'} (see the log "
+            "above); rebuild it with `kiln build --force` on this library version."
+        )
+    return runtime, engine
+
+
+def new_context(
+    engine: Any, trt: Any, index: int, stream: Stream, cache: Any = None, cuda_graph: bool = False
+) -> Any:
+    """An execution context on optimization profile `index` (RTX: with the runtime cache)."""
+    if trt.__name__ == "tensorrt_rtx":
+        rc = engine.create_runtime_config()
+        if cache is not None:
+            rc.set_runtime_cache(cache)
+        if cuda_graph:
+            rc.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        ctx = engine.create_execution_context(rc)
+    else:
+        ctx = engine.create_execution_context()
+    ctx.set_optimization_profile_async(index, stream.ptr)
+    return ctx
+
+
+def set_shape(ctx: Any, name: str, shape: tuple[int, ...]) -> None:
+    """Set one input's shape for the next call, or raise naming the input and the shape."""
     if not ctx.set_input_shape(name, shape):
         raise KilnError(
             f"TensorRT rejected shape {shape} for input {name!r} in optimization profile "
@@ -173,14 +238,7 @@ class TrtBackend:
         self.manifest = manifest
         self.name = f"{trt.__name__}-{manifest['profile']['name']}"
         self.is_rtx = trt.__name__ == "tensorrt_rtx"
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine((folder / "engine.plan").read_bytes())
-        if self.engine is None:
-            raise KilnError(
-                f"{trt.__name__} could not deserialize {folder / 'engine.plan'} (see the log "
-                "above); rebuild it with `kiln build --force` on this library version."
-            )
+        self._runtime, self.engine = deserialize_plan(trt, folder)
         self.profiles = manifest["optimization_profiles"]
         self.max_batch = min(p["axes"]["batch"][2] for p in self.profiles)
         self.max_context = min(p["axes"]["total_sequence"][2] for p in self.profiles)
@@ -189,9 +247,9 @@ class TrtBackend:
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         first = io[self.past_names[0]]
         self.kv_heads, self.head_dim = int(first["shape"][1]), int(first["shape"][3])
-        self.kv_dtype = _np_dtype(first["dtype"])
+        self.kv_dtype = np_dtype(first["dtype"])
         self.kv_itemsize = np.dtype(self.kv_dtype).itemsize
-        self.logits_dtype = _np_dtype(io["logits"]["dtype"])
+        self.logits_dtype = np_dtype(io["logits"]["dtype"])
         self.vocab = int(io["logits"]["shape"][-1])
         self.stream = Stream()
         self._runtime_cache_path = folder / "runtime.cache"
@@ -207,21 +265,16 @@ class TrtBackend:
         self._allocate()
 
     def _context(self, profile: dict[str, Any], cuda_graph: bool) -> Any:
-        trt = self.trt
-        if self.is_rtx:
-            rc = self.engine.create_runtime_config()
-            if self._runtime_cache is None:
-                self._runtime_cache = rc.create_runtime_cache()
-                if self._runtime_cache_path.is_file():
-                    self._runtime_cache.deserialize(self._runtime_cache_path.read_bytes())
-            rc.set_runtime_cache(self._runtime_cache)
-            if cuda_graph:
-                rc.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
-            ctx = self.engine.create_execution_context(rc)
-        else:
-            ctx = self.engine.create_execution_context()
-        ctx.set_optimization_profile_async(int(profile["index"]), self.stream.ptr)
-        return ctx
+        if self.is_rtx and self._runtime_cache is None:
+            self._runtime_cache = load_runtime_cache(self.engine, self._runtime_cache_path)
+        return new_context(
+            self.engine,
+            self.trt,
+            int(profile["index"]),
+            self.stream,
+            self._runtime_cache,
+            cuda_graph,
+        )
 
     def _allocate(self) -> None:
         """Every buffer a step needs, at the largest size any profile accepts."""
@@ -292,11 +345,11 @@ class TrtBackend:
             ("attention_mask", (b, t), self.mask.ptr),
             ("position_ids", (b, s), self.pos.ptr),
         ):
-            _set_shape(ctx, name, shape)
+            set_shape(ctx, name, shape)
             ctx.set_tensor_address(name, ptr)
         kv_shape = (b, self.kv_heads, p, self.head_dim)
         for name, ptr in zip(self.past_names, cache.past_ptrs(), strict=True):
-            _set_shape(ctx, name, kv_shape)
+            set_shape(ctx, name, kv_shape)
             ctx.set_tensor_address(name, ptr)
         for name, ptr in zip(self.present_names, cache.present_ptrs(), strict=True):
             ctx.set_tensor_address(name, ptr)
@@ -318,12 +371,25 @@ class TrtBackend:
 
     def save_runtime_cache(self) -> None:
         """Persist TensorRT-RTX's JIT-compiled kernels beside the engine (best effort)."""
-        if self._runtime_cache is None:
-            return
-        try:
-            data = bytes(self._runtime_cache.serialize())
-            tmp = self._runtime_cache_path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(self._runtime_cache_path)
-        except OSError as e:
-            log.warning("could not save the runtime cache to %s: %s", self._runtime_cache_path, e)
+        save_runtime_cache_file(self._runtime_cache, self._runtime_cache_path)
+
+
+def load_runtime_cache(engine: Any, path: Path) -> Any:
+    """TensorRT-RTX's runtime cache of JIT-compiled kernels, seeded from `path` if present."""
+    cache = engine.create_runtime_config().create_runtime_cache()
+    if path.is_file():
+        cache.deserialize(path.read_bytes())
+    return cache
+
+
+def save_runtime_cache_file(cache: Any, path: Path) -> None:
+    """Write the runtime cache to `path` atomically; a failure only warns (it is a cache)."""
+    if cache is None:
+        return
+    try:
+        data = bytes(cache.serialize())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("could not save the runtime cache to %s: %s", path, e)

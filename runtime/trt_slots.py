@@ -1,0 +1,366 @@
+"""TensorRT slot backend: a static-KV engine whose cache IKVCacheUpdateLayer writes in place.
+
+NOT RUN by the author (no GPU on the machine it was written on); `make gpu-check` runs it
+against ONNX Runtime on a GPU host. The host-side work (feed validation, splitting a step into
+calls, the ids/positions/write_index of a call, the engine.json reading) is plain Python and
+numpy, tested on CPU (tests/engine/test_engine_static_runtime.py drives it with ONNX Runtime
+as the executor).
+
+The `[slots, Hkv, max_context, D]` buffers are allocated once with cuda-python and zeroed (a
+NaN in a masked position would survive the mask). TensorRT requires a KV-cache update's output
+to share its input's device address (TensorRT-RTX docs, IKVCacheUpdateLayer), so each
+present.* is bound to its past input's pointer (engine.json kv_cache.aliases): a step copies
+ids, positions, write indices in and one logits row per fed slot out, nothing else. As in the
+ONNX Runtime slot backend (runtime/ort_slots.py), a call binds only the slot range [lo, hi) it
+needs (pointer + lo * slot stride; slots are the outermost axis), idle slots inside the range
+write padding at their length (masked until overwritten), and prefill feeds run before decode
+feeds so each call's width S fits an optimization profile (prefill: S up to its max_sequence;
+decode: S = 1).
+
+Letters in names: N feeds, R rows in one call, S new tokens, M max_context, V vocab.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import ArtifactError, KilnError
+from kiln.runtime.cuda_mem import DeviceBuffer, Stream
+from kiln.runtime.slots import SlotFeed
+from kiln.runtime.trt_backend import (
+    deserialize_plan,
+    load_runtime_cache,
+    new_context,
+    np_dtype,
+    save_runtime_cache_file,
+    set_shape,
+)
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = 0  # any valid id: padding is written past a slot's length and stays masked
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """What engine.json says about a static engine: shapes, names, profiles."""
+
+    max_context: int
+    max_slots: int
+    vocab: int
+    kv_heads: int
+    head_dim: int
+    kv_dtype: str
+    logits_dtype: str
+    aliases: dict[str, str]  # present -> past
+    profiles: tuple[tuple[int, str, int], ...]  # (index, name, max new tokens)
+
+    @property
+    def max_new(self) -> int:
+        """Most new tokens one slot may take in one call (the widest profile)."""
+        return max(s for _, _, s in self.profiles)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot's row in one K or V buffer."""
+        return self.kv_heads * self.max_context * self.head_dim * np.dtype(self.kv_dtype).itemsize
+
+
+def slot_spec(manifest: dict[str, Any], where: Path | str = "engine.json") -> SlotSpec:
+    """Read a static engine's SlotSpec; refuse concat engines and manifests without aliasing."""
+    kv = manifest.get("kv_cache") or {}
+    if kv.get("layout") != "static":
+        raise ArtifactError(
+            f"{where} is a {kv.get('layout', 'concat')}-KV engine; the slot backend needs one "
+            "built from a static export (`kiln export MODEL --kv static --max-context N`, then "
+            "`kiln build`). Load a concat engine with kiln.runtime.load instead."
+        )
+    if not kv.get("present_aliases_past") or not kv.get("aliases"):
+        raise ArtifactError(
+            f"{where} does not record in-place KV updates (kv_cache.aliases); rebuild it with "
+            "this kiln's `kiln build`."
+        )
+    io = {v["name"]: v for v in manifest["io"]["inputs"] + manifest["io"]["outputs"]}
+    past = io[next(iter(kv["aliases"].values()))]
+    profiles = tuple(
+        (int(p["index"]), p["name"], int(p["axes"]["sequence"][2]))
+        for p in manifest["optimization_profiles"]
+    )
+    return SlotSpec(
+        max_context=int(kv["max_context"]),
+        max_slots=int(kv["slots"]["max"]),
+        vocab=int(io["logits"]["shape"][-1]),
+        kv_heads=int(past["shape"][1]),
+        head_dim=int(past["shape"][3]),
+        kv_dtype=past["dtype"],
+        logits_dtype=io["logits"]["dtype"],
+        aliases=dict(kv["aliases"]),
+        profiles=profiles,
+    )
+
+
+def pick_profile(spec: SlotSpec, width: int) -> int:
+    """The optimization profile for calls of `width` new tokens: decode for 1, else prefill."""
+    fitting = [(i, n) for i, n, s in spec.profiles if width <= s]
+    if not fitting:
+        raise KilnError(f"No optimization profile takes {width} new tokens (max {spec.max_new}).")
+    prefer = "decode" if width == 1 else "prefill"
+    return min(fitting, key=lambda p: (p[1] != prefer, p[0]))[0]
+
+
+def validate_feeds(
+    feeds: Sequence[SlotFeed], lengths: Sequence[int], spec: SlotSpec, slots: int
+) -> None:
+    """Raise a KilnError naming the slot and the fix before any buffer is touched."""
+    seen: set[int] = set()
+    for f in feeds:
+        if not 0 <= f.slot < slots:
+            raise KilnError(
+                f"Slot {f.slot} is out of range: this backend holds slots 0..{slots - 1}; use a "
+                f"slot below {slots} or load with more slots (this engine allows {spec.max_slots})."
+            )
+        if f.slot in seen:
+            raise KilnError(f"Slot {f.slot} is fed twice in one step; merge its tokens into one.")
+        seen.add(f.slot)
+        n = len(f.tokens)
+        if n == 0:
+            raise KilnError(f"Slot {f.slot} is fed no tokens; feed one or leave the slot out.")
+        bad = [t for t in f.tokens if not 0 <= int(t) < spec.vocab]
+        if bad:
+            raise KilnError(
+                f"Slot {f.slot}: token id {bad[0]} is outside the vocabulary "
+                f"(0..{spec.vocab - 1}); encode the prompt with this artifact's tokenizer."
+            )
+        if n > spec.max_new:
+            raise KilnError(
+                f"Slot {f.slot} is fed {n} tokens, more than this engine's optimization profiles "
+                f"take in one call ({spec.max_new}); feed the prompt in chunks of at most "
+                f"{spec.max_new}, or rebuild with a larger [profile.prefill] max_sequence."
+            )
+        start = 0 if f.restart else lengths[f.slot]
+        if start + n > spec.max_context:
+            raise KilnError(
+                f"Slot {f.slot} holds {start} positions; {n} more would pass this engine's max "
+                f"context of {spec.max_context}. Release or restart the slot, shorten the input, "
+                "or re-export with a larger --max-context and rebuild."
+            )
+
+
+@dataclass(frozen=True)
+class SlotCall:
+    """One engine call: the slot range it binds and the feeds it carries (others idle)."""
+
+    lo: int
+    hi: int
+    feeds: tuple[SlotFeed, ...]
+    width: int  # S
+
+
+def plan_calls(
+    feeds: Sequence[SlotFeed], lengths: Sequence[int], max_context: int
+) -> list[SlotCall]:
+    """Split a step: wide feeds (prefill) first, then one-token feeds (decode).
+
+    A group runs as one call over the slot range it spans when every row in it fits the width
+    and padding is at most half the work; otherwise one call per feed (the ORT backend's rule).
+    """
+    wide = [f for f in feeds if len(f.tokens) > 1 or f.restart]
+    narrow = [f for f in feeds if not (len(f.tokens) > 1 or f.restart)]
+    now = list(lengths)
+    calls: list[SlotCall] = []
+    for group in (wide, narrow):
+        if not group:
+            continue
+        lo, hi = min(f.slot for f in group), max(f.slot for f in group) + 1
+        width = max(len(f.tokens) for f in group)
+        fed = {f.slot: f for f in group}
+        starts = [0 if s in fed and fed[s].restart else now[s] for s in range(lo, hi)]
+        real = sum(len(f.tokens) for f in group)
+        if all(s + width <= max_context for s in starts) and (hi - lo) * width <= 2 * real:
+            calls.append(SlotCall(lo, hi, tuple(sorted(group, key=lambda f: f.slot)), width))
+        else:
+            calls += [SlotCall(f.slot, f.slot + 1, (f,), len(f.tokens)) for f in group]
+        for f in group:
+            now[f.slot] = (0 if f.restart else now[f.slot]) + len(f.tokens)
+    return calls
+
+
+def call_inputs(
+    call: SlotCall, lengths: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ids_RS, positions_RS, write_index_R and each feed's (row, last token) index_N2.
+
+    Rows are right-padded as export/check.py check_static_parity does: padding repeats the
+    row's last real position (length-dependent RoPE reads the largest); idle rows write one
+    padding token at their length.
+    """
+    rows, s = call.hi - call.lo, call.width
+    ids = np.full((rows, s), PAD_TOKEN, np.int64)
+    pos = np.empty((rows, s), np.int64)
+    index = np.empty(rows, np.int64)
+    pick = np.zeros((len(call.feeds), 2), np.int64)
+    fed = {f.slot: (i, f) for i, f in enumerate(call.feeds)}
+    for r, slot in enumerate(range(call.lo, call.hi)):
+        if slot in fed:
+            i, f = fed[slot]
+            start, n = (0 if f.restart else lengths[slot]), len(f.tokens)
+            ids[r, :n] = f.tokens
+            pick[i] = (r, n - 1)
+        else:
+            start, n = lengths[slot], 1
+        index[r] = start
+        pos[r] = start + np.minimum(np.arange(s), n - 1)
+    return ids, pos, index, pick
+
+
+class SlotRunner:
+    """SlotBackend bookkeeping over an executor: lengths, validation, planning, logits order.
+
+    Subclasses implement `_execute(call, ids, pos, index, pick) -> logits_NV` (float32, one
+    row per feed of the call, in the call's feed order).
+    """
+
+    name = "slots"
+
+    def __init__(self, spec: SlotSpec, slots: int) -> None:
+        if not 1 <= slots <= spec.max_slots:
+            raise KilnError(
+                f"slots={slots}: this engine's optimization profiles take 1..{spec.max_slots} "
+                "rows per call; load with fewer slots or rebuild with a larger max_batch in "
+                "the GPU profile."
+            )
+        self.spec = spec
+        self.slots = slots
+        self.max_context = spec.max_context
+        self.vocab = spec.vocab
+        self._lengths = [0] * slots
+
+    def length(self, slot: int) -> int:
+        """Positions this slot's sequence holds now (0 when free or just restarted)."""
+        if not 0 <= slot < self.slots:
+            raise KilnError(f"Slot {slot} is out of range: slots are 0..{self.slots - 1}.")
+        return self._lengths[slot]
+
+    def release(self, slot: int) -> None:
+        """Mark a slot free; its rows are overwritten by the next sequence written there."""
+        self.length(slot)
+        self._lengths[slot] = 0
+
+    def step(self, feeds: Sequence[SlotFeed]) -> np.ndarray:
+        """Run the feeds (validated first, buffers untouched on error); logits_NV, feed order."""
+        validate_feeds(feeds, self._lengths, self.spec, self.slots)
+        out = np.empty((len(feeds), self.vocab), np.float32)
+        order = {f.slot: n for n, f in enumerate(feeds)}
+        for call in plan_calls(feeds, self._lengths, self.max_context):
+            ids, pos, index, pick = call_inputs(call, self._lengths)
+            logits_NV = self._execute(call, ids, pos, index, pick)
+            for f, row in zip(call.feeds, logits_NV, strict=True):
+                out[order[f.slot]] = row
+            for f in call.feeds:
+                self._lengths[f.slot] = (0 if f.restart else self._lengths[f.slot]) + len(f.tokens)
+        return out
+
+    def _execute(
+        self, call: SlotCall, ids: np.ndarray, pos: np.ndarray, index: np.ndarray, pick: np.ndarray
+    ) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TrtSlotBackend(SlotRunner):
+    """A static-KV engine with `slots` rows of device K/V buffers written in place."""
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        trt: Any,
+        *,
+        slots: int = 4,
+        cuda_graph: bool = False,
+    ) -> None:
+        super().__init__(slot_spec(manifest, folder / "engine.json"), slots)
+        spec = self.spec
+        self.trt, self.folder = trt, folder
+        self.name = f"{trt.__name__}-{manifest['profile']['name']}-static"
+        self._runtime, self.engine = deserialize_plan(trt, folder)
+        self.stream = Stream()
+        self._cache_path = folder / "runtime.cache"
+        rtx = trt.__name__ == "tensorrt_rtx"
+        self._runtime_cache = load_runtime_cache(self.engine, self._cache_path) if rtx else None
+        self.contexts = {
+            i: new_context(
+                self.engine, trt, i, self.stream, self._runtime_cache, cuda_graph and n == "decode"
+            )
+            for i, n, _ in spec.profiles
+        }
+        # One buffer per past input, zeroed: masked positions must hold finite numbers.
+        self.kv = {past: DeviceBuffer(slots * spec.slot_bytes) for past in spec.aliases.values()}
+        for buf in self.kv.values():
+            self.stream.memset(buf.ptr, 0, buf.nbytes)
+        width = spec.max_new
+        self.ids, self.pos = DeviceBuffer(slots * width * 8), DeviceBuffer(slots * width * 8)
+        self.index = DeviceBuffer(slots * 8)
+        self._item = np.dtype(np_dtype(spec.logits_dtype)).itemsize
+        self.logits = DeviceBuffer(slots * width * spec.vocab * self._item)
+        self.stream.synchronize()
+        log.info(
+            "%s: %d slots x %d positions, %d K/V buffers of %.1f MiB (bound as past and present)",
+            self.name, slots, spec.max_context, len(self.kv), slots * spec.slot_bytes / 2**20,
+        )  # fmt: skip
+
+    def _execute(
+        self, call: SlotCall, ids: np.ndarray, pos: np.ndarray, index: np.ndarray, pick: np.ndarray
+    ) -> np.ndarray:
+        """One engine call over slots [lo, hi); logits_NV at each fed slot's last token."""
+        spec, st = self.spec, self.stream
+        rows, s = ids.shape
+        ctx = self.contexts[pick_profile(spec, s)]
+        for name, arr, buf in (
+            ("input_ids", ids, self.ids),
+            ("position_ids", pos, self.pos),
+            ("write_index", index, self.index),
+        ):
+            st.to_device(buf.ptr, arr)
+            set_shape(ctx, name, arr.shape)
+            ctx.set_tensor_address(name, buf.ptr)
+        offset, shape = (
+            call.lo * spec.slot_bytes,
+            (rows, spec.kv_heads, spec.max_context, spec.head_dim),
+        )
+        for present, past in spec.aliases.items():
+            ptr = self.kv[past].ptr + offset
+            set_shape(ctx, past, shape)
+            ctx.set_tensor_address(past, ptr)
+            ctx.set_tensor_address(present, ptr)  # IKVCacheUpdateLayer: same address, in place
+        ctx.set_tensor_address("logits", self.logits.ptr)
+        if not ctx.execute_async_v3(st.ptr):
+            raise KilnError(f"TensorRT execution failed for slots {call.lo}..{call.hi - 1}, S={s}.")
+        out = np.empty((len(pick), spec.vocab), np_dtype(spec.logits_dtype))
+        row_bytes = spec.vocab * self._item
+        for n, (r, t) in enumerate(pick):
+            st.to_host(out[n], self.logits.ptr + (int(r) * s + int(t)) * row_bytes)
+        st.synchronize()
+        return out.astype(np.float32)
+
+    def buffer_ptrs(self) -> list[int]:
+        """Device addresses of the K/V buffers, bound as past AND present of every call."""
+        return [b.ptr for b in self.kv.values()]
+
+    def read_slot(self, slot: int, index: int) -> np.ndarray:
+        """Host copy of one slot of K/V buffer `index` [Hkv, M, D] (checks and debugging)."""
+        self.length(slot)  # range check
+        spec = self.spec
+        out = np.empty((spec.kv_heads, spec.max_context, spec.head_dim), np_dtype(spec.kv_dtype))
+        self.stream.to_host(out, list(self.kv.values())[index].ptr + slot * spec.slot_bytes)
+        self.stream.synchronize()
+        return out
+
+    def save_runtime_cache(self) -> None:
+        """Persist TensorRT-RTX's JIT-compiled kernels beside the engine (best effort)."""
+        save_runtime_cache_file(self._runtime_cache, self._cache_path)
