@@ -132,20 +132,34 @@ def parse_request(body: bytes, schema: type[T]) -> T:
 
 
 def _request_error(e: ValidationError) -> RequestError:
-    """The first validation error, worded as what to change, naming the field."""
-    err = e.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "body"
-    if err["type"] == "missing":
+    """The first field's validation error, worded as what to change, naming the field.
+
+    A field that takes several types (prompt: text or token ids) fails once per type; those
+    errors are joined ("a valid string or a valid list").
+    """
+    errors = e.errors(include_url=False)
+    loc = _field_path(errors[0]["loc"])
+    if errors[0]["type"] == "missing":
         return RequestError(
             f"Field '{loc}' is required; add it to the request.", param=loc, code="missing_field"
         )
-    got = _short(err.get("input"))
-    more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
+    same = [err for err in errors if _field_path(err["loc"]) == loc]
+    why = " or ".join(dict.fromkeys(err["msg"] for err in same))
+    got = _short(same[0].get("input"))
+    others = {_field_path(err["loc"]) for err in errors} - {loc}
+    more = f" (also invalid: {', '.join(sorted(others))})" if others else ""
     return RequestError(
-        f"Field '{loc}' = {got} is invalid: {err['msg']}; change it and retry{more}.",
+        f"Field '{loc}' = {got} is invalid: {why}; change it and retry{more}.",
         param=loc,
-        code="invalid_type" if "type" in err["type"] else "invalid_value",
+        code="invalid_type" if "type" in same[0]["type"] else "invalid_value",
     )
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """`messages.0.content`: the loc without pydantic's union member tags (`str`, `list[int]`)."""
+    tags = {"str", "int", "float", "bool"}
+    parts = [str(p) for p in loc if not (str(p) in tags or "[" in str(p))]
+    return ".".join(parts) or "body"
 
 
 def _short(value: Any) -> str:
