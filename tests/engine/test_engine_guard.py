@@ -148,3 +148,16 @@ def test_next_build_removes_a_killed_builds_folder(exported, tmp_path):
     build_engine(exported("llama", "fp16", kv="static"), PROFILE, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
     assert read_engine(out)["kv_cache"]["layout"] == "static"
+
+
+def test_onnxruntime_target_output_is_refused(exported, tmp_path):
+    """The real `kiln optimize --target onnxruntime` folder, not a hand-built one."""
+    from kiln.optimize import optimize_model
+
+    art = optimize_model(
+        exported("llama", "fp32"), tmp_path / "ort", target="onnxruntime", precision="fp32"
+    )
+    with pytest.raises(ForeignOpsError, match=r"com\.microsoft\.GroupQueryAttention x2") as e:
+        build_engine(art, PROFILE, tmp_path / "eng")
+    assert "`kiln optimize --target tensorrt`" in str(e.value)
+    assert not (tmp_path / "eng").exists()
