@@ -155,7 +155,7 @@ def load(
     """Load an ONNX artifact (ONNX Runtime) or an engine folder (TensorRT) for generation.
 
     A static-KV artifact (`kiln export --kv static`) gives a SlotGenerator over `slots` rows
-    (same generate/stream API); io_binding and cuda_graph apply to concat artifacts only.
+    (same generate/stream API); io_binding applies to concat artifacts only.
 
     backend: "auto" (by what the folder holds), "onnxruntime" or "tensorrt".
     device, threads, io_binding, profile_dir: ONNX Runtime options (profile_dir turns on ORT's
@@ -174,6 +174,7 @@ def load(
             device=device,
             threads=threads,
             profile_dir=profile_dir,
+            cuda_graph=cuda_graph,
             tokenizer=tokenizer,
         )
     if backend == "auto":

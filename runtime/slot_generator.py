@@ -103,13 +103,15 @@ def load_slots(
     device: str = "auto",
     threads: int = 0,
     profile_dir: Path | None = None,
+    cuda_graph: bool = False,
     tokenizer: bool = True,
 ) -> SlotGenerator:
     """Load a static-KV artifact (`kiln export --kv static`) for slot-based generation.
 
     slots: rows held at once (the graph's batch axis is dynamic; the buffers take
     slots x layers x 2 x Hkv x max_context x D elements). backend: "auto" picks TensorRT for an
-    engine folder and ONNX Runtime for ONNX. device, threads, profile_dir: ONNX Runtime options.
+    engine folder and ONNX Runtime for ONNX. device, threads, profile_dir: ONNX Runtime options;
+    cuda_graph: TensorRT whole-graph capture of decode calls.
     """
     info = inspect_artifact(Path(artifact))
     if info.kv_layout != "static":
@@ -130,14 +132,9 @@ def load_slots(
             info.onnx_path, slots=slots, device=device, threads=threads, profile_dir=profile_dir
         )
     elif backend == "tensorrt":
-        try:
-            from kiln.runtime.trt_backend import slot_backend_from_engines  # type: ignore[attr-defined]
-        except ImportError as e:
-            raise KilnError(
-                "This kiln has no TensorRT slot backend yet; run the static artifact's ONNX "
-                "with backend onnxruntime."
-            ) from e
-        be = slot_backend_from_engines(info, slots=slots)
+        from kiln.runtime.trt_backend import slot_backend_from_engines
+
+        be = slot_backend_from_engines(info, slots=slots, cuda_graph=cuda_graph)
     else:
         raise KilnError(f"Unknown backend {backend!r}; choose auto, onnxruntime or tensorrt.")
     if be.max_context != info.max_context:
