@@ -33,6 +33,7 @@ from kiln.runtime.cuda_mem import DeviceBuffer, Stream, gpu_compute_capability
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("tensorrt_rtx", "tensorrt")  # module names, as engine.json's library.name
+_LOGGERS: dict[str, Any] = {}
 
 
 def np_dtype(name: str) -> Any:
@@ -133,7 +134,9 @@ def _layout(manifest: dict[str, Any]) -> str:
 
 def deserialize_plan(trt: Any, folder: Path) -> tuple[Any, Any]:
     """(runtime, engine) of folder/engine.plan; the runtime must outlive the engine."""
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    # One logger per library for the process: the runtime keeps using it after this returns.
+    logger = _LOGGERS.setdefault(trt.__name__, trt.Logger(trt.Logger.WARNING))
+    runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine((folder / "engine.plan").read_bytes())
     if engine is None:
         raise KilnError(
