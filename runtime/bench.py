@@ -1,16 +1,20 @@
-"""`make bench`: kiln's decode loop on ONNX Runtime CPU against transformers and onnxruntime-genai.
+"""`make bench`: the race. kiln on ONNX Runtime CPU against transformers and onnxruntime-genai.
 
 One run, same models and input ids for every runner, each runner in its own child process
-(runtime/bench_runners.py) so peak memory is its own, every runner producing exactly
-`--new` tokens (min = max new tokens). Models: a SmolLM-135M-shaped Llama and a GPT-2-small-
-shaped model, seeded random weights. Reports time to first token for a `--prompt`-token prompt,
-decode tokens/s at batch 1 and 4, peak RSS, ratios to PyTorch eager, and each runner's batch-1
-decode speed as a percentage of the weight-streaming roofline: fp32 weight bytes read per decode
-step against this machine's matrix-vector bandwidth, measured in the same run. Then profiles
-kiln's loop (ONNX Runtime per-op times, KV bytes copied per step). Writes bench.json and
-bench.png into --out.
+(runtime/bench_runners.py) so peak memory is its own, every runner producing exactly `--new`
+tokens (min = max new tokens). Runners: kiln concat fp32, kiln static fp32 and static int4 (the
+ONNX Runtime target of `kiln optimize` when this kiln has it, else the plain static export for
+fp32), transformers eager, onnxruntime-genai fp32 and int4 (its own model builder). Models: a
+SmolLM-135M-shaped Llama and a GPT-2-small-shaped model, seeded random weights.
 
-usage: python -m kiln.runtime.bench [--out out/bench] [--models smollm,gpt2] [--new 128]
+Reports time to first token for a `--prompt`-token prompt, decode tokens/s at batch 1 and 4,
+peak RSS, ratios to PyTorch eager, each runner's batch-1 decode speed as a percentage of the
+weight-streaming roofline (fp32 weight bytes per decode step against this machine's
+matrix-vector bandwidth, measured in the same run), and issue 7's ratios with met / not met.
+Then profiles kiln's loops (ONNX Runtime per-op times, KV bytes copied per step). Writes
+bench.json and bench.png into --out.
+
+usage: python -m kiln.runtime.bench [--out out/bench] [--models smollm,gpt2] [--runners ...]
 """
 
 from __future__ import annotations
@@ -47,12 +51,8 @@ SMOLLM_135M = {
     "pad_token_id": 0,
 }
 GPT2_SMALL = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
-RUNNERS = ("kiln", "hf", "genai")
-LABELS = {
-    "kiln": "kiln (ORT CPU, concat KV)",
-    "hf": "transformers eager",
-    "genai": "onnxruntime-genai",
-}
+RUNNERS = ("kiln", "kiln-static", "kiln-static-int4", "hf", "genai", "genai-int4")
+PROFILED = ("kiln", "kiln-static", "kiln-static-int4")
 
 
 def make_model(name: str, folder: Path, seed: int = 0) -> Path:
@@ -120,13 +120,13 @@ def _child(args: list[str]) -> None:
         raise RuntimeError(f"runner failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def build_genai(hf_dir: Path, out: Path) -> tuple[Path | None, str]:
-    """onnxruntime-genai's own fp32 CPU model (its builder), or None and the reason."""
+def build_genai(hf_dir: Path, out: Path, precision: str) -> tuple[Path | None, str]:
+    """onnxruntime-genai's own CPU model at `precision` (its builder), or None and the reason."""
     if (out / "genai_config.json").is_file():
         return out, "ok"
     cache = str(out.parent / "genai-cache")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-           "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", cache]  # fmt: skip
+           "-o", str(out), "-p", precision, "-e", "cpu", "-c", cache]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():
         arch = json.loads((hf_dir / "config.json").read_text())["architectures"][0]
@@ -136,140 +136,131 @@ def build_genai(hf_dir: Path, out: Path) -> tuple[Path | None, str]:
     return out, "ok"
 
 
-def run_model(name: str, work: Path, args: argparse.Namespace, bw: float) -> dict[str, Any]:
-    """Export, build genai, run every runner and the profile for one model."""
+def ort_target(static: Path, out: Path, precision: str) -> tuple[Path | None, str]:
+    """`kiln optimize --target onnxruntime` of the static export, or None and the reason.
+
+    int4 runs with allow_drift: on random weights int4 drifts past its parity budget by
+    construction (nothing to preserve), and the race measures speed; the drift is logged and
+    recorded in optimize.json.
+    """
+    from kiln import optimize
+    from kiln.errors import KilnError
+
+    if "onnxruntime" not in getattr(optimize, "TARGETS", ()):
+        return None, "this kiln's optimize stage has no onnxruntime target yet"
+    try:
+        done = optimize.optimize_model(static, out, target="onnxruntime", precision=precision,
+                                       allow_drift=precision != "fp32")  # fmt: skip
+    except KilnError as e:
+        return None, f"kiln optimize --target onnxruntime -p {precision} failed: {e}"
+    return done, "ok"
+
+
+def prepare(name: str, work: Path, args: argparse.Namespace) -> dict[str, tuple[Path | None, str]]:
+    """Each selected runner's model folder (or None) and a note saying what it is."""
     from kiln.export import export_model
 
+    hf_dir = work / "hf"
+    want = set(args.runners)
+    got: dict[str, tuple[Path | None, str]] = {"hf": (hf_dir, "HF folder")}
+    if "kiln" in want:
+        got["kiln"] = (export_model(hf_dir, work / "onnx", precision="fp32"), "export concat")
+    if want & {"kiln-static", "kiln-static-int4"}:
+        # Slot length = prompt + new tokens: what genai's shared KV buffer holds (max_length).
+        static = export_model(hf_dir, work / "onnx-static", precision="fp32", kv="static",
+                              max_context=args.prompt + args.new)  # fmt: skip
+        for runner, precision in (("kiln-static", "fp32"), ("kiln-static-int4", "int4")):
+            if runner not in want:
+                continue
+            opt, why = ort_target(static, work / f"ort-{precision}", precision)
+            if opt is not None:
+                got[runner] = (opt, f"optimize -t onnxruntime -p {precision}")
+            elif precision == "fp32":
+                got[runner] = (static, "plain static export (no ORT optimize target)")
+                log.info("%s / %s: %s; using the plain static export", name, runner, why)
+            else:
+                got[runner] = (None, why)
+    for runner, precision in (("genai", "fp32"), ("genai-int4", "int4")):
+        if runner in want:
+            folder = work / ("genai" if precision == "fp32" else f"genai-{precision}")
+            built, why = build_genai(hf_dir, folder, precision)
+            got[runner] = (built, f"genai builder -p {precision}" if built else why)
+    return got
+
+
+def _try_child(args: list[str], out: Path) -> dict[str, Any]:
+    """A runner's JSON, or {"skipped": why} when it failed (the rest of the race goes on)."""
+    try:
+        _child(args)
+    except RuntimeError as e:
+        log.warning("runner failed: %s", e)
+        return {"skipped": f"runner failed: {str(e).strip().splitlines()[-1][:200]}"}
+    return json.loads(out.read_text())
+
+
+def run_model(name: str, work: Path, args: argparse.Namespace, bw: float) -> dict[str, Any]:
+    """Export/build what the runners need, then run each runner and profile kiln's."""
     hf_dir = make_model(name, work / "hf")
     wbytes, nparams = weight_bytes_per_step(hf_dir)
     log.info("%s: %.1fM parameters, %.0f MB of fp32 weights read per decode step", name,
              nparams / 1e6, wbytes / 1e6)  # fmt: skip
     t0 = time.perf_counter()
-    artifact = export_model(hf_dir, work / "onnx", precision="fp32")
-    export_s = time.perf_counter() - t0
-    vocab = json.loads((artifact / "export.json").read_text())["config"]["vocab"]
+    models = prepare(name, work, args)
+    prepare_s = time.perf_counter() - t0
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     ids = np.random.default_rng(1).integers(3, vocab, size=(max(args.batches), args.prompt))
     np.save(work / "ids.npy", ids.astype(np.int64))
-    genai_dir, genai_note = build_genai(hf_dir, work / "genai")
-    models = {"kiln": artifact, "hf": hf_dir, "genai": genai_dir}
     runners: dict[str, Any] = {}
-    for r in RUNNERS:
-        if models[r] is None:
-            runners[r] = {"skipped": genai_note}
-            log.info("%s / %s: skipped (%s)", name, r, genai_note)
+    profiles: dict[str, Any] = {}
+    batches = ",".join(str(b) for b in args.batches)
+    for r in args.runners:
+        folder, note = models[r]
+        if folder is None:
+            runners[r] = {"skipped": note}
+            log.info("%s / %s: skipped (%s)", name, r, note)
             continue
-        log.info("%s / %s ...", name, r)
+        log.info("%s / %s (%s) ...", name, r, note)
+        kind = "genai" if r.startswith("genai") else "kiln" if r.startswith("kiln") else r
         out = work / f"{r}.json"
-        batches = ",".join(str(b) for b in args.batches)
-        _child([r, str(models[r]), str(work / "ids.npy"), str(out), "--new", str(args.new),
-                "--batches", batches, "--repeats", str(args.repeats)])  # fmt: skip
-        runners[r] = json.loads(out.read_text())
-    log.info("%s / kiln profile ...", name)
-    _child(["profile", str(artifact), str(work / "ids.npy"), str(work / "profile.json"),
-            "--new", str(args.profile_new)])  # fmt: skip
-    roof = bw * 1e9 / wbytes
+        runners[r] = _try_child([kind, str(folder), str(work / "ids.npy"), str(out),
+                                 "--new", str(args.new), "--batches", batches,
+                                 "--repeats", str(args.repeats)], out)  # fmt: skip
+        runners[r]["artifact_note"] = note
+        if r in PROFILED and args.profile_new and "skipped" not in runners[r]:
+            log.info("%s / %s profile ...", name, r)
+            pout = work / f"profile-{r}.json"
+            profiles[r] = _try_child(["profile", str(folder), str(work / "ids.npy"), str(pout),
+                                      "--new", str(args.profile_new)], pout)  # fmt: skip
     return {
         "params": nparams,
         "weight_bytes_per_step": wbytes,
-        "roofline_tok_s_b1": roof,
-        "export_s": export_s,
+        "roofline_tok_s_b1": bw * 1e9 / wbytes,
+        "prepare_s": prepare_s,
+        "artifacts": {r: [str(f) if f else None, n] for r, (f, n) in models.items()},
         "runners": runners,
-        "profile": json.loads((work / "profile.json").read_text()),
+        "profiles": profiles,
     }
 
 
-def table(results: dict[str, Any], bw: float, batches: list[int]) -> str:
-    """The comparison table: one row per model and runner, ratios to transformers eager."""
-    head = (f"{'model':<8} {'runner':<26} {'TTFT ms':>8} "
-            + " ".join(f"{'tok/s b' + str(b):>10}" for b in batches)
-            + f" {'vs HF b1':>8} {'vs HF b4':>8} {'TTFT vs HF':>10} {'roofline':>8} "
-            f"{'peak MiB':>8} {'agree':>6}")  # fmt: skip
-    lines = [head, "-" * len(head)]
-    for model, res in results.items():
-        hf = res["runners"].get("hf", {})
-        for r in RUNNERS:
-            d = res["runners"].get(r, {})
-            if "batches" not in d:
-                lines.append(f"{model:<8} {LABELS[r]:<26} n/a: {d.get('skipped', '?')}")
-                continue
-            b = d["batches"]
-            tok = [b[str(x)]["decode_tok_s"] for x in batches]
-            vs = [tok[i] / hf["batches"][str(x)]["decode_tok_s"] for i, x in enumerate(batches)]
-            ttft = b[str(batches[0])]["ttft_s"]
-            ttft_vs = hf["batches"][str(batches[0])]["ttft_s"] / ttft
-            roof = tok[0] / res["roofline_tok_s_b1"]
-            agree = np.mean(np.array(d["tokens"]) == np.array(hf["tokens"]))
-            lines.append(
-                f"{model:<8} {LABELS[r]:<26} {ttft * 1e3:8.0f} "
-                + " ".join(f"{t:10.1f}" for t in tok)
-                + f" {vs[0]:7.2f}x {vs[-1]:7.2f}x {ttft_vs:9.2f}x {roof:8.0%} "
-                f"{d['peak_rss_mib']:8.0f} {agree:6.0%}"
-            )
-    lines.append(
-        f"roofline: fp32 weight bytes per decode step at {bw:.1f} GB/s measured matrix-vector "
-        "bandwidth (numpy sgemv, same run); 'vs HF' = tokens/s ratio, 'TTFT vs HF' = HF TTFT / "
-        "runner TTFT; 'agree' = row-0 greedy tokens equal to HF's."
-    )
-    return "\n".join(lines)
-
-
-def profile_text(results: dict[str, Any]) -> str:
-    """Where kiln's time goes, per model."""
-    out = []
-    for model, res in results.items():
-        p = res["profile"]
-        ops = ", ".join(f"{o['op']} {o['share']:.0%}" for o in p["ops"][:8])
-        loop = p["loop_overhead_s"] / p["wall_s"]
-        step_ms = p["decode_graph_ms_per_step"]
-        kv_mb = p["kv_bytes_copied_per_step_mean"] / 1e6
-        out.append(
-            f"{model}: graph {p['graph_s']:.2f} s of {p['wall_s']:.2f} s wall (loop/Python "
-            f"{loop:.1%}); decode step {step_ms:.1f} ms in ORT; KV copied per step (concat "
-            f"present) {kv_mb:.2f} MB mean; ops by time: {ops}"
-        )
-    return "\n".join(out)
-
-
-def chart(results: dict[str, Any], batches: list[int], path: Path) -> None:
-    """Bar charts: decode tokens/s per batch size and TTFT, per model and runner."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(results)
-    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4))
-    width = 0.8 / len(RUNNERS)
-    for k, r in enumerate(RUNNERS):
-        xs = np.arange(len(models)) + k * width
-        for j, b in enumerate(batches):
-            vals = [results[m]["runners"].get(r, {}).get("batches", {}).get(str(b), {})
-                    .get("decode_tok_s", 0) for m in models]  # fmt: skip
-            axes[j].bar(xs, vals, width, label=LABELS[r])
-            axes[j].set_title(f"decode tokens/s, batch {b} (higher is better)")
-        ttft = [results[m]["runners"].get(r, {}).get("batches", {}).get(str(batches[0]), {})
-                .get("ttft_s", 0) * 1e3 for m in models]  # fmt: skip
-        axes[-1].bar(xs, ttft, width, label=LABELS[r])
-    axes[-1].set_title("time to first token, ms (lower is better)")
-    for ax in axes:
-        ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the table."""
+    """Run the benchmark; print the table, issue 7's ratios and the profiles."""
+    from kiln.runtime import bench_report as report
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     p.add_argument("--models", default="smollm,gpt2", help="comma-separated: smollm, gpt2")
+    p.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated of {RUNNERS}")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=128, help="new tokens per runner (min = max)")
     p.add_argument("--batches", default="1,4", help="batch sizes for decode tokens/s")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per figure (best kept)")
-    p.add_argument("--profile-new", type=int, default=32, help="decode steps in the profile")
+    p.add_argument("--profile-new", type=int, default=32, help="decode steps profiled (0: none)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    asked = args.runners.split(",")
+    if unknown := sorted(set(asked) - set(RUNNERS)):
+        p.error(f"unknown runners {unknown}; choose from {', '.join(RUNNERS)}")
+    args.runners = [r for r in RUNNERS if r in asked]  # table order
     setup_logging(0)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -280,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in args.models.split(","):
         results[name] = run_model(name, args.out / name, args, bw)
-    text = table(results, bw, args.batches)
-    prof = profile_text(results)
+    text = report.table(results, bw, args.batches, args.runners)
+    bars = report.ratios(results)
     load = (load_before[0], os.getloadavg()[0])
-    print(text + "\n\nprofile of kiln's loop (batch 1):\n" + prof)
+    print(f"{text}\n\nissue 7 ratios:\n{report.ratios_text(bars)}\n\n"
+          f"profile of kiln's loops (batch 1):\n{report.profile_text(results)}")  # fmt: skip
     print(f"1-min load average at start/end: {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} cores")
     from kiln.manifest import tool_versions, write_json_atomic
 
@@ -297,10 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             "versions": tool_versions("onnxruntime", "onnxruntime-genai", "torch", "transformers"),
             "models": results,
             "table": text,
+            "ratios": bars,
             "elapsed_s": time.perf_counter() - t0,
         },
     )
-    chart(results, args.batches, args.out / "bench.png")
+    report.chart(results, args.batches, args.runners, args.out / "bench.png")
     log.info("bench done in %.0f s -> %s", time.perf_counter() - t0, args.out / "bench.json")
     return 0
 

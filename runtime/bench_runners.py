@@ -1,9 +1,10 @@
 """One benchmark runner per child process, so each one's peak memory is its own.
 
-Runners: `kiln` (kiln.runtime's loop on ONNX Runtime CPU over the export artifact), `hf`
-(transformers `generate()` in PyTorch eager), `genai` (onnxruntime-genai over its own model
-builder's ONNX), and `profile` (kiln's loop with ONNX Runtime's per-op profiler on). All get the
-same input ids and produce exactly the same number of tokens (min = max new tokens, EOS off).
+Runners: `kiln` (kiln.runtime's loop on ONNX Runtime CPU over an artifact: a concat one runs
+the batch loop, a static one the slot loop with one slot per row), `hf` (transformers
+`generate()` in PyTorch eager), `genai` (onnxruntime-genai over its own model builder's ONNX),
+and `profile` (kiln's loop with ONNX Runtime's per-op profiler on). All get the same input ids
+and produce exactly the same number of tokens (min = max new tokens, EOS off).
 
 usage: python -m kiln.runtime.bench_runners RUNNER MODEL_DIR IDS.npy OUT.json [--new N] ...
 Timing: TTFT = one generate() call that makes 1 token; decode tok/s = batch x (N - 1) /
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +109,9 @@ def measure(run: Run, ids_BS: np.ndarray, new: int, batches: list[int], repeats:
     return out
 
 
-def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> dict:
-    """Where kiln's decode time goes: ORT per-op totals, graph vs loop time, KV bytes copied."""
-    work.mkdir(parents=True, exist_ok=True)
-    run = _kiln(artifact, profile_dir=work)
-    gen = run.gen  # type: ignore[attr-defined]
-    ids = ids_BS[:1]
-    wall, _ = _timed(run, ids, new)
-    trace = json.loads(Path(gen.backend.end_profiling()).read_text())
+def _trace_figures(trace_path: str) -> dict[str, Any]:
+    """ORT profiler trace -> per-op totals and graph time per run (the first run is prefill)."""
+    trace = json.loads(Path(trace_path).read_text())
     by_op: dict[str, float] = defaultdict(float)
     runs = []
     for ev in trace:
@@ -122,25 +120,100 @@ def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> di
         elif ev.get("cat") == "Session" and ev["name"] == "model_run":
             runs.append(ev["dur"])
     node_us = sum(by_op.values())
-    m = gen.info.manifest["config"]
-    # concat KV: each decode step writes present = past + 1 for every layer's K and V
-    itemsize = 4 if gen.info.manifest["exporter"]["precision"] == "fp32" else 2
-    prompt = ids.shape[1]
-    kv_row = 2 * m["layers"] * m["kv_heads"] * m["head_dim"] * itemsize
-    copied = [kv_row * (prompt + i) for i in range(1, new)]
-    decode_runs = runs[1:]  # the first run is the prefill
+    decode_runs = runs[1:]
     return {
-        "wall_s": wall,
         "graph_s": sum(runs) / 1e6,
         "prefill_graph_s": runs[0] / 1e6 if runs else 0.0,
         "decode_graph_ms_per_step": float(np.mean(decode_runs)) / 1e3 if decode_runs else 0.0,
-        "loop_overhead_s": wall - sum(runs) / 1e6,
         "ops": sorted(
             ({"op": k, "s": v / 1e6, "share": v / node_us} for k, v in by_op.items()),
             key=lambda r: -r["s"],
         ),
+    }
+
+
+@contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Send file descriptor 2 (where ONNX Runtime's C++ logger writes) to `path`."""
+    saved = os.dup(2)
+    with path.open("w") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> dict:
+    """Where kiln's decode time goes: ORT per-op totals, graph vs loop time, KV bytes copied."""
+    from kiln.runtime.artifact import inspect_artifact
+
+    work.mkdir(parents=True, exist_ok=True)
+    if inspect_artifact(artifact).kv_layout == "static":
+        return _profile_static(artifact, ids_BS[:1], new, work)
+    run = _kiln(artifact, profile_dir=work)
+    gen = run.gen  # type: ignore[attr-defined]
+    ids = ids_BS[:1]
+    wall, _ = _timed(run, ids, new)
+    figures = _trace_figures(gen.backend.end_profiling())
+    m = gen.info.manifest["config"]
+    # concat KV: each decode step writes present = past + 1 for every layer's K and V
+    itemsize = 4 if gen.info.manifest["exporter"]["precision"] == "fp32" else 2
+    kv_row = 2 * m["layers"] * m["kv_heads"] * m["head_dim"] * itemsize
+    copied = [kv_row * (ids.shape[1] + i) for i in range(1, new)]
+    return {
+        "wall_s": wall,
+        **figures,
+        "loop_overhead_s": wall - figures["graph_s"],
         "kv_bytes_copied_per_step_mean": float(np.mean(copied)),
         "kv_bytes_copied_per_step_last": copied[-1],
+        "kv_copy_measure": "concat present = past + new rows, every layer (computed)",
+    }
+
+
+def _profile_static(artifact: Path, ids: np.ndarray, new: int, work: Path) -> dict:
+    """The slot loop profiled, with ORT at WARNING so TensorScatter reports any cache copy.
+
+    Evidence of the in-place update, per step: the present OrtValues ORT returns sit at the
+    K/V buffers' addresses, and TensorScatter's "in-place optimization not activated, copying
+    past_cache to present_cache (N bytes)" warning (its only copy path) never appears.
+    """
+    from kiln.runtime.artifact import inspect_artifact
+    from kiln.runtime.ort_slots import OrtSlotBackend, scatter_copy_bytes
+    from kiln.runtime.slot_generator import SlotGenerator
+
+    info = inspect_artifact(artifact)
+    backend = OrtSlotBackend(info.onnx_path, slots=1, profile_dir=work, log_severity=1)
+    gen = SlotGenerator(backend, info)  # type: ignore[arg-type]
+    steps, moved = 0, 0
+    step = backend.step
+
+    def checked_step(feeds: Any) -> np.ndarray:
+        nonlocal steps, moved
+        out = step(feeds)
+        steps += 1
+        moved += backend.present_ptrs() != backend.buffer_ptrs()
+        return out
+
+    backend.step = checked_step  # type: ignore[method-assign]
+    log_path = work / "ort-warnings.log"
+    with _stderr_to(log_path):
+        t0 = time.perf_counter()
+        gen.generate(ids.tolist(), max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
+        wall = time.perf_counter() - t0
+    figures = _trace_figures(backend.end_profiling())
+    copied = scatter_copy_bytes(log_path.read_text())
+    return {
+        "wall_s": wall,
+        **figures,
+        "loop_overhead_s": wall - figures["graph_s"],
+        "steps": steps,
+        "steps_with_present_not_at_past": int(moved),
+        "kv_bytes_copied_per_step_mean": copied / max(steps, 1),
+        "kv_bytes_copied_per_step_last": None,
+        "kv_copy_measure": f"ORT TensorScatter copy log over {steps} steps; present address == "
+        f"past address in {steps - int(moved)}/{steps} steps",
     }
 
 
@@ -172,10 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.runner == "profile":
         result = profile_kiln(args.model, ids, args.new, args.out.parent / "ort-profile")
     else:
-        make = {"kiln": _kiln, "hf": _hf, "genai": _genai}[args.runner]
-        run = make(args.model)
-        load_s = time.perf_counter() - t0
         batches = [int(b) for b in args.batches.split(",")]
+        if args.runner == "kiln":  # a static artifact gets one slot per row of the largest batch
+            run = _kiln(args.model, slots=max(batches))
+        else:
+            run = {"hf": _hf, "genai": _genai}[args.runner](args.model)
+        load_s = time.perf_counter() - t0
         result = {"load_s": load_s, **measure(run, ids, args.new, batches, args.repeats)}
     result["peak_rss_mib"] = peak_rss_mib()
     args.out.write_text(json.dumps(result, indent=2))
