@@ -11,7 +11,7 @@ __all__ = ["ORT_PRECISIONS", "ort_pass_names"]
 
 # CPU kernels: fp32 activations; int8/int4 are weight-only MatMulNBits over fp32 activations.
 ORT_PRECISIONS = ("fp32", "int8", "int4")
-ORT_FUSIONS = ("ort-norms", "ort-rotary", "ort-gqa")
+ORT_FUSIONS = ("ort-norms", "gelu", "ort-rotary", "ort-gqa")  # gelu: kiln's ONNX Gelu-20 rule
 ORT_QUANT = {"int8": "matmul-nbits-int8", "int4": "matmul-nbits-int4"}
 
 
