@@ -68,9 +68,10 @@ serve: $(STAMP)  ## OpenAI-compatible server with continuous batching on 127.0.0
 	@if [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
 	$(KILN) serve $(SERVE_ARTIFACT) $(SERVE_FLAGS)
 
-load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients: req/s, TTFT p50/p99, tok/s; out/load/load.json (URL=http://127.0.0.1:PORT to target a running server)
+load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients: req/s, TTFT p50/p99, tok/s; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server)
 	@if [ -z "$(URL)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
 	$(PY) -m kiln.runtime.server.load --out out/load --artifact $(SERVE_ARTIFACT) $(if $(URL),--url $(URL)) $(LOAD_FLAGS)
+	@if [ -z "$(URL)" ]; then $(PY) -m kiln.runtime.server.stall $(SERVE_ARTIFACT) --out out/load; fi
 
 gpu-check: $(STAMP)  ## on a GPU host: build an engine for this GPU and prove the TensorRT backend end to end
 	$(PY) -m kiln.runtime.gpu_check --out out/gpu-check

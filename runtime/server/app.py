@@ -207,17 +207,22 @@ async def _pieces(
     queue: asyncio.Queue[Piece | BaseException],
 ) -> AsyncIterator[Piece]:
     """The job's pieces until it finishes; cancels the job if the consumer stops early."""
+    checked = time.monotonic()
     try:
         while True:
             if request is None:
                 item = await queue.get()
-            else:  # a non-streamed request: notice a client that went away while waiting
+            else:  # a non-streamed request: look for a client that went away every 0.5 s
                 try:
                     item = await asyncio.wait_for(queue.get(), _DISCONNECT_POLL_S)
                 except TimeoutError:
+                    item = None
+                if time.monotonic() - checked >= _DISCONNECT_POLL_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         log.info("client went away; cancelling its request")
                         return
+                if item is None:
                     continue
             if isinstance(item, BaseException):
                 raise item

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -45,6 +45,8 @@ class Level:
     itl_p99_ms: float
     tokens: int
     tokens_per_s: float
+    mean_batch: float  # server side: slots fed per step
+    engine_busy: float  # server side: fraction of the time inside graph steps
 
 
 async def _one(client: object, model: str, prompt: str, seed: int, max_tokens: int) -> dict:
@@ -60,7 +62,7 @@ async def _one(client: object, model: str, prompt: str, seed: int, max_tokens: i
         extra_body={"ignore_eos": True},  # every request generates max_tokens
     )
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
+        if chunk.choices:  # one chunk per token (its text may be '': a special token)
             stamps.append(time.perf_counter())
     return {"t0": t0, "stamps": stamps}
 
@@ -73,6 +75,7 @@ async def _level(url: str, model: str, clients: int, requests: int, args: argpar
     todo = list(range(requests))
     results: list[dict] = []
     errors = 0
+    before = _server_counts(url)
     start = time.perf_counter()
 
     async def worker() -> None:
@@ -90,6 +93,8 @@ async def _level(url: str, model: str, clients: int, requests: int, args: argpar
     await asyncio.gather(*(worker() for _ in range(clients)))
     elapsed = time.perf_counter() - start
     await client.close()
+    after = _server_counts(url)
+    steps = after["steps"] - before["steps"]
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     itl = [d for r in results for d in np.diff(r["stamps"])]
     tokens = sum(len(r["stamps"]) for r in results)
@@ -105,7 +110,25 @@ async def _level(url: str, model: str, clients: int, requests: int, args: argpar
         itl_p99_ms=_ms(itl, 99),
         tokens=tokens,
         tokens_per_s=round(tokens / elapsed, 1),
+        mean_batch=round((after["fed"] - before["fed"]) / max(steps, 1), 2),
+        engine_busy=round((after["step_s"] - before["step_s"]) / elapsed, 2),
     )
+
+
+def _server_counts(url: str) -> dict[str, float]:
+    """Steps, slots fed and seconds in steps so far, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    want = {"kiln_batch_size_count": "steps", "kiln_batch_size_sum": "fed"}
+    want["kiln_step_seconds_sum"] = "step_s"
+    out = dict.fromkeys(want.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in want:
+                out[want[sample.name]] = float(sample.value)
+    return out
 
 
 def _ms(values: list[float], q: int) -> float:
@@ -127,19 +150,11 @@ def _get(url: str) -> dict:
 
 def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    cli = "import sys; from kiln.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [
-        sys.executable,
-        "-m",
-        "kiln.cli",
-        "-q",
-        "serve",
-        str(args.artifact),
-        "--port",
-        str(port),
-        "--slots",
-        str(args.slots),
-        "--max-queue",
-        str(max(args.clients) + 8),
+        *(sys.executable, "-c", cli, "-q", "serve", str(args.artifact)),
+        *("--port", str(port), "--slots", str(args.slots)),
+        *("--max-queue", str(max(args.clients) + 8)),
     ]
     print(f"[load] starting: {' '.join(cmd)}", file=sys.stderr)
     proc = subprocess.Popen(cmd)
@@ -196,31 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(levels: list[Level], health: dict, args: argparse.Namespace) -> None:
-    head = (
-        "clients",
-        "requests",
-        "errors",
-        "req/s",
-        "TTFT p50 ms",
-        "TTFT p99 ms",
-        "ITL p50 ms",
-        "ITL p99 ms",
-        "tok/s",
-    )
-    rows = [
-        (
-            lv.clients,
-            lv.requests,
-            lv.errors,
-            lv.requests_per_s,
-            lv.ttft_p50_ms,
-            lv.ttft_p99_ms,
-            lv.itl_p50_ms,
-            lv.itl_p99_ms,
-            lv.tokens_per_s,
-        )
-        for lv in levels
-    ]
+    head = [f.name for f in fields(Level)]
+    rows = [[getattr(lv, name) for name in head] for lv in levels]
     print(
         f"model {health.get('model')} on {health.get('backend')}, {health.get('slots')} slots, "
         f"{args.max_tokens} tokens per request, {os.cpu_count()} CPUs (clients share them)"
