@@ -31,10 +31,12 @@ $(OUT)/onnx/export.json: $(STAMP) $(wildcard $(MODEL)/*)
 	$(KILN) export $(MODEL) --out $(OUT)/onnx
 
 PRECISION ?= fp16
-optimize: $(OUT)/optimized-$(PRECISION)/optimize.json  ## cleanup, fusions, precision passes; prints the pass table (PRECISION=fp32|fp16|bf16|int8|int4|fp8)
+TARGET ?= tensorrt
+OPT_DIR = $(OUT)/optimized-$(if $(filter onnxruntime,$(TARGET)),ort-)$(PRECISION)
+optimize: $(OPT_DIR)/optimize.json  ## cleanup, fusions, precision passes; prints the pass table (PRECISION=fp32|fp16|bf16|int8|int4|fp8, TARGET=tensorrt|onnxruntime)
 
-$(OUT)/optimized-$(PRECISION)/optimize.json: $(OUT)/onnx/export.json
-	$(KILN) optimize $(OUT)/onnx --out $(OUT)/optimized-$(PRECISION) --precision $(PRECISION) $(OPTIMIZE_FLAGS)
+$(OPT_DIR)/optimize.json: $(OUT)/onnx/export.json
+	$(KILN) optimize $(OUT)/onnx --out $(OPT_DIR) --target $(TARGET) --precision $(PRECISION) $(OPTIMIZE_FLAGS)
 
 # Engines: one optimize artifact per precision in ENGINE_PRECISIONS, then every profile in PROFILES
 # (names in models/gpus/, comma-separated, or all) from the artifact of its precision. `kiln build`

@@ -97,21 +97,25 @@ class ConcatGqaRule(pattern.RewriteRuleClassBase):
         """Forget the shared mask values: the next model builds its own."""
         self._shared.clear()
 
-    def pattern(self, op, q, k, v, past_k, past_v, mask, fill, scale, out_shape):
+    def pattern(self, op, q, k, v, past_k, past_v, masked_out, fill, scale, out_shape):
         """Concat past, (grouped) Q K^T * scale, Where(!mask, fill), Softmax, @ V, to BSD."""
         present_k = op.Concat(past_k, k, axis=-2)
         present_v = op.Concat(past_v, v, axis=-2)
         q_any = pattern.OrValue([op.Reshape(q, pattern.ANY_VALUE), q])
         scores = op.Mul(op.MatMul(q_any, op.Transpose(present_k, perm=[0, 1, 3, 2])), scale)
-        probs = op.Softmax(op.Where(op.Not(mask), fill, scores), axis=-1)
+        # The negated mask is one node shared by every layer: a pattern input, checked below.
+        probs = op.Softmax(op.Where(masked_out, fill, scores), axis=-1)
         out = op.MatMul(probs, present_v)
         out = pattern.OrValue([op.Reshape(out, pattern.ANY_VALUE), out])
         out = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), out_shape)
         return out, present_k, present_v
 
-    def check(self, context, q, k, past_k, fill, scale, **_):
+    def check(self, context, q, k, past_k, masked_out, fill, scale, **_):
         """Static heads, constant scale, a large negative fill, an attention_mask input."""
         result = pattern.MatchResult()
+        producer = masked_out.producer()
+        if producer is None or producer.op_type != "Not":
+            return result.fail("scores are not filled where Not(mask)", masked_out)
         heads = _heads(q, past_k)
         if isinstance(heads, str):
             return result.fail(heads, q)
