@@ -1,13 +1,16 @@
-"""Continuous batching over the static-KV slots: one engine thread, one graph call per step.
+"""Continuous batching over the static-KV slots: one engine thread, one slot step at a time.
 
 Every step feeds each slot that holds a sequence: a decoding sequence its last token, a new one
 (the next chunk of) its prompt, with `restart` on its first chunk. A waiting request takes a free
-slot at the next step, so its prefill runs in the same graph call as the others' decode; a
-finished or cancelled sequence frees its slot at once and the others never wait for it.
+slot at the next step, so its prefill runs in the same `step` as the others' decode; a finished
+or cancelled sequence frees its slot at once and the others never wait for it.
 
-The static graph takes right-padded rows, so a step that prefills P prompt tokens runs S=P for
-every fed slot: the running streams' next token waits for the whole step. `prefill_chunk`
-bounds that wait (a long prompt is fed over several steps, sampling only after its last chunk).
+The static graph takes right-padded rows: one call over a prefill of P tokens runs S=P for each
+row it binds (OrtSlotBackend runs the prefill feeds as one call and the one-token feeds as a
+second, back to back in the same step). Either way the running streams' next token waits for
+the prefill's work. `prefill_chunk` bounds that wait (a long prompt is fed over several steps,
+sampling only after its last chunk); when no stream is decoding, nobody waits and a prompt goes
+in whole.
 
 Per-request state (sampling with its seed, stop tokens and strings, incremental detokenization)
 is runtime/decode.py's `Sequence`; this module only decides what each slot is fed.
@@ -202,12 +205,12 @@ class Scheduler:
         self.metrics.finished.labels(reason).inc()
         self.metrics.active.set(len(self._active))
 
-    def _feed(self, job: Job) -> SlotFeed:
+    def _feed(self, job: Job, chunk_limit: int) -> SlotFeed:
         """This step's tokens for a job: its next prompt chunk, or its last sampled token."""
         prompt = job.seq.prompt_ids
         assert job.slot is not None
         if job.fed < len(prompt):
-            chunk = prompt[job.fed : job.fed + self.prefill_chunk]
+            chunk = prompt[job.fed : job.fed + chunk_limit]
             feed = SlotFeed(job.slot, chunk, restart=job.fed == 0)
             job.fed += len(chunk)
             self.metrics.prompt_tokens.inc(len(chunk))
@@ -216,7 +219,11 @@ class Scheduler:
 
     def _step(self, batch: list[Job]) -> None:
         """One graph call over the fed slots, then sample, emit and free finished slots."""
-        feeds = [self._feed(job) for job in batch]
+        # Chunk prompts only while some stream decodes: with nobody to stall, whole prompts
+        # give the best time to first token.
+        decoding = any(job.fed >= len(job.seq.prompt_ids) for job in batch)
+        limit = self.prefill_chunk if decoding else self.backend.max_context
+        feeds = [self._feed(job, limit) for job in batch]
         t0 = time.perf_counter()
         try:
             logits_NV = self.backend.step(feeds)

@@ -1,0 +1,80 @@
+"""The scheduler alone (no HTTP): chunked prefill next to running streams changes no token."""
+
+from __future__ import annotations
+
+import threading
+
+from kiln.runtime import load_slots
+from kiln.runtime.decode import Sequence
+from kiln.runtime.sampling import SamplingParams
+from kiln.runtime.server.metrics import Metrics
+from kiln.runtime.server.scheduler import Job, Piece, Scheduler
+from kiln.runtime.slots import SlotFeed
+
+
+class CountingSteps:
+    """The real backend; records each step's feeds (slot, token count)."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+        self.fed: list[list[tuple[int, int]]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def step(self, feeds: list[SlotFeed]):
+        self.fed.append([(f.slot, len(f.tokens)) for f in feeds])
+        return self._backend.step(feeds)
+
+
+def _run(
+    sched: Scheduler, prompts: list[list[int]], *, stagger: bool, seed: int = 0
+) -> list[list[int]]:
+    """Submit the prompts (the later ones once the first decodes); return each one's tokens."""
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+    started = threading.Event()
+
+    def emit(i: int):
+        def put(item: Piece | BaseException) -> None:
+            assert isinstance(item, Piece), item
+            out[i].append(item.token_id)
+            started.set()
+            if item.finish_reason:
+                done[i].set()
+
+        return put
+
+    for i, ids in enumerate(prompts):
+        if stagger and i == 1:
+            assert started.wait(30)
+        params = SamplingParams(max_new_tokens=30, temperature=0.8, seed=seed + i, ignore_eos=True)
+        sched.submit(Job(Sequence(i, ids, params), emit(i)))
+    assert all(d.wait(60) for d in done)
+    return out
+
+
+def test_chunked_prefill_beside_decoding_equals_each_prompt_alone(tiny_static):
+    gen = load_slots(tiny_static, slots=3, device="cpu", threads=1, tokenizer=False)
+    backend = CountingSteps(gen.backend)
+    sched = Scheduler(backend, Metrics(), prefill_chunk=8)
+    sched.start()
+    try:
+        prompts = [[1, 2, 3], [5 + t % 200 for t in range(45)], [7 + t % 90 for t in range(20)]]
+        alone = [_run(sched, [p], stagger=False, seed=i)[0] for i, p in enumerate(prompts)]
+        backend.fed.clear()
+        together = _run(sched, prompts, stagger=True)
+    finally:
+        sched.stop()
+    assert together == alone
+    widths = [n for step in backend.fed for _, n in step]
+    assert max(widths) == 8  # the 45-token prompt went in 8-token chunks beside the decoding one
+    assert sum(1 for step in backend.fed if len(step) > 1 and max(n for _, n in step) > 1) >= 6
+    # control: alone (nobody decoding) a prompt goes in whole
+    alone_sched = Scheduler(CountingSteps(gen.backend), Metrics(), prefill_chunk=8)
+    alone_sched.start()
+    try:
+        _run(alone_sched, [prompts[1]], stagger=False)
+    finally:
+        alone_sched.stop()
+    assert alone_sched.backend.fed[1] == [(0, 45)]  # fed[0] is the warm-up step
