@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.errors import KilnError, RequestError
@@ -191,13 +192,21 @@ async def _respond(
     reply = Reply(model.name, chat, len(prep.prompt_ids))
     if prep.stream:
         body = _stream(scheduler, job, queue, reply, prep.include_usage)
-        return StreamingResponse(body, media_type="text/event-stream")
+        # The background task runs after the response, also when the client left before the
+        # stream started (then the generator never ran and its finally cannot cancel the job).
+        after = BackgroundTask(_cancel_unless_done, scheduler, job)
+        return StreamingResponse(body, media_type="text/event-stream", background=after)
     text, ids, reason = [], [], "length"
     async for piece in _pieces(request, scheduler, job, queue):
         text.append(piece.text)
         ids.append(piece.token_id)
         reason = piece.finish_reason or reason
     return JSONResponse(reply.full("".join(text), ids, reason))
+
+
+def _cancel_unless_done(scheduler: Scheduler, job: Job) -> None:
+    if not job.seq.done:
+        scheduler.cancel(job)
 
 
 async def _pieces(
@@ -253,8 +262,10 @@ async def _stream(
         async for piece in _pieces(None, scheduler, job, queue):
             n += 1  # one chunk per token, even with '' (a character not complete yet)
             yield reply.chunk(piece.text, piece.finish_reason, token_id=piece.token_id)
-    except KilnError as e:  # the headers are sent: report the error as an event, as OpenAI does
-        status = e.status if isinstance(e, RequestError) else 400
+    except Exception as e:  # the headers are sent: report the error as an event, as OpenAI does
+        status = (
+            e.status if isinstance(e, RequestError) else 400 if isinstance(e, KilnError) else 500
+        )
         yield sse(error_body(str(e), kind=error_kind(status)))
     finally:  # cancelled while suspended at a yield (client gone): free the slot now
         if not job.seq.done:

@@ -240,16 +240,25 @@ class Scheduler:
         self.metrics.step_time.observe(now - t0)
         self.metrics.batch_size.observe(len(feeds))
         done = []
+        failed = []
         for job, logits_V in zip(batch, logits_NV, strict=True):
             if job.fed < len(job.seq.prompt_ids) or job.cancelled:
                 continue  # a prompt chunk that is not the last: nothing to sample yet
-            self._sample(job, np.asarray(logits_V), now)
+            try:
+                self._sample(job, np.asarray(logits_V), now)
+            except Exception as e:  # a bug in sampling or detokenization: fail this request only
+                log.exception("sampling failed in slot %s", job.slot)
+                job.emit(e)
+                failed.append(job)
+                continue
             if job.seq.done:
                 done.append(job)
-        if done:
+        if done or failed:
             with self._cv:
                 for job in done:
                     self._release(job, job.seq.finish_reason or "stop")
+                for job in failed:
+                    self._release(job, "error")
 
     def _sample(self, job: Job, logits_V: np.ndarray, now: float) -> None:
         seq = job.seq

@@ -167,3 +167,47 @@ def test_health_is_503_until_loaded_and_warmed_up(tiny_static):
     finally:
         gate.set()
         srv.stop()
+
+
+class FailOnToken:
+    """The real backend, but a step feeding token 299 raises (a fault in the graph call)."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def step(self, feeds):
+        if any(299 in f.tokens for f in feeds):
+            raise RuntimeError("injected fault")
+        return self._backend.step(feeds)
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(tiny_static):
+    from kiln.runtime.server.serve import slots_loader
+
+    load = slots_loader(tiny_static, slots=2, backend="auto", device="cpu", threads=1)
+
+    def faulty():
+        gen = load()
+        gen.backend = FailOnToken(gen.backend)
+        return gen
+
+    srv = start_server(tiny_static, loader=faulty)
+    try:
+        url = f"{srv.url}/v1/completions"
+        plain = httpx.post(url, json={"prompt": [299, 1], "max_tokens": 3})
+        assert plain.status_code == 500
+        assert "injected fault" in plain.json()["error"]["message"]
+        body = {"prompt": [299, 1], "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", url, json=body) as r:
+            events = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert '"type": "server_error"' in events[0]
+        assert events[-1] == "data: [DONE]"
+        ok = httpx.post(url, json={"prompt": [1, 2], "max_tokens": 3})  # control
+        assert ok.status_code == 200
+        assert metric(srv.url, "kiln_active_sequences") == 0
+        assert metric(srv.url, "kiln_sequences_finished_total", reason="error") == 2
+    finally:
+        srv.stop()
