@@ -24,3 +24,12 @@ def test_zen_lines_share_slots(exported):
     batched = gen.generate(prompts, max_new_tokens=24, ignore_eos=True)
     for p, c in zip(prompts, batched, strict=True):
         assert text.startswith(p + c.text)
+
+
+def test_kiln_generate_on_a_static_artifact(exported, capsys):
+    from kiln.cli import main
+
+    art = str(exported("zen", "fp32", kv="static"))
+    assert main(["generate", art, "--prompt", ZEN_PROMPT, "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    assert zen_text().startswith(out.rstrip("\n")) and len(out) > len(ZEN_PROMPT) + 40
