@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--prefill-chunk",
         type=int,
         default=64,
-        help="prompt tokens fed per step (bounds the running streams' stall; 0: whole prompt)",
+        help="prompt tokens fed per step while streams decode (bounds their stall; 0: no cap)",
     )
     p.add_argument("--model-name", default=None, help="name clients use (default: model folder)")
     p.add_argument(

@@ -8,9 +8,10 @@ or cancelled sequence frees its slot at once and the others never wait for it.
 The static graph takes right-padded rows: one call over a prefill of P tokens runs S=P for each
 row it binds (OrtSlotBackend runs the prefill feeds as one call and the one-token feeds as a
 second, back to back in the same step). Either way the running streams' next token waits for
-the prefill's work. `prefill_chunk` bounds that wait (a long prompt is fed over several steps,
-sampling only after its last chunk); when no stream is decoding, nobody waits and a prompt goes
-in whole.
+the prefill's work. `prefill_chunk` bounds that wait: while a stream decodes, all prompts
+together feed at most that many tokens per step (a long prompt is fed over several steps,
+sampling only after its last chunk); when no stream is decoding, nobody waits and prompts go in
+whole.
 
 Per-request state (sampling with its seed, stop tokens and strings, incremental detokenization)
 is runtime/decode.py's `Sequence`; this module only decides what each slot is fed.
@@ -205,25 +206,37 @@ class Scheduler:
         self.metrics.finished.labels(reason).inc()
         self.metrics.active.set(len(self._active))
 
-    def _feed(self, job: Job, chunk_limit: int) -> SlotFeed:
-        """This step's tokens for a job: its next prompt chunk, or its last sampled token."""
-        prompt = job.seq.prompt_ids
-        assert job.slot is not None
-        if job.fed < len(prompt):
-            chunk = prompt[job.fed : job.fed + chunk_limit]
-            feed = SlotFeed(job.slot, chunk, restart=job.fed == 0)
+    def _plan(self, batch: list[Job]) -> list[tuple[Job, SlotFeed]]:
+        """This step's feeds: each decoding job its last token, prefilling jobs prompt chunks.
+
+        While some job decodes, prompts share a budget of `prefill_chunk` tokens per step, in
+        admission order (a job left out this step waits for the next): the running streams'
+        stall stays bounded however many requests arrive at once. With nobody decoding, each
+        prompt goes in whole.
+        """
+        decoding = any(job.fed >= len(job.seq.prompt_ids) for job in batch)
+        budget = self.prefill_chunk if decoding else sum(len(j.seq.prompt_ids) for j in batch)
+        plan = []
+        for job in batch:
+            prompt = job.seq.prompt_ids
+            assert job.slot is not None
+            if job.fed >= len(prompt):
+                plan.append((job, SlotFeed(job.slot, [job.seq.out_ids[-1]])))
+                continue
+            if budget <= 0:
+                continue
+            chunk = prompt[job.fed : job.fed + budget]
+            plan.append((job, SlotFeed(job.slot, chunk, restart=job.fed == 0)))
             job.fed += len(chunk)
+            budget -= len(chunk)
             self.metrics.prompt_tokens.inc(len(chunk))
-            return feed
-        return SlotFeed(job.slot, [job.seq.out_ids[-1]])
+        return plan
 
     def _step(self, batch: list[Job]) -> None:
-        """One graph call over the fed slots, then sample, emit and free finished slots."""
-        # Chunk prompts only while some stream decodes: with nobody to stall, whole prompts
-        # give the best time to first token.
-        decoding = any(job.fed >= len(job.seq.prompt_ids) for job in batch)
-        limit = self.prefill_chunk if decoding else self.backend.max_context
-        feeds = [self._feed(job, limit) for job in batch]
+        """One slot step over the fed jobs, then sample, emit and free finished slots."""
+        plan = self._plan(batch)
+        batch = [job for job, _ in plan]
+        feeds = [feed for _, feed in plan]
         t0 = time.perf_counter()
         try:
             logits_NV = self.backend.step(feeds)
