@@ -57,6 +57,7 @@ class ServerState:
         self.ready = threading.Event()
         self.draining = False
         self.load_error: str | None = None
+        self.on_load_error: Callable[[], None] | None = None  # `kiln serve` exits
 
     def load(self) -> None:
         """Load the artifact, build the scheduler, warm up; then the server is ready."""
@@ -76,8 +77,10 @@ class ServerState:
             )
             self.scheduler.start()
         except Exception as e:
-            self.load_error = str(e)
-            log.exception("loading the model failed")
+            self.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, KilnError) else str(e)
+            log.debug("loading the model failed", exc_info=True)
+            if self.on_load_error is not None:
+                self.on_load_error()
             return
         self.ready.set()
         log.info(

@@ -79,11 +79,17 @@ def check_static(artifact: Path) -> None:
 def serve(
     state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, drain_timeout_s: float = 30
 ) -> None:
-    """Serve until a signal; blocks."""
+    """Serve until a signal; blocks. Raises ArtifactError when the model fails to load."""
     config = uvicorn.Config(
         create_app(state), host=host, port=port, log_level="info", timeout_graceful_shutdown=5
     )
-    DrainingServer(config, state, drain_timeout_s).run()
+    server = DrainingServer(config, state, drain_timeout_s)
+    state.on_load_error = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.load_error:
+        raise ArtifactError(
+            f"The server stopped: loading the artifact failed ({state.load_error})."
+        )
 
 
 def free_port() -> int:

@@ -105,3 +105,16 @@ def test_help_imports_no_server_or_model_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_serve_exits_when_the_model_fails_to_load(tiny_static, tmp_path, capsys):
+    import shutil
+
+    from kiln.cli import main
+    from kiln.runtime.server.serve import free_port
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_static, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    assert main(["serve", str(broken), "--port", str(free_port())]) == 1
+    assert "loading the artifact failed" in capsys.readouterr().err
