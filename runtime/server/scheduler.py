@@ -95,9 +95,11 @@ class Scheduler:
     # -- called from the server (any thread) --------------------------------------------------
 
     def start(self) -> None:
-        """Warm the graph up (one step on slot 0, then free it) and start the engine thread."""
+        """Warm the graph up (a short prefill and a decode step on slot 0) and start the thread."""
         t0 = time.perf_counter()
-        self.backend.step([SlotFeed(0, [0], restart=True)])
+        n = max(1, min(8, self.backend.max_context - 2))
+        self.backend.step([SlotFeed(0, [0] * n, restart=True)])
+        self.backend.step([SlotFeed(0, [0])])
         self.backend.release(0)
         log.info("warm-up step in %.2f s; engine thread started", time.perf_counter() - t0)
         self._thread.start()

@@ -79,4 +79,4 @@ def test_chunked_prefill_beside_decoding_equals_each_prompt_alone(tiny_static):
         _run(alone_sched, [prompts[1]], stagger=False)
     finally:
         alone_sched.stop()
-    assert alone_sched.backend.fed[1] == [(0, 45)]  # fed[0] is the warm-up step
+    assert alone_sched.backend.fed[2] == [(0, 45)]  # fed[0:2] are the warm-up steps
