@@ -47,6 +47,7 @@ class Level:
     tokens_per_s: float
     mean_batch: float  # server side: slots fed per step
     engine_busy: float  # server side: fraction of the time inside graph steps
+    server_cpu_ms_per_token: float | None  # CPU time of the server process (when started here)
 
 
 async def _one(client: object, model: str, prompt: str, seed: int, max_tokens: int) -> dict:
@@ -67,7 +68,18 @@ async def _one(client: object, model: str, prompt: str, seed: int, max_tokens: i
     return {"t0": t0, "stamps": stamps}
 
 
-async def _level(url: str, model: str, clients: int, requests: int, args: argparse.Namespace):
+def _cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process and all its threads (Linux /proc), else None."""
+    try:
+        fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return None
+    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _level(
+    url: str, model: str, clients: int, requests: int, args: argparse.Namespace, pid: int | None
+) -> Level:
     from openai import AsyncOpenAI
 
     prompts = _prompts()
@@ -76,6 +88,7 @@ async def _level(url: str, model: str, clients: int, requests: int, args: argpar
     results: list[dict] = []
     errors = 0
     before = _server_counts(url)
+    cpu_before = _cpu_s(pid)
     start = time.perf_counter()
 
     async def worker() -> None:
@@ -94,6 +107,7 @@ async def _level(url: str, model: str, clients: int, requests: int, args: argpar
     elapsed = time.perf_counter() - start
     await client.close()
     after = _server_counts(url)
+    cpu_after = _cpu_s(pid)
     steps = after["steps"] - before["steps"]
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     itl = [d for r in results for d in np.diff(r["stamps"])]
@@ -112,6 +126,9 @@ async def _level(url: str, model: str, clients: int, requests: int, args: argpar
         tokens_per_s=round(tokens / elapsed, 1),
         mean_batch=round((after["fed"] - before["fed"]) / max(steps, 1), 2),
         engine_busy=round((after["step_s"] - before["step_s"]) / elapsed, 2),
+        server_cpu_ms_per_token=None
+        if cpu_before is None or cpu_after is None or not tokens
+        else round((cpu_after - cpu_before) / tokens * 1e3, 3),
     )
 
 
@@ -154,7 +171,7 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [
         *(sys.executable, "-c", cli, "-q", "serve", str(args.artifact)),
         *("--port", str(port), "--slots", str(args.slots)),
-        *("--max-queue", str(max(args.clients) + 8)),
+        *("--max-queue", str(max(args.clients) + 8), "--threads", str(args.threads)),
     ]
     print(f"[load] starting: {' '.join(cmd)}", file=sys.stderr)
     proc = subprocess.Popen(cmd)
@@ -179,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="a running server on loopback (default: start one)")
     p.add_argument("--artifact", type=Path, default=Path("out/zen-llama/onnx-static"))
     p.add_argument("--slots", type=int, default=8, help="--slots of the started server")
+    p.add_argument("--threads", type=int, default=0, help="--threads of the started server")
     p.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
     p.add_argument("--requests", type=int, default=64, help="requests per level (at most)")
     p.add_argument("--duration", type=float, default=60, help="seconds per level (at most)")
@@ -199,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         model = _get(f"{url}/v1/models")["data"][0]["id"]
         levels = []
         for n in args.clients:
-            level = asyncio.run(_level(url, model, n, max(args.requests, n), args))
+            pid = proc.pid if proc is not None else None
+            level = asyncio.run(_level(url, model, n, max(args.requests, n), args, pid))
             levels.append(level)
             print(f"[load] {n} clients: {level}", file=sys.stderr)
     finally:
