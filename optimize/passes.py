@@ -72,12 +72,17 @@ def _ort(name: str) -> Callable[..., GraphPass]:
             return ort.OrtRotaryPass(int(cfg.get("max_positions") or 4096))
         if name == "ort-gqa":
             return ort.OrtGqaPass(cfg.get("sliding_window"))
+        if name == "ort-untie-head":
+            return ort.UntieHeadPass()
+        if name == "ort-pack":
+            return ort.OrtPackPass()
         return MatMulNBitsPass(8 if name.endswith("int8") else 4)
 
     return make
 
 
-_ORT = ("ort-norms", "ort-rotary", "ort-gqa", "matmul-nbits-int8", "matmul-nbits-int4")
+_ORT = ("ort-norms", "ort-rotary", "ort-gqa", "ort-pack", "ort-untie-head")
+_ORT += ("matmul-nbits-int8", "matmul-nbits-int4")
 PASSES: dict[str, Callable[..., GraphPass]] = {
     **{n: _cleanup(n) for n in CLEANUP},
     **{n: _fusion(n) for n in FUSIONS},

@@ -2,7 +2,8 @@
 
 Pass order: kiln's cleanup, then RMS/skip norms (onnxscript ort_fusions), RoPE onto
 RotaryEmbedding with a cos/sin cache, attention onto GroupQueryAttention, QKV and gate/up
-projection packing, the weight-only precision (MatMulNBits), and a final cleanup.
+projection packing (static layout: RoPE folded into GQA), the weight-only precision
+(MatMulNBits, after untying a tied LM head), and a final cleanup.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ __all__ = ["ORT_PRECISIONS", "ort_pass_names"]
 
 # CPU kernels: fp32 activations; int8/int4 are weight-only MatMulNBits over fp32 activations.
 ORT_PRECISIONS = ("fp32", "int8", "int4")
-ORT_FUSIONS = ("ort-norms", "gelu", "ort-rotary", "ort-gqa")  # gelu: kiln's ONNX Gelu-20 rule
+ORT_FUSIONS = (
+    "ort-norms",
+    "gelu",
+    "ort-rotary",
+    "ort-gqa",
+    "ort-pack",
+)  # gelu: kiln's ONNX Gelu-20 rule
 ORT_QUANT = {"int8": "matmul-nbits-int8", "int4": "matmul-nbits-int4"}
 
 
@@ -20,6 +27,6 @@ def ort_pass_names(precision: str) -> list[str]:
     from kiln.optimize.passes import CLEANUP
 
     names = [*CLEANUP, *ORT_FUSIONS]
-    if precision in ORT_QUANT:
-        names.append(ORT_QUANT[precision])
+    if precision in ORT_QUANT:  # a tied head must be its own initializer to be quantized
+        names += ["ort-untie-head", ORT_QUANT[precision]]
     return [*names, "cse", "remove-unused"]

@@ -127,3 +127,60 @@ class OrtGqaPass(_RulePass):
 
     def expected(self, model: ir.Model) -> bool:  # noqa: D102
         return any(n.op_type in ("Softmax", "Attention") for n in model.graph)
+
+
+class UntieHeadPass(GraphPass):
+    """MatMul(x, Transpose(W)) of a tied LM head -> MatMul(x, W^T as its own initializer).
+
+    MatMulNBits needs the weight as an initializer; a tied head reads the embedding table
+    through a Transpose, so without this the head (V x E, the largest matrix) stays fp32.
+    The Gather keeps the fp32 table: it reads one row per token, the head reads all of it.
+    """
+
+    name = "ort-untie-head"
+
+    def run(self, model: ir.Model) -> Result[ir.Model]:
+        """Give each transposed constant MatMul weight a transposed initializer of its own."""
+        import numpy as np
+
+        count = 0
+        for node in list(model.graph):
+            if node.op_type != "MatMul" or node.inputs[1] is None:
+                continue
+            t = node.inputs[1].producer()
+            if t is None or t.op_type != "Transpose" or t.inputs[0] is None:
+                continue
+            w = t.inputs[0]
+            perm = t.attributes.get("perm")
+            if w.const_value is None or len(w.shape or ()) != 2:
+                continue
+            if perm is not None and list(perm.as_ints()) != [1, 0]:
+                continue
+            arr = np.ascontiguousarray(w.const_value.numpy().T)
+            head = ir.Value(name=f"{w.name}_T", const_value=ir.tensor(arr))
+            head.shape, head.type = ir.Shape(arr.shape), ir.TensorType(head.const_value.dtype)
+            model.graph.register_initializer(head)
+            node.replace_input_with(1, head)
+            count += 1
+        if count:
+            common_passes.RemoveUnusedNodesPass()(model)
+        return Result(model, changed=count > 0, counts={"untied_heads": count})
+
+
+class OrtPackPass(GraphPass):
+    """Q/K/V and gate/up MatMuls -> one packed MatMul + Split; static GQA takes RoPE (pack.py)."""
+
+    name = "ort-pack"
+
+    def run(self, model: ir.Model) -> Result[ir.Model]:
+        """Pack sibling projections, then fold RoPE into GroupQueryAttention where exact."""
+        from kiln.optimize.ort.pack import fold_rotary_into_gqa, pack_sibling_matmuls
+
+        packed = pack_sibling_matmuls(model)
+        folded = fold_rotary_into_gqa(model)
+        if packed or folded:
+            _ms_opset(model)
+            common_passes.RemoveUnusedNodesPass()(model)
+            common_passes.ShapeInferencePass()(model)
+        counts = {"packed_matmuls": packed, "gqa_do_rotary": folded}
+        return Result(model, changed=bool(packed or folded), counts=counts)

@@ -46,33 +46,28 @@ def ops(artifact: Path) -> Counter[str]:
     return Counter(n.op_type for n in proto.graph.node)
 
 
-# Tiny models have 2 layers: one GQA per layer, RoPE on q and k, two norms per layer of which
-# all but the first become Skip* (the first has no residual Add before it), plus the final one.
+# Tiny models have 2 layers: one GQA per layer; RoPE on q and k (concat) or inside GQA
+# (static: do_rotary over the packed QKV); two norms per layer of which all but the first
+# become Skip* (the first has no residual Add before it), plus the final one; Q/K/V and
+# gate/up packed into one MatMul + Split each (GPT-2's c_attn is packed already).
+_LLAMA = {"SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1}
 EXPECTED = {
-    ("llama", "concat"): {
-        "GroupQueryAttention": 2,
-        "RotaryEmbedding": 4,
-        "SkipSimplifiedLayerNormalization": 4,
-        "SimplifiedLayerNormalization": 1,
-    },
+    ("llama", "concat"): {**_LLAMA, "GroupQueryAttention": 2, "RotaryEmbedding": 4, "Split": 4},
     ("qwen3", "concat"): {  # + per-head q/k RMSNorm (GQA's q_norm_weight is CUDA-only)
         "GroupQueryAttention": 2,
         "RotaryEmbedding": 4,
         "SkipSimplifiedLayerNormalization": 4,
         "SimplifiedLayerNormalization": 5,
+        "Split": 4,
     },
     ("gpt2", "concat"): {"GroupQueryAttention": 2, "SkipLayerNormalization": 5, "Gelu": 2},
-    ("llama", "static"): {
-        "GroupQueryAttention": 2,
-        "RotaryEmbedding": 4,
-        "SkipSimplifiedLayerNormalization": 4,
-        "SimplifiedLayerNormalization": 1,
-    },
+    ("llama", "static"): {**_LLAMA, "GroupQueryAttention": 2, "RotaryEmbedding": 0, "Split": 2},
     ("zen", "static"): {  # 4 layers
         "GroupQueryAttention": 4,
-        "RotaryEmbedding": 8,
+        "RotaryEmbedding": 0,
         "SkipSimplifiedLayerNormalization": 8,
         "SimplifiedLayerNormalization": 1,
+        "Split": 4,
     },
 }
 UNFUSED = ("Softmax", "Attention", "TensorScatter", "Cos", "Sin", "Neg", "Pow", "ReduceMean")
@@ -159,7 +154,7 @@ def test_negative_control_perturbed_weight_fails_parity(ort_optimized, tiny_mode
 def test_matmul_nbits_within_tolerance(ort_optimized, precision):
     artifact = ort_optimized("llama", precision)
     got = ops(artifact)
-    assert got["MatMulNBits"] == 15 and got["MatMul"] == 0  # 7 per layer + LM head
+    assert got["MatMulNBits"] == 9 and got["MatMul"] == 0  # qkv, o, gate/up, down + LM head
     manifest = json.loads((artifact / "optimize.json").read_text())
     nbits = next(p for p in manifest["passes"] if p["name"].startswith("matmul-nbits"))
     assert nbits["counts"]["bytes_after"] < nbits["counts"]["bytes_before"]
