@@ -77,6 +77,16 @@ def _is_bhsd_transpose(node: ir.Node | None) -> bool:
     return perm is not None and list(perm.as_ints()) == [0, 2, 1, 3]
 
 
+def _to_shape(op: Any, out_BSX: ir.Value, shape: ir.Value, was: ir.Value, q: ir.Value) -> ir.Value:
+    """The exporter's final Reshape, dropped where it already gives [B, S, H*D] (GQA's output)."""
+    h, d = _dim(q, 1), _dim(q, 3)
+    dims = was.shape
+    same_batch = q.shape is not None and dims is not None and dims[0] == q.shape[0]
+    if dims is not None and len(dims) == 3 and h and d and dims[2] == h * d and same_batch:
+        return out_BSX
+    return op.Reshape(out_BSX, shape)
+
+
 def _heads(q: ir.Value, k: ir.Value) -> tuple[int, int] | str:
     h, hkv, d = _dim(q, 1), _dim(k, 1), _dim(q, 3)
     if h is None or hkv is None or d is None:
@@ -107,7 +117,7 @@ class ConcatGqaRule(pattern.RewriteRuleClassBase):
         probs = op.Softmax(op.Where(masked_out, fill, scores), axis=-1)
         out = op.MatMul(probs, present_v)
         out = pattern.OrValue([op.Reshape(out, pattern.ANY_VALUE), out])
-        out = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), out_shape)
+        out = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), out_shape, _outputs=["attn_out"])
         return out, present_k, present_v
 
     def check(self, context, q, k, past_k, masked_out, fill, scale, **_):
@@ -150,7 +160,7 @@ class ConcatGqaRule(pattern.RewriteRuleClassBase):
             }
         return self._shared
 
-    def rewrite(self, op, q, k, v, past_k, past_v, scale, out_shape, **_):
+    def rewrite(self, op, q, k, v, past_k, past_v, scale, out_shape, attn_out, **_):
         """GroupQueryAttention over the same past; the padding mask as attention_bias."""
         h, hkv = _heads(q, past_k)  # type: ignore[misc]
         shared = self._mask(op, self._model, q)
@@ -178,7 +188,7 @@ class ConcatGqaRule(pattern.RewriteRuleClassBase):
             _domain=_MS,
             _outputs=3,
         )
-        return op.Reshape(out, out_shape), pk, pv
+        return _to_shape(op, out, out_shape, attn_out, q), pk, pv
 
 
 class StaticGqaRule(pattern.RewriteRuleClassBase):
@@ -199,7 +209,7 @@ class StaticGqaRule(pattern.RewriteRuleClassBase):
         att = op.Attention(
             q, present_k, present_v, mask, _allow_other_attributes=True, _outputs=["att"]
         )
-        out = op.Reshape(op.Transpose(att, perm=[0, 2, 1, 3]), out_shape)
+        out = op.Reshape(op.Transpose(att, perm=[0, 2, 1, 3]), out_shape, _outputs=["attn_out"])
         return out, present_k, present_v
 
     def check(self, context, q, past_k, write_index, mask, att, **_):
@@ -225,7 +235,7 @@ class StaticGqaRule(pattern.RewriteRuleClassBase):
             return result.fail("mask is not the plain causal slot mask", mask)
         return result
 
-    def rewrite(self, op, q, k, v, past_k, past_v, write_index, att, out_shape, **_):
+    def rewrite(self, op, q, k, v, past_k, past_v, write_index, att, out_shape, attn_out, **_):
         """GroupQueryAttention over the shared buffer, seqlens_k = write_index + S - 1."""
         h, hkv = _heads(q, past_k)  # type: ignore[misc]
         if not self._shared:
@@ -266,4 +276,4 @@ class StaticGqaRule(pattern.RewriteRuleClassBase):
             _outputs=3,
             **extra,
         )
-        return op.Reshape(out, out_shape), pk, pv
+        return _to_shape(op, out, out_shape, attn_out, q), pk, pv
