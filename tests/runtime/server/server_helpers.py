@@ -1,4 +1,4 @@
-"""Live servers on 127.0.0.1 (free ports) over static exports of the bundled and a tiny model."""
+"""Helpers of the server tests: a live server over an artifact, slow backends, metric reads."""
 
 from __future__ import annotations
 
@@ -6,10 +6,22 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
 from kiln.runtime.server import LiveServer, ServerState
 from kiln.runtime.server.serve import slots_loader
+
+# No conftest.py here: a second module named `conftest` would shadow tests/conftest.py for the
+# modules that import TINY_CONFIGS from it. Each test module declares the fixtures it needs:
+#   zen_static = exported("zen", "fp32", kv="static")   (bundled model, 384-position slots)
+#   tiny_static = exported("llama", "fp32", kv="static") (vocab 300, no tokenizer: id prompts)
+
+
+def running(artifact: Path, **kw) -> Iterator[LiveServer]:
+    """Body of a server fixture: start a LiveServer, yield it, stop it."""
+    srv = start_server(artifact, **kw)
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 def start_server(
@@ -53,32 +65,6 @@ def slow_loader(artifact: Path, *, slots: int, delay_s: float = 0.01) -> Callabl
         return gen
 
     return slow
-
-
-@pytest.fixture(scope="session")
-def zen_static(exported: Callable[..., Path]) -> Path:
-    return exported("zen", "fp32", kv="static")
-
-
-@pytest.fixture(scope="session")
-def tiny_static(exported: Callable[..., Path]) -> Path:
-    """A random tiny llama (vocab 300, no tokenizer: prompts are token ids)."""
-    return exported("llama", "fp32", kv="static")
-
-
-@pytest.fixture(scope="session")
-def zen_server(zen_static: Path) -> Iterator[LiveServer]:
-    """The bundled model, 4 slots; prompts fed 8 tokens per step (chunked prefill)."""
-    srv = start_server(zen_static)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="session")
-def tiny_server(tiny_static: Path) -> Iterator[LiveServer]:
-    srv = start_server(tiny_static, slots=2)
-    yield srv
-    srv.stop()
 
 
 def metric(url: str, name: str, **labels: str) -> float:
