@@ -129,3 +129,31 @@ def test_metrics_count_requests_tokens_and_latency(zen_server, client):
     assert metric(url, "kiln_batch_size_count") >= 1
     assert metric(url, "kiln_queue_depth") == 0
     assert metric(url, "kiln_active_sequences") == 0
+
+
+def test_responses_validate_against_the_openai_types(zen_server):
+    """Every body and chunk passes the openai package's pydantic models (the client itself
+    builds them without validation)."""
+    import json
+
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    url = f"{zen_server.url}/v1"
+    chat = {"messages": [{"role": "user", "content": "Flat is"}], "max_tokens": 4}
+    Completion.model_validate(httpx.post(f"{url}/completions", json={"prompt": "a"}).json())
+    ChatCompletion.model_validate(httpx.post(f"{url}/chat/completions", json=chat).json())
+    for endpoint, body, kind in (
+        ("completions", {"prompt": "a", "max_tokens": 4}, Completion),
+        ("chat/completions", chat, ChatCompletionChunk),
+    ):
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{url}/{endpoint}", json=body) as r:
+            data = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        events = [json.loads(d) for d in data[:-1]]
+        if kind is Completion:  # its finish_reason is not Optional, yet OpenAI streams null
+            events = [e for e in events if not e["choices"] or e["choices"][0]["finish_reason"]]
+        chunks = [kind.model_validate(e) for e in events]
+        assert chunks[-1].usage.completion_tokens == 4
+        assert len(chunks) == (2 if kind is Completion else 6)  # chat: role + 4 tokens + usage
