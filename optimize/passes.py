@@ -127,7 +127,7 @@ def build_passes(
     current = source_precision
     steps = []
     for name in names:
-        step = PASSES[name](config=config)
+        step = PASSES[name](config=config) if name in _ORT else PASSES[name]()
         if name in ("fp16", "bf16"):
             current = name
         elif name in _QUANT.values() or name.startswith("matmul-nbits-"):
