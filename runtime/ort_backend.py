@@ -55,6 +55,9 @@ class OrtBackend:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        # No spinning threads between ops, as in OrtSlotBackend (runtime/ort_slots.py): on a
+        # shared 2-core CPU spinning halved decode speed.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_dir is not None:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(profile_dir / "ort_profile")
