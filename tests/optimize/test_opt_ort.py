@@ -254,3 +254,25 @@ def test_static_graph_shares_one_buffer_for_past_and_present(ort_optimized):
         got.append(int(np.argmax(b.get_outputs()[0].numpy()[0, -1])))
         done, ids = done + len(ids), [got[-1]]
     assert got == want
+
+
+def test_sliding_window_keeps_its_attention_and_says_why(ort_optimized):
+    """GQA's local_window_size is not mapped: a windowed graph keeps its exact attention."""
+    artifact = ort_optimized("mistral-window")
+    got = ops(artifact)
+    assert got["GroupQueryAttention"] == 0 and got["Softmax"] == 2
+    assert got["RotaryEmbedding"] == 4 and got["SkipSimplifiedLayerNormalization"] == 4
+    manifest = json.loads((artifact / "optimize.json").read_text())
+    gqa = next(p for p in manifest["passes"] if p["name"] == "ort-gqa")
+    assert "sliding window" in gqa["notes"][0]
+    assert manifest["parity"]["ok"] and manifest["parity"]["torch"]["ok"]
+
+
+def test_list_passes_for_the_onnxruntime_target(capsys):
+    from kiln.cli import main
+
+    argv = ["optimize", "x", "--list-passes", "--target", "onnxruntime", "--precision", "int4"]
+    assert main(argv) == 0
+    names = capsys.readouterr().out.split()
+    assert names.index("ort-gqa") < names.index("ort-pack") < names.index("matmul-nbits-int4")
+    assert "attention" not in names and "int4-weight-only" not in names
