@@ -173,11 +173,12 @@ def test_matmul_nbits_within_tolerance(ort_optimized, precision):
     assert bits == {int(precision[3:])}
 
 
-def test_zen_text_through_the_onnxruntime_target(ort_optimized):
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_zen_text_through_the_onnxruntime_target(ort_optimized, precision):
     from kiln.models.zen import ZEN_PROMPT, zen_text
     from kiln.runtime import load
 
-    gen = load(ort_optimized("zen", "fp32", "concat"))
+    gen = load(ort_optimized("zen", precision, "concat"))
     done = gen.generate(ZEN_PROMPT, max_new_tokens=400)
     assert done.finish_reason == "stop"
     assert ZEN_PROMPT + done.text == zen_text()
