@@ -25,6 +25,7 @@ from kiln.export.patches import SEQUENCE_DEPENDENT_ROPE
 from kiln.export.source import Source, describe_source, load_model
 from kiln.log import timed
 from kiln.manifest import (
+    code_fingerprint,
     copy_carried_files,
     file_records,
     is_current,
@@ -73,7 +74,10 @@ def export_model(
     if kv == "static":
         options["max_context"] = max_context
     versions = tool_versions(*_VERSIONED)
-    key = sha256_json({"source": src.sha256, "options": options, "versions": versions})
+    code = code_fingerprint("kiln.export", "kiln.models")
+    key = sha256_json(
+        {"source": src.sha256, "options": options, "versions": versions, "code": code}
+    )
     if not force and is_current(out, MANIFEST, MODEL_FILE, key, made_by="kiln export"):
         log.info(
             "export: %s is up to date with %s (cache key %s); reusing it", out, source, key[:12]

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import ArtifactError
+from kiln.errors import ArtifactError, KilnError
 
 _CHUNK = 1 << 20
 
@@ -59,6 +59,25 @@ def sha256_files(paths: Iterable[Path], root: Path) -> str:
     for p in sorted(paths):
         h.update(str(p.relative_to(root)).encode())
         h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def code_fingerprint(*packages: str) -> str:
+    """Hash of the named packages' Python sources, for cache keys.
+
+    The kiln version does not change while a stage's code does; without this an artifact made
+    by older code (say, a graph without a newer fusion) would be reused as up to date.
+    """
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise KilnError(f"cannot find package {name!r} to fingerprint; reinstall kiln.")
+        root = Path(spec.origin).parent
+        h.update(name.encode())
+        h.update(sha256_files(root.rglob("*.py"), root).encode())
     return h.hexdigest()
 
 

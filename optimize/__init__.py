@@ -18,6 +18,7 @@ from typing import Any
 
 from kiln.errors import ArtifactError, ConfigError
 from kiln.manifest import (
+    code_fingerprint,
     copy_carried_files,
     file_records,
     is_current,
@@ -82,7 +83,10 @@ def optimize_model(
     }
     versions = tool_versions(*_VERSIONED)
     export_sha = sha256_file(src / "export.json")
-    key = sha256_json({"export": export_sha, "options": options, "versions": versions})
+    code = code_fingerprint("kiln.optimize")
+    key = sha256_json(
+        {"export": export_sha, "options": options, "versions": versions, "code": code}
+    )
     if not force and is_current(out, MANIFEST, MODEL_FILE, key, made_by="kiln optimize"):
         log.info("optimize: %s is up to date (cache key %s); reusing it", out, key[:12])
         return out
