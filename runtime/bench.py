@@ -51,8 +51,8 @@ SMOLLM_135M = {
     "pad_token_id": 0,
 }
 GPT2_SMALL = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
-RUNNERS = ("kiln", "kiln-static", "kiln-static-int4", "hf", "genai", "genai-int4")
-PROFILED = ("kiln", "kiln-static", "kiln-static-int4")
+RUNNERS = ("kiln", "kiln-ort", "kiln-static", "kiln-static-int4", "hf", "genai", "genai-int4")
+PROFILED = ("kiln", "kiln-ort", "kiln-static", "kiln-static-int4")
 
 
 def make_model(name: str, folder: Path, seed: int = 0) -> Path:
@@ -136,8 +136,8 @@ def build_genai(hf_dir: Path, out: Path, precision: str) -> tuple[Path | None, s
     return out, "ok"
 
 
-def ort_target(static: Path, out: Path, precision: str) -> tuple[Path | None, str]:
-    """`kiln optimize --target onnxruntime` of the static export, or None and the reason.
+def ort_target(src: Path, out: Path, precision: str) -> tuple[Path | None, str]:
+    """`kiln optimize --target onnxruntime` of an export (concat or static), or None and why.
 
     int4 runs with allow_drift: on random weights int4 drifts past its parity budget by
     construction (nothing to preserve), and the race measures speed; the drift is logged and
@@ -149,7 +149,7 @@ def ort_target(static: Path, out: Path, precision: str) -> tuple[Path | None, st
     if "onnxruntime" not in getattr(optimize, "TARGETS", ()):
         return None, "this kiln's optimize stage has no onnxruntime target yet"
     try:
-        done = optimize.optimize_model(static, out, target="onnxruntime", precision=precision,
+        done = optimize.optimize_model(src, out, target="onnxruntime", precision=precision,
                                        allow_drift=precision != "fp32")  # fmt: skip
     except KilnError as e:
         return None, f"kiln optimize --target onnxruntime -p {precision} failed: {e}"
@@ -163,8 +163,12 @@ def prepare(name: str, work: Path, args: argparse.Namespace) -> dict[str, tuple[
     hf_dir = work / "hf"
     want = set(args.runners)
     got: dict[str, tuple[Path | None, str]] = {"hf": (hf_dir, "HF folder")}
-    if "kiln" in want:
-        got["kiln"] = (export_model(hf_dir, work / "onnx", precision="fp32"), "export concat")
+    if want & {"kiln", "kiln-ort"}:
+        concat = export_model(hf_dir, work / "onnx", precision="fp32")
+        got["kiln"] = (concat, "export concat")
+        if "kiln-ort" in want:
+            opt, why = ort_target(concat, work / "ort-concat-fp32", "fp32")
+            got["kiln-ort"] = (opt, "concat, optimize -t onnxruntime -p fp32" if opt else why)
     if want & {"kiln-static", "kiln-static-int4"}:
         # Slot length = prompt + new tokens: what genai's shared KV buffer holds (max_length).
         static = export_model(hf_dir, work / "onnx-static", precision="fp32", kv="static",

@@ -14,6 +14,7 @@ import numpy as np
 
 LABELS = {
     "kiln": "kiln concat fp32",
+    "kiln-ort": "kiln concat fp32 ort",
     "kiln-static": "kiln static fp32",
     "kiln-static-int4": "kiln static int4",
     "hf": "transformers eager",
@@ -43,6 +44,7 @@ BARS = (
     Bar("TTFT fp32 static vs genai fp32", "kiln-static", "genai", "ttft", 1.0),
     Bar("TTFT int4 static vs genai int4", "kiln-static-int4", "genai-int4", "ttft", 1.0),
     Bar("b1 fp32 concat vs eager (issue 6)", "kiln", "hf", "b1", 2.5),
+    Bar("b1 fp32 concat, ORT target, vs eager (issue 6)", "kiln-ort", "hf", "b1", 2.5),
 )
 
 

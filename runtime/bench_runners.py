@@ -159,7 +159,7 @@ def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> di
     figures = _trace_figures(gen.backend.end_profiling())
     m = gen.info.manifest["config"]
     # concat KV: each decode step writes present = past + 1 for every layer's K and V
-    itemsize = 4 if gen.info.manifest["exporter"]["precision"] == "fp32" else 2
+    itemsize = np.dtype(gen.backend.kv_dtype).itemsize
     kv_row = 2 * m["layers"] * m["kv_heads"] * m["head_dim"] * itemsize
     copied = [kv_row * (ids.shape[1] + i) for i in range(1, new)]
     return {

@@ -151,6 +151,7 @@ def load(
     cuda_graph: bool = False,
     tokenizer: bool = True,
     slots: int = 4,
+    spin: bool = False,
 ) -> Generator:
     """Load an ONNX artifact (ONNX Runtime) or an engine folder (TensorRT) for generation.
 
@@ -159,7 +160,9 @@ def load(
 
     backend: "auto" (by what the folder holds), "onnxruntime" or "tensorrt".
     device, threads, io_binding, profile_dir: ONNX Runtime options (profile_dir turns on ORT's
-    per-op profiler). cuda_graph: TensorRT-RTX whole-graph capture for decode steps.
+    per-op profiler); spin keeps ONNX Runtime's intra-op threads spinning between ops (faster on
+    an idle host, much slower on a shared one).
+    cuda_graph: TensorRT-RTX whole-graph capture for decode steps.
     tokenizer: False skips the tokenizer (token-id prompts only): transformers' AutoTokenizer
     imports torch, which costs seconds and ~300 MB in a process that needs neither.
     """
@@ -176,6 +179,7 @@ def load(
             profile_dir=profile_dir,
             cuda_graph=cuda_graph,
             tokenizer=tokenizer,
+            spin=spin,
         )
     if backend == "auto":
         backend = "tensorrt" if info.kind == "engine" else "onnxruntime"
@@ -193,6 +197,7 @@ def load(
             threads=threads,
             io_binding=io_binding,
             profile_dir=profile_dir,
+            spin=spin,
         )
     elif backend == "tensorrt":
         from kiln.runtime.trt_backend import backend_from_engines

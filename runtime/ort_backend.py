@@ -40,6 +40,7 @@ class OrtBackend:
         threads: int = 0,
         io_binding: bool = True,
         profile_dir: Path | None = None,
+        spin: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -55,9 +56,9 @@ class OrtBackend:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        # No spinning threads between ops, as in OrtSlotBackend (runtime/ort_slots.py): on a
-        # shared 2-core CPU spinning halved decode speed.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No spinning threads between ops unless asked, as in OrtSlotBackend
+        # (runtime/ort_slots.py): on a shared 2-core CPU spinning halved decode speed.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if profile_dir is not None:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(profile_dir / "ort_profile")

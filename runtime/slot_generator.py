@@ -105,13 +105,14 @@ def load_slots(
     profile_dir: Path | None = None,
     cuda_graph: bool = False,
     tokenizer: bool = True,
+    spin: bool = False,
 ) -> SlotGenerator:
     """Load a static-KV artifact (`kiln export --kv static`) for slot-based generation.
 
     slots: rows held at once (the graph's batch axis is dynamic; the buffers take
     slots x layers x 2 x Hkv x max_context x D elements). backend: "auto" picks TensorRT for an
-    engine folder and ONNX Runtime for ONNX. device, threads, profile_dir: ONNX Runtime options;
-    cuda_graph: TensorRT whole-graph capture of decode calls.
+    engine folder and ONNX Runtime for ONNX. device, threads, profile_dir, spin: ONNX Runtime
+    options; cuda_graph: TensorRT whole-graph capture of decode calls.
     """
     info = inspect_artifact(Path(artifact))
     if info.kv_layout != "static":
@@ -129,7 +130,12 @@ def load_slots(
         from kiln.runtime.ort_slots import OrtSlotBackend
 
         be = OrtSlotBackend(
-            info.onnx_path, slots=slots, device=device, threads=threads, profile_dir=profile_dir
+            info.onnx_path,
+            slots=slots,
+            device=device,
+            threads=threads,
+            profile_dir=profile_dir,
+            spin=spin,
         )
     elif backend == "tensorrt":
         from kiln.runtime.trt_backend import slot_backend_from_engines
