@@ -151,7 +151,7 @@ def load(
     cuda_graph: bool = False,
     tokenizer: bool = True,
     slots: int = 4,
-    spin: bool = False,
+    spin: bool = True,
 ) -> Generator:
     """Load an ONNX artifact (ONNX Runtime) or an engine folder (TensorRT) for generation.
 

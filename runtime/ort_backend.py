@@ -40,7 +40,7 @@ class OrtBackend:
         threads: int = 0,
         io_binding: bool = True,
         profile_dir: Path | None = None,
-        spin: bool = False,
+        spin: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -56,8 +56,8 @@ class OrtBackend:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        # No spinning threads between ops unless asked, as in OrtSlotBackend
-        # (runtime/ort_slots.py): on a shared 2-core CPU spinning halved decode speed.
+        # Spinning between ops, as in OrtSlotBackend (runtime/ort_slots.py): faster on an idle
+        # host (+10% smollm concat decode), much slower on a shared one (spin=False there).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if profile_dir is not None:
             opts.enable_profiling = True

@@ -66,7 +66,7 @@ class OrtSlotBackend:
         threads: int = 0,
         profile_dir: Path | None = None,
         log_severity: int = 3,
-        spin: bool = False,
+        spin: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -86,9 +86,10 @@ class OrtSlotBackend:
         opts.log_severity_level = log_severity
         if threads:
             opts.intra_op_num_threads = threads
-        # Spinning threads keep a core each between ops. With anything else on the CPU (a
-        # server's HTTP loop, other processes) that halved decode speed on 2 cores (measured:
-        # 86 -> 47 ms per smollm step at load 5); onnxruntime-genai does not spin either.
+        # Spinning threads keep a core each between ops: on an idle host that is faster (smollm
+        # static decode +27%, quiet 2 cores), but with anything else on the CPU (a server's HTTP
+        # loop, other processes) it halved decode speed (86 -> 47 ms per step at load 5). ORT
+        # spins by default; the server turns it off.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if profile_dir is not None:
             opts.enable_profiling = True

@@ -105,7 +105,7 @@ def load_slots(
     profile_dir: Path | None = None,
     cuda_graph: bool = False,
     tokenizer: bool = True,
-    spin: bool = False,
+    spin: bool = True,
 ) -> SlotGenerator:
     """Load a static-KV artifact (`kiln export --kv static`) for slot-based generation.
 

@@ -55,7 +55,10 @@ def slots_loader(
     def load() -> Any:
         from kiln.runtime import load_slots
 
-        return load_slots(artifact, slots=slots, backend=backend, device=device, threads=threads)
+        # No spinning ORT threads: they would take the cores the HTTP event loop needs.
+        return load_slots(
+            artifact, slots=slots, backend=backend, device=device, threads=threads, spin=False
+        )
 
     return load
 

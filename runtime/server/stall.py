@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from kiln.runtime import load_slots
 
-    gen = load_slots(args.artifact, slots=args.slots, threads=args.threads, tokenizer=False)
+    gen = load_slots(
+        args.artifact, slots=args.slots, threads=args.threads, tokenizer=False, spin=False
+    )
     decode = min(gen.backend.max_context - 4, 200)
     rows = [
         measure(
