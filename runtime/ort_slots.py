@@ -115,7 +115,9 @@ class OrtSlotBackend:
         self.device = device
         self.slots = slots
         self.max_context = m
-        self.vocab = int(self.session.get_outputs()[0].shape[-1])
+        logits_out = self.session.get_outputs()[0]
+        self.vocab = int(logits_out.shape[-1])
+        self.logits_dtype = _NP_DTYPE[logits_out.type]  # float16 for an fp16 export
         self._lengths = [0] * slots
         self._row_shape = (hkv, m, d)
         self._slot_bytes = hkv * m * d * np.dtype(self.kv_dtype).itemsize
@@ -124,7 +126,7 @@ class OrtSlotBackend:
             ort.OrtValue.ortvalue_from_numpy(np.zeros((slots, hkv, m, d), self.kv_dtype), device, 0)
             for _ in self.past_names
         ]
-        self._logits = np.empty(slots * self.vocab, np.float32)  # grown for wide prefills
+        self._logits = np.empty(slots * self.vocab, self.logits_dtype)  # grown for wide prefills
         self._bindings: dict[tuple[int, int], Any] = {}
         self._last_binding: Any = None
         log.debug("static KV: %d slots x %d positions, %.1f MiB", slots, m, self.kv_bytes / 2**20)
@@ -281,18 +283,18 @@ class OrtSlotBackend:
             # Padding repeats the last real position (length-dependent RoPE reads the largest).
             pos[r] = start + np.minimum(np.arange(s), n - 1)
         if self._logits.size < rows * s * self.vocab:
-            self._logits = np.empty(rows * s * self.vocab, np.float32)
+            self._logits = np.empty(rows * s * self.vocab, self.logits_dtype)
         logits_RSV = self._logits[: rows * s * self.vocab].reshape(rows, s, self.vocab)
         binding = self._binding(call.lo, call.hi)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("position_ids", pos)
         binding.bind_cpu_input("write_index", index)
         binding.bind_output(
-            "logits", "cpu", 0, np.float32, logits_RSV.shape, logits_RSV.ctypes.data
+            "logits", "cpu", 0, self.logits_dtype, logits_RSV.shape, logits_RSV.ctypes.data
         )
         self.session.run_with_iobinding(binding)
         self._last_binding = (binding, call.lo)
         for f in call.feeds:
             self._lengths[f.slot] = (0 if f.restart else self._lengths[f.slot]) + len(f.tokens)
         rows_N = np.array([f.slot - call.lo for f in call.feeds])
-        return logits_RSV[rows_N, last]
+        return logits_RSV[rows_N, last].astype(np.float32, copy=False)

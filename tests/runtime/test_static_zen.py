@@ -16,6 +16,14 @@ def test_zen_text_through_static_slots(exported):
     assert streamed == done.text
 
 
+def test_zen_text_through_static_fp16(exported):
+    """An fp16 static export: fp16 buffers and fp16 logits, handed back as float32."""
+    gen = load(exported("zen", "fp16", kv="static"), slots=2)
+    assert gen.backend.logits_dtype.__name__ == "float16"
+    done = gen.generate(ZEN_PROMPT, max_new_tokens=400)
+    assert ZEN_PROMPT + done.text == zen_text()
+
+
 def test_zen_lines_share_slots(exported):
     """Three prompts cut from the text, over 2 slots: each continues the text as alone."""
     gen = load(exported("zen", "fp32", kv="static"), slots=2)
