@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENGINE_PROFILES = ("rtx-ampere-ada-fp16", "rtx-ampere-ada-int8wo")
+STATIC_MAX_CONTEXT = 384  # the prompt and the whole text fit; the engine profile allows it
 
 
 @dataclass
@@ -48,7 +49,10 @@ def _check_text(stage: str, artifact: Path, expected: str) -> tuple[bool, str]:
 
 
 def run_demo(out: Path, *, model: Path | None = None) -> int:
-    """Export, optimize to fp16 and int8, build TensorRT-RTX engines, generate from each ONNX.
+    """Run every stage on the bundled model and generate its text from each ONNX artifact.
+
+    Export (concat and static KV), optimize (TensorRT and ONNX Runtime targets), and build
+    TensorRT-RTX engines.
 
     Returns 0 when every ONNX artifact reproduces the text and every engine built.
     """
@@ -76,17 +80,56 @@ def run_demo(out: Path, *, model: Path | None = None) -> int:
             stage, lambda p=precision: optimize_model(onnx, out / f"optimized-{p}", precision=p)
         )
         rows[-1].ok, rows[-1].result = _check_text(stage, optimized[precision], expected)
+    stage = "optimize onnxruntime int4"
+    ort_int4 = timed_stage(
+        stage,
+        lambda: optimize_model(
+            onnx, out / "optimized-ort-int4", target="onnxruntime", precision="int4"
+        ),
+    )
+    rows[-1].ok, rows[-1].result = _check_text(stage, ort_int4, expected)
+    # The static layout: preallocated per-slot KV buffers written in place (what serving uses).
+    static = {}
+    for precision in ("fp32", "fp16"):
+        stage = f"export static {precision}"
+        static[precision] = timed_stage(
+            stage,
+            lambda p=precision: export_model(
+                source,
+                out / f"onnx-static-{p}",
+                precision=p,
+                kv="static",
+                max_context=STATIC_MAX_CONTEXT,
+            ),
+        )
+        rows[-1].ok, rows[-1].result = _check_text(stage, static[precision], expected)
+    stage = "optimize static onnxruntime fp32"
+    static_ort = timed_stage(
+        stage,
+        lambda: optimize_model(
+            static["fp32"],
+            out / "optimized-static-ort-fp32",
+            target="onnxruntime",
+            precision="fp32",
+        ),
+    )
+    rows[-1].ok, rows[-1].result = _check_text(stage, static_ort, expected)
     try:
         import tensorrt_rtx  # noqa: F401
     except ImportError:
         print("\n(no tensorrt_rtx: install the engine extra to build engines)")
     else:
-        for name, precision in zip(ENGINE_PROFILES, ("fp16", "int8"), strict=True):
-            stage = f"engine {name}"
-            folder = timed_stage(
-                stage,
-                lambda n=name, p=precision: build_engine(optimized[p], n, out / "engines" / n),
-            )
+        builds = [
+            (name, optimized[p], out / "engines" / name)
+            for name, p in zip(ENGINE_PROFILES, ("fp16", "int8"), strict=True)
+        ]
+        builds.append(
+            (ENGINE_PROFILES[0], static["fp16"], out / "engines-static" / ENGINE_PROFILES[0])
+        )
+        for name, artifact, folder in builds:
+            layout = "static" if "static" in folder.parent.name else "concat"
+            stage = f"engine {name} ({layout})"
+            timed_stage(stage, lambda n=name, a=artifact, f=folder: build_engine(a, n, f))
             m = read_engine(folder)
             targets = "+".join(m["compute_capabilities"])
             library = f"{m['library']['name']} {m['library']['version']}"
@@ -94,8 +137,8 @@ def run_demo(out: Path, *, model: Path | None = None) -> int:
                 f"{m['plan']['bytes'] / 1e6:.1f} MB plan for SM {targets} ({library}); "
                 "runs on a matching GPU"
             )
-    print(f"\n{'stage':<32} {'time':>7}  result")
+    print(f"\n{'stage':<38} {'time':>7}  result")
     for r in rows:
-        print(f"{r.stage:<32} {r.seconds:6.1f}s  {r.result}")
+        print(f"{r.stage:<38} {r.seconds:6.1f}s  {r.result}")
     print(f"artifacts under {out}/")
     return 0 if all(r.ok for r in rows) else 1
