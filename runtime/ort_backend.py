@@ -28,6 +28,19 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when onnxruntime-gpu is installed, else 'cpu'; 'cuda' without it fails."""
+    providers = available_providers()
+    if device == "auto":
+        return "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+    if device == "cuda" and "CUDAExecutionProvider" not in providers:
+        raise ArtifactError(
+            f"device 'cuda' needs onnxruntime-gpu; this onnxruntime has {providers}. "
+            "Install onnxruntime-gpu or use --device cpu."
+        )
+    return device
+
+
 class OrtBackend:
     """An InferenceSession over a model.onnx with the export stage's I/O contract."""
 
@@ -44,14 +57,7 @@ class OrtBackend:
     ) -> None:
         import onnxruntime as ort
 
-        providers = available_providers()
-        if device == "auto":
-            device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
-        if device == "cuda" and "CUDAExecutionProvider" not in providers:
-            raise ArtifactError(
-                f"device 'cuda' needs onnxruntime-gpu; this onnxruntime has {providers}. "
-                "Install onnxruntime-gpu or use --device cpu."
-            )
+        device = resolve_device(device)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

@@ -70,18 +70,11 @@ class OrtSlotBackend:
     ) -> None:
         import onnxruntime as ort
 
-        from kiln.runtime.ort_backend import available_providers
+        from kiln.runtime.ort_backend import resolve_device
 
         if slots < 1:
             raise KilnError(f"slots={slots}: a slot backend needs at least 1 slot.")
-        providers = available_providers()
-        if device == "auto":
-            device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
-        if device == "cuda" and "CUDAExecutionProvider" not in providers:
-            raise ArtifactError(
-                f"device 'cuda' needs onnxruntime-gpu; this onnxruntime has {providers}. "
-                "Install onnxruntime-gpu or use --device cpu."
-            )
+        device = resolve_device(device)
         opts = ort.SessionOptions()
         opts.log_severity_level = log_severity
         if threads:
