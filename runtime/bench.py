@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=128, help="new tokens per runner (min = max)")
     p.add_argument("--batches", default="1,4", help="batch sizes for decode tokens/s")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per figure (best kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best kept)")
     p.add_argument("--profile-new", type=int, default=32, help="decode steps profiled (0: none)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
