@@ -20,19 +20,17 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kiln.errors import ArtifactError, KilnError
-from kiln.runtime.slots import SlotFeed
+from kiln.runtime.slots import SlotCall, SlotFeed, advance, call_inputs, check_feeds, plan_calls
 
 log = logging.getLogger(__name__)
 
 _NP_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-PAD_TOKEN = 0  # any valid id: padding rows are written past a slot's length and stay masked
 # ORT's TensorScatter CPU kernel logs this (WARNING) when present is not past's buffer.
 _COPY_LOG = re.compile(
     r"in-place optimization not activated, copying past_cache to present_cache \((\d+) bytes\)"
@@ -42,16 +40,6 @@ _COPY_LOG = re.compile(
 def scatter_copy_bytes(ort_log: str) -> int:
     """Bytes ORT's TensorScatter copied past -> present, summed from its log (0: in place)."""
     return sum(int(n) for n in _COPY_LOG.findall(ort_log))
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One graph call: the slot range it binds and the feeds it carries (others idle)."""
-
-    lo: int
-    hi: int
-    feeds: tuple[SlotFeed, ...]
-    width: int  # S
 
 
 class OrtSlotBackend:
@@ -141,10 +129,10 @@ class OrtSlotBackend:
 
     def step(self, feeds: Sequence[SlotFeed]) -> np.ndarray:
         """Run the feeds (validated first, buffers untouched on error); logits_NV, feed order."""
-        self._validate(feeds)
+        check_feeds(feeds, self._lengths, vocab=self.vocab, max_context=self.max_context)
         out = np.empty((len(feeds), self.vocab), np.float32)
         order = {f.slot: n for n, f in enumerate(feeds)}
-        for call in self._plan(feeds):
+        for call in plan_calls(feeds, self._lengths, self.max_context):
             for feed, logits_V in zip(call.feeds, self._run(call), strict=True):
                 out[order[feed.slot]] = logits_V
         return out
@@ -170,76 +158,12 @@ class OrtSlotBackend:
         opts = self.session.get_session_options()
         return self.session.end_profiling() if opts.enable_profiling else None
 
-    # -- planning ------------------------------------------------------------------------------
-
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.slots:
             raise KilnError(
                 f"Slot {slot} is out of range: this backend holds slots 0..{self.slots - 1}; "
                 f"use a slot below {self.slots} or load with more slots."
             )
-
-    def _validate(self, feeds: Sequence[SlotFeed]) -> None:
-        seen: set[int] = set()
-        for f in feeds:
-            self._check_slot(f.slot)
-            if f.slot in seen:
-                raise KilnError(
-                    f"Slot {f.slot} is fed twice in one step; merge its tokens into one SlotFeed."
-                )
-            seen.add(f.slot)
-            if len(f.tokens) == 0:
-                raise KilnError(
-                    f"Slot {f.slot} is fed no tokens; feed at least one token or leave the slot "
-                    "out of this step."
-                )
-            bad = [t for t in f.tokens if not 0 <= int(t) < self.vocab]
-            if bad:
-                raise KilnError(
-                    f"Slot {f.slot}: token id {bad[0]} is outside the vocabulary "
-                    f"(0..{self.vocab - 1}); encode the prompt with this artifact's tokenizer."
-                )
-            start = 0 if f.restart else self._lengths[f.slot]
-            if start + len(f.tokens) > self.max_context:
-                raise KilnError(
-                    f"Slot {f.slot} holds {start} positions; {len(f.tokens)} more would pass this "
-                    f"artifact's max context of {self.max_context}. Release or restart the slot, "
-                    "shorten the input, or re-export with a larger --max-context."
-                )
-
-    def _plan(self, feeds: Sequence[SlotFeed]) -> list[_Call]:
-        """Split a step into calls: wide feeds (prefill) first, then one-token feeds (decode).
-
-        Each group runs as one call over the slot range it spans when every row in that range
-        fits the width and padding is at most half the work; otherwise one call per feed.
-        """
-        wide = [f for f in feeds if len(f.tokens) > 1 or f.restart]
-        narrow = [f for f in feeds if not (len(f.tokens) > 1 or f.restart)]
-        lengths = list(self._lengths)
-        calls: list[_Call] = []
-        for group in (wide, narrow):
-            if not group:
-                continue
-            calls += self._group_calls(group, lengths)
-            for f in group:
-                lengths[f.slot] = (0 if f.restart else lengths[f.slot]) + len(f.tokens)
-        return calls
-
-    def _group_calls(self, group: list[SlotFeed], lengths: list[int]) -> list[_Call]:
-        lo = min(f.slot for f in group)
-        hi = max(f.slot for f in group) + 1
-        width = max(len(f.tokens) for f in group)
-        fed = {f.slot: f for f in group}
-        starts = [
-            (0 if fed[s].restart else lengths[s]) if s in fed else lengths[s] for s in range(lo, hi)
-        ]
-        real = sum(len(f.tokens) for f in group)
-        fits = all(start + width <= self.max_context for start in starts)
-        if fits and (hi - lo) * width <= 2 * real:
-            return [_Call(lo, hi, tuple(sorted(group, key=lambda f: f.slot)), width)]
-        return [_Call(f.slot, f.slot + 1, (f,), len(f.tokens)) for f in group]
-
-    # -- running -------------------------------------------------------------------------------
 
     def _binding(self, lo: int, hi: int) -> Any:
         """IO binding of slots [lo, hi): past and present of each layer at the same address."""
@@ -256,25 +180,10 @@ class OrtSlotBackend:
             self._bindings[key] = binding
         return self._bindings[key]
 
-    def _run(self, call: _Call) -> np.ndarray:
+    def _run(self, call: SlotCall) -> np.ndarray:
         """One graph call over slots [lo, hi); logits_NV at each fed slot's last token."""
-        rows, s = call.hi - call.lo, call.width
-        ids = np.full((rows, s), PAD_TOKEN, np.int64)
-        pos = np.empty((rows, s), np.int64)
-        index = np.empty(rows, np.int64)
-        last = np.zeros(len(call.feeds), np.int64)
-        fed = {f.slot: (i, f) for i, f in enumerate(call.feeds)}
-        for r, slot in enumerate(range(call.lo, call.hi)):
-            if slot in fed:
-                i, f = fed[slot]
-                start, n = (0 if f.restart else self._lengths[slot]), len(f.tokens)
-                ids[r, :n] = f.tokens
-                last[i] = n - 1
-            else:  # idle: one padding row at its length, masked until overwritten
-                start, n = self._lengths[slot], 1
-            index[r] = start
-            # Padding repeats the last real position (length-dependent RoPE reads the largest).
-            pos[r] = start + np.minimum(np.arange(s), n - 1)
+        ids, pos, index, pick = call_inputs(call, self._lengths)
+        rows, s = ids.shape
         if self._logits.size < rows * s * self.vocab:
             self._logits = np.empty(rows * s * self.vocab, self.logits_dtype)
         logits_RSV = self._logits[: rows * s * self.vocab].reshape(rows, s, self.vocab)
@@ -287,7 +196,5 @@ class OrtSlotBackend:
         )
         self.session.run_with_iobinding(binding)
         self._last_binding = (binding, call.lo)
-        for f in call.feeds:
-            self._lengths[f.slot] = (0 if f.restart else self._lengths[f.slot]) + len(f.tokens)
-        rows_N = np.array([f.slot - call.lo for f in call.feeds])
-        return logits_RSV[rows_N, last].astype(np.float32, copy=False)
+        advance(self._lengths, call)
+        return logits_RSV[pick[:, 0], pick[:, 1]].astype(np.float32, copy=False)

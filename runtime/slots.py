@@ -7,7 +7,10 @@ idle. A finished sequence's slot is refilled by the next request while the other
 The ONNX Runtime and TensorRT backends implement this; the `Generator` (static artifacts) and the
 server's scheduler use nothing else.
 
-Letters in names: N slots fed this step, V vocab.
+Both backends plan a step the same way (`check_feeds`, `plan_calls`, `call_inputs` below) and
+differ only in how a call runs.
+
+Letters in names: N slots fed this step, R rows (slots) in one call, S new tokens, V vocab.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from kiln.errors import KilnError
+
+PAD_TOKEN = 0  # any valid id: padding is written past a slot's length and stays masked
 
 
 @dataclass(frozen=True)
@@ -51,3 +58,114 @@ class SlotBackend(Protocol):
     def release(self, slot: int) -> None:
         """Mark a slot free (its buffers are overwritten by the next restart)."""
         ...
+
+
+def check_feeds(
+    feeds: Sequence[SlotFeed], lengths: Sequence[int], *, vocab: int, max_context: int
+) -> None:
+    """Raise a KilnError naming the slot and the fix before any buffer is touched."""
+    slots = len(lengths)
+    seen: set[int] = set()
+    for f in feeds:
+        if not 0 <= f.slot < slots:
+            raise KilnError(
+                f"Slot {f.slot} is out of range: this backend holds slots 0..{slots - 1}; "
+                f"use a slot below {slots} or load with more slots."
+            )
+        if f.slot in seen:
+            raise KilnError(
+                f"Slot {f.slot} is fed twice in one step; merge its tokens into one SlotFeed."
+            )
+        seen.add(f.slot)
+        if len(f.tokens) == 0:
+            raise KilnError(
+                f"Slot {f.slot} is fed no tokens; feed at least one token or leave the slot "
+                "out of this step."
+            )
+        bad = [t for t in f.tokens if not 0 <= int(t) < vocab]
+        if bad:
+            raise KilnError(
+                f"Slot {f.slot}: token id {bad[0]} is outside the vocabulary "
+                f"(0..{vocab - 1}); encode the prompt with this artifact's tokenizer."
+            )
+        start = 0 if f.restart else lengths[f.slot]
+        if start + len(f.tokens) > max_context:
+            raise KilnError(
+                f"Slot {f.slot} holds {start} positions; {len(f.tokens)} more would pass this "
+                f"artifact's max context of {max_context}. Release or restart the slot, "
+                "shorten the input, or re-export with a larger --max-context."
+            )
+
+
+@dataclass(frozen=True)
+class SlotCall:
+    """One graph or engine call: the slot range it binds and the feeds it carries."""
+
+    lo: int
+    hi: int
+    feeds: tuple[SlotFeed, ...]
+    width: int  # S
+
+
+def plan_calls(
+    feeds: Sequence[SlotFeed], lengths: Sequence[int], max_context: int
+) -> list[SlotCall]:
+    """Split a step: wide feeds (prefill) first, then one-token feeds (decode).
+
+    A group runs as one call over the slot range it spans when every row in it fits the width
+    and padding is at most half the work; otherwise one call per feed. Slots in the range that
+    are not fed idle on one padding row written at their length (masked until overwritten).
+    """
+    wide = [f for f in feeds if len(f.tokens) > 1 or f.restart]
+    narrow = [f for f in feeds if not (len(f.tokens) > 1 or f.restart)]
+    now = list(lengths)
+    calls: list[SlotCall] = []
+    for group in (wide, narrow):
+        if not group:
+            continue
+        lo, hi = min(f.slot for f in group), max(f.slot for f in group) + 1
+        width = max(len(f.tokens) for f in group)
+        fed = {f.slot: f for f in group}
+        starts = [0 if s in fed and fed[s].restart else now[s] for s in range(lo, hi)]
+        real = sum(len(f.tokens) for f in group)
+        if all(s + width <= max_context for s in starts) and (hi - lo) * width <= 2 * real:
+            calls.append(SlotCall(lo, hi, tuple(sorted(group, key=lambda f: f.slot)), width))
+        else:
+            calls += [SlotCall(f.slot, f.slot + 1, (f,), len(f.tokens)) for f in group]
+        for f in group:
+            now[f.slot] = (0 if f.restart else now[f.slot]) + len(f.tokens)
+    return calls
+
+
+def call_inputs(
+    call: SlotCall, lengths: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ids_RS, positions_RS, write_index_R and each feed's (row, last token) index_N2.
+
+    Rows are right-padded as export/check.py check_static_parity does: padding repeats the
+    row's last real position (length-dependent RoPE reads the largest); idle rows write one
+    padding token at their length.
+    """
+    rows, s = call.hi - call.lo, call.width
+    ids = np.full((rows, s), PAD_TOKEN, np.int64)
+    pos = np.empty((rows, s), np.int64)
+    index = np.empty(rows, np.int64)
+    pick = np.zeros((len(call.feeds), 2), np.int64)
+    fed = {f.slot: (i, f) for i, f in enumerate(call.feeds)}
+    for r, slot in enumerate(range(call.lo, call.hi)):
+        if slot in fed:
+            i, f = fed[slot]
+            start, n = (0 if f.restart else lengths[slot]), len(f.tokens)
+            ids[r, :n] = f.tokens
+            pick[i] = (r, n - 1)
+        else:
+            start, n = lengths[slot], 1
+        index[r] = start
+        pos[r] = start + np.minimum(np.arange(s), n - 1)
+    return ids, pos, index, pick
+
+
+def advance(lengths: list[int], call: SlotCall) -> None:
+    """Record the positions a finished call wrote into each fed slot."""
+    for f in call.feeds:
+        lengths[f.slot] = (0 if f.restart else lengths[f.slot]) + len(f.tokens)

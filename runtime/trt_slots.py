@@ -32,7 +32,7 @@ import numpy as np
 
 from kiln.errors import ArtifactError, KilnError
 from kiln.runtime.cuda_mem import DeviceBuffer, Stream
-from kiln.runtime.slots import SlotFeed
+from kiln.runtime.slots import SlotCall, SlotFeed, advance, call_inputs, check_feeds, plan_calls
 from kiln.runtime.trt_backend import (
     deserialize_plan,
     load_runtime_cache,
@@ -43,8 +43,6 @@ from kiln.runtime.trt_backend import (
 )
 
 log = logging.getLogger(__name__)
-
-PAD_TOKEN = 0  # any valid id: padding is written past a slot's length and stays masked
 
 
 @dataclass(frozen=True)
@@ -117,106 +115,16 @@ def pick_profile(spec: SlotSpec, width: int) -> int:
 def validate_feeds(
     feeds: Sequence[SlotFeed], lengths: Sequence[int], spec: SlotSpec, slots: int
 ) -> None:
-    """Raise a KilnError naming the slot and the fix before any buffer is touched."""
-    seen: set[int] = set()
+    """The slot checks (kiln.runtime.slots.check_feeds) plus the engine's widest call."""
+    check_feeds(feeds, list(lengths)[:slots], vocab=spec.vocab, max_context=spec.max_context)
     for f in feeds:
-        if not 0 <= f.slot < slots:
+        if len(f.tokens) > spec.max_new:
             raise KilnError(
-                f"Slot {f.slot} is out of range: this backend holds slots 0..{slots - 1}; use a "
-                f"slot below {slots} or load with more slots (this engine allows {spec.max_slots})."
+                f"Slot {f.slot} is fed {len(f.tokens)} tokens, more than this engine's "
+                f"optimization profiles take in one call ({spec.max_new}); feed the prompt in "
+                f"chunks of at most {spec.max_new}, or rebuild with a larger [profile.prefill] "
+                "max_sequence."
             )
-        if f.slot in seen:
-            raise KilnError(f"Slot {f.slot} is fed twice in one step; merge its tokens into one.")
-        seen.add(f.slot)
-        n = len(f.tokens)
-        if n == 0:
-            raise KilnError(f"Slot {f.slot} is fed no tokens; feed one or leave the slot out.")
-        bad = [t for t in f.tokens if not 0 <= int(t) < spec.vocab]
-        if bad:
-            raise KilnError(
-                f"Slot {f.slot}: token id {bad[0]} is outside the vocabulary "
-                f"(0..{spec.vocab - 1}); encode the prompt with this artifact's tokenizer."
-            )
-        if n > spec.max_new:
-            raise KilnError(
-                f"Slot {f.slot} is fed {n} tokens, more than this engine's optimization profiles "
-                f"take in one call ({spec.max_new}); feed the prompt in chunks of at most "
-                f"{spec.max_new}, or rebuild with a larger [profile.prefill] max_sequence."
-            )
-        start = 0 if f.restart else lengths[f.slot]
-        if start + n > spec.max_context:
-            raise KilnError(
-                f"Slot {f.slot} holds {start} positions; {n} more would pass this engine's max "
-                f"context of {spec.max_context}. Release or restart the slot, shorten the input, "
-                "or re-export with a larger --max-context and rebuild."
-            )
-
-
-@dataclass(frozen=True)
-class SlotCall:
-    """One engine call: the slot range it binds and the feeds it carries (others idle)."""
-
-    lo: int
-    hi: int
-    feeds: tuple[SlotFeed, ...]
-    width: int  # S
-
-
-def plan_calls(
-    feeds: Sequence[SlotFeed], lengths: Sequence[int], max_context: int
-) -> list[SlotCall]:
-    """Split a step: wide feeds (prefill) first, then one-token feeds (decode).
-
-    A group runs as one call over the slot range it spans when every row in it fits the width
-    and padding is at most half the work; otherwise one call per feed (the ORT backend's rule).
-    """
-    wide = [f for f in feeds if len(f.tokens) > 1 or f.restart]
-    narrow = [f for f in feeds if not (len(f.tokens) > 1 or f.restart)]
-    now = list(lengths)
-    calls: list[SlotCall] = []
-    for group in (wide, narrow):
-        if not group:
-            continue
-        lo, hi = min(f.slot for f in group), max(f.slot for f in group) + 1
-        width = max(len(f.tokens) for f in group)
-        fed = {f.slot: f for f in group}
-        starts = [0 if s in fed and fed[s].restart else now[s] for s in range(lo, hi)]
-        real = sum(len(f.tokens) for f in group)
-        if all(s + width <= max_context for s in starts) and (hi - lo) * width <= 2 * real:
-            calls.append(SlotCall(lo, hi, tuple(sorted(group, key=lambda f: f.slot)), width))
-        else:
-            calls += [SlotCall(f.slot, f.slot + 1, (f,), len(f.tokens)) for f in group]
-        for f in group:
-            now[f.slot] = (0 if f.restart else now[f.slot]) + len(f.tokens)
-    return calls
-
-
-def call_inputs(
-    call: SlotCall, lengths: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """ids_RS, positions_RS, write_index_R and each feed's (row, last token) index_N2.
-
-    Rows are right-padded as export/check.py check_static_parity does: padding repeats the
-    row's last real position (length-dependent RoPE reads the largest); idle rows write one
-    padding token at their length.
-    """
-    rows, s = call.hi - call.lo, call.width
-    ids = np.full((rows, s), PAD_TOKEN, np.int64)
-    pos = np.empty((rows, s), np.int64)
-    index = np.empty(rows, np.int64)
-    pick = np.zeros((len(call.feeds), 2), np.int64)
-    fed = {f.slot: (i, f) for i, f in enumerate(call.feeds)}
-    for r, slot in enumerate(range(call.lo, call.hi)):
-        if slot in fed:
-            i, f = fed[slot]
-            start, n = (0 if f.restart else lengths[slot]), len(f.tokens)
-            ids[r, :n] = f.tokens
-            pick[i] = (r, n - 1)
-        else:
-            start, n = lengths[slot], 1
-        index[r] = start
-        pos[r] = start + np.minimum(np.arange(s), n - 1)
-    return ids, pos, index, pick
 
 
 class SlotRunner:
@@ -262,8 +170,7 @@ class SlotRunner:
             logits_NV = self._execute(call, ids, pos, index, pick)
             for f, row in zip(call.feeds, logits_NV, strict=True):
                 out[order[f.slot]] = row
-            for f in call.feeds:
-                self._lengths[f.slot] = (0 if f.restart else self._lengths[f.slot]) + len(f.tokens)
+            advance(self._lengths, call)
         return out
 
     def _execute(

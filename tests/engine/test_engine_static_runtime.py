@@ -22,16 +22,8 @@ from kiln.parity import TOL, compare
 from kiln.runtime.artifact import inspect_artifact
 from kiln.runtime.cuda_mem import gpu_compute_capability
 from kiln.runtime.gpu_check import greedy_slots
-from kiln.runtime.slots import SlotFeed
-from kiln.runtime.trt_slots import (
-    SlotCall,
-    SlotRunner,
-    call_inputs,
-    pick_profile,
-    plan_calls,
-    slot_spec,
-    validate_feeds,
-)
+from kiln.runtime.slots import SlotCall, SlotFeed, call_inputs, plan_calls
+from kiln.runtime.trt_slots import SlotRunner, pick_profile, slot_spec, validate_feeds
 
 pytest.importorskip("tensorrt_rtx", reason="the engine extra (tensorrt-rtx) is not installed")
 
