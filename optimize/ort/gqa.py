@@ -96,16 +96,23 @@ def _heads(q: ir.Value, k: ir.Value) -> tuple[int, int] | str:
     return h, hkv
 
 
-class ConcatGqaRule(pattern.RewriteRuleClassBase):
-    """Concat-layout attention (grouped or per-head form) -> GroupQueryAttention."""
+class _SharedValuesRule(pattern.RewriteRuleClassBase):
+    """A rule whose rewrites share values built once per model (the mask, seqlens)."""
 
-    def __init__(self) -> None:
-        super().__init__("gqa-concat", remove_nodes=True)
+    def __init__(self, name: str) -> None:
+        super().__init__(name, remove_nodes=True)
         self._shared: dict[str, ir.Value] = {}
 
     def cleanup(self) -> None:
         """Forget the shared mask values: the next model builds its own."""
         self._shared.clear()
+
+
+class ConcatGqaRule(_SharedValuesRule):
+    """Concat-layout attention (grouped or per-head form) -> GroupQueryAttention."""
+
+    def __init__(self) -> None:
+        super().__init__("gqa-concat")
 
     def pattern(self, op, q, k, v, past_k, past_v, masked_out, fill, scale, out_shape):
         """Concat past, (grouped) Q K^T * scale, Where(!mask, fill), Softmax, @ V, to BSD."""
@@ -191,16 +198,11 @@ class ConcatGqaRule(pattern.RewriteRuleClassBase):
         return _to_shape(op, out, out_shape, attn_out, q), pk, pv
 
 
-class StaticGqaRule(pattern.RewriteRuleClassBase):
+class StaticGqaRule(_SharedValuesRule):
     """Opset-24 Attention over TensorScatter-written buffers -> GroupQueryAttention."""
 
     def __init__(self) -> None:
-        super().__init__("gqa-static", remove_nodes=True)
-        self._shared: dict[str, ir.Value] = {}
-
-    def cleanup(self) -> None:
-        """Forget the shared mask values: the next model builds its own."""
-        self._shared.clear()
+        super().__init__("gqa-static")
 
     def pattern(self, op, q, k, v, past_k, past_v, write_index, mask, out_shape):
         """TensorScatter K/V at write_index, opset-24 Attention over the buffers, to BSD."""
