@@ -48,7 +48,7 @@ engines: $(STAMP)  ## TensorRT engines per GPU profile + table of precision, siz
 	$(KILN) build $(foreach p,$(ENGINE_PRECISIONS),$(OUT)/optimized-$(p)) --profile $(PROFILES) --out $(OUT)/engines
 
 bench-engine: $(STAMP)  ## GPT-2-small-shaped engine build, kiln vs bare polygraphy convert: overhead ratio, peak memory, size
-	$(PY) -m kiln.engine.bench --out out/bench-engine
+	$(PY) -m bench.engine_build --out out/bench-engine
 
 PROMPT ?= Beautiful is better than
 ARTIFACT ?= $(OUT)/onnx
@@ -56,7 +56,7 @@ generate: $(OUT)/onnx/export.json  ## text from an artifact (ARTIFACT=folder PRO
 	$(KILN) generate $(ARTIFACT) --prompt "$(PROMPT)" $(GENERATE_FLAGS)
 
 bench: $(STAMP)  ## the race: kiln concat/static fp32/static int4 vs HF eager vs ort-genai fp32/int4 (TTFT, tok/s b1/b4, memory, roofline, issue 7 ratios); BENCH_FLAGS="--models smollm --runners kiln-static,genai"
-	$(PY) -m kiln.runtime.bench --out out/bench $(BENCH_FLAGS)
+	$(PY) -m bench.race --out out/bench $(BENCH_FLAGS)
 
 # Serving: the bundled model exported with static KV slots, unless ARTIFACT= names a static folder.
 .PHONY: serve load
@@ -72,11 +72,11 @@ serve: $(STAMP)  ## OpenAI-compatible server with continuous batching on 127.0.0
 
 load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients: req/s, TTFT p50/p99, tok/s; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server)
 	@if [ -z "$(URL)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
-	$(PY) -m kiln.runtime.server.load --out out/load --artifact $(SERVE_ARTIFACT) $(if $(URL),--url $(URL)) $(LOAD_FLAGS)
-	@if [ -z "$(URL)" ]; then $(PY) -m kiln.runtime.server.stall $(SERVE_ARTIFACT) --out out/load; fi
+	$(PY) -m bench.loadtest --out out/load --artifact $(SERVE_ARTIFACT) $(if $(URL),--url $(URL)) $(LOAD_FLAGS)
+	@if [ -z "$(URL)" ]; then $(PY) -m bench.stall $(SERVE_ARTIFACT) --out out/load; fi
 
 gpu-check: $(STAMP)  ## on a GPU host: build an engine for this GPU and prove the TensorRT backend end to end
-	$(PY) -m kiln.runtime.gpu_check --out out/gpu-check
+	$(PY) -m bench.gpu_check --out out/gpu-check
 
 demo: $(STAMP)  ## the whole pipeline on the bundled model: export, then generate its text from the ONNX
 	$(KILN) demo --out out/demo

@@ -3,7 +3,7 @@
 `kiln serve ARTIFACT` runs it. The pieces: schemas.py (request validation), prepare.py (prompt
 ids and sampling params, model-dependent checks), scheduler.py (the engine thread and its
 continuous batching), app.py (FastAPI routes, SSE, health, metrics), serve.py (uvicorn with a
-draining shutdown), load.py (`make load`).
+draining shutdown). `make load` drives it from bench/loadtest.py.
 """
 
 from __future__ import annotations

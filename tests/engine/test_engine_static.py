@@ -1,7 +1,7 @@
 """Static-KV artifacts through TensorRT-RTX: in-place cache updates, slot profiles, manifest.
 
 Real parses and builds on this CPU-only machine (no mocks); the tiny Llama (2 layers, GQA 4/2)
-exported with `--kv static --max-context 256` (tests/conftest.py STATIC_MAX_CONTEXT_TINY).
+exported with `--kv static --max-context 256` (tests/tiny_models.py STATIC_MAX_CONTEXT_TINY).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kiln.errors import ArtifactError
 trt = pytest.importorskip("tensorrt_rtx", reason="the engine extra (tensorrt-rtx) is not installed")
 
 PROFILE = "rtx-ampere-ada-fp16"
-LAYERS, MAX_CONTEXT = 2, 256  # the tiny Llama; conftest's static slot length
+LAYERS, MAX_CONTEXT = 2, 256  # the tiny Llama; STATIC_MAX_CONTEXT_TINY
 SM86, SM89 = 0x04, 0x08  # target bits at header offset 0x20 (research README)
 
 

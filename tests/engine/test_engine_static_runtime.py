@@ -1,7 +1,7 @@
 """The TensorRT slot backend's host side, on CPU: engine.json reading, feed validation, planning.
 
 The device side (runtime/trt_slots.py TrtSlotBackend: cuda-python buffers bound as past and
-present) cannot run without a GPU; the gpu-marked test at the end runs it (runtime/gpu_check.py
+present) cannot run without a GPU; the gpu-marked test at the end runs it (bench/gpu_check.py
 run_static_checks). Here the same SlotRunner logic (validation, call planning, ids / positions /
 write_index, logits rows) drives the static ONNX through plain ONNX Runtime `run` with numpy
 buffers, and is compared with PyTorch, so a wrong write position, padding or logits row shows.
@@ -16,18 +16,18 @@ import pytest
 import torch
 import transformers as T
 
+from bench.gpu_check import greedy_slots
 from kiln.engine import build_engine, load_profile, read_engine
 from kiln.errors import ArtifactError, KilnError
 from kiln.parity import TOL, compare
 from kiln.runtime.artifact import inspect_artifact
 from kiln.runtime.cuda_mem import gpu_compute_capability
-from kiln.runtime.gpu_check import greedy_slots
 from kiln.runtime.slots import SlotCall, SlotFeed, call_inputs, plan_calls
 from kiln.runtime.trt_slots import SlotRunner, pick_profile, slot_spec, validate_feeds
 
 pytest.importorskip("tensorrt_rtx", reason="the engine extra (tensorrt-rtx) is not installed")
 
-M = 256  # conftest's static slot length for tiny models
+M = 256  # STATIC_MAX_CONTEXT_TINY in tests/tiny_models.py
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +248,8 @@ def test_greedy_schedule_with_refill_matches_pytorch_generate(static_fp32, spec,
     reason="no NVIDIA GPU/driver visible: TensorRT engines cannot be deserialized here",
 )
 def test_trt_slot_backend_on_the_gpu(tmp_path):
+    from bench.gpu_check import _library_for, run_static_checks
     from kiln.runtime.generator import load
-    from kiln.runtime.gpu_check import _library_for, run_static_checks
 
     cc = "{}.{}".format(*gpu_compute_capability())
     picked = _library_for(cc)

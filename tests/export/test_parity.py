@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import TINY_CONFIGS
+from tiny_models import TINY_CONFIGS
 
 from kiln.errors import ParityError
 from kiln.export.check import CheckPoint, check_parity, ort_session

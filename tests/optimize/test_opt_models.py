@@ -10,8 +10,7 @@ import json
 
 import onnx
 import pytest
-from conftest import TINY_CONFIGS
-from opt_fixtures import optimized  # noqa: F401  (fixture)
+from tiny_models import TINY_CONFIGS
 
 from kiln.optimize.passes import CLEANUP, FUSIONS
 
@@ -30,7 +29,7 @@ def _expected(name: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
-def test_fusions_match_and_keep_fp32_parity(optimized, name):  # noqa: F811
+def test_fusions_match_and_keep_fp32_parity(optimized, name):
     out = optimized(name, "fp32", ALL_FUSIONS)
     manifest = json.loads((out / "optimize.json").read_text())
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
@@ -43,7 +42,7 @@ def test_fusions_match_and_keep_fp32_parity(optimized, name):  # noqa: F811
     assert manifest["engine_hints"]["attention_decomposable"] is True  # fp32 IAttention
 
 
-def test_fusions_hold_on_an_fp16_export(optimized):  # noqa: F811
+def test_fusions_hold_on_an_fp16_export(optimized):
     """HF casts RMSNorm input and the RoPE tables in fp16 models; the rules accept the casts."""
     from trt_build import build
 

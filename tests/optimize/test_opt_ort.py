@@ -101,7 +101,7 @@ def _torch_model(name: str, tiny_model_dir):
 
 def test_static_slots_match_pytorch(ort_optimized, tiny_model_dir):
     """check_static_parity on the fused graph: ragged slots, 20 decode steps, a refill."""
-    from conftest import STATIC_MAX_CONTEXT_TINY
+    from tiny_models import STATIC_MAX_CONTEXT_TINY
 
     from kiln.export.check import check_static_parity
 

@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from opt_fixtures import optimized  # noqa: F401  (fixture)
 from trt_build import build
 
 from kiln.errors import KilnError
@@ -20,7 +19,7 @@ _ELEM = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_precision_types_parity_and_io(optimized, exported, precision):  # noqa: F811
+def test_precision_types_parity_and_io(optimized, exported, precision):
     out = optimized("llama", precision)
     proto = onnx.load(str(out / "model.onnx"))
     onnx.shape_inference.infer_shapes(proto, strict_mode=True, check_type=True)
@@ -44,7 +43,7 @@ def test_precision_types_parity_and_io(optimized, exported, precision):  # noqa:
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_tensorrt_rtx_builds_for_ampere_and_ada(optimized, precision):  # noqa: F811
+def test_tensorrt_rtx_builds_for_ampere_and_ada(optimized, precision):
     result = build(optimized("llama", precision) / "model.onnx", ("SM86", "SM89"))
     assert result["ok"], result["errors"]
     assert result["header"] == b"vtrt"
@@ -53,7 +52,7 @@ def test_tensorrt_rtx_builds_for_ampere_and_ada(optimized, precision):  # noqa: 
         assert result["types"]["DEQUANTIZE"] == 15
 
 
-def test_fp32_attention_needs_decomposable_in_tensorrt_rtx(optimized):  # noqa: F811
+def test_fp32_attention_needs_decomposable_in_tensorrt_rtx(optimized):
     from kiln.optimize.passes import CLEANUP, FUSIONS
 
     out = optimized("llama", "fp32", (*CLEANUP, *FUSIONS, "cse", "remove-unused"))
@@ -73,7 +72,7 @@ def test_strict_type_check_catches_float_times_half():  # negative control of th
         check_types(ir.serde.deserialize_model(model), what="the test graph")
 
 
-def test_fp8_qdq_builds_for_ada_only(optimized):  # noqa: F811
+def test_fp8_qdq_builds_for_ada_only(optimized):
     out = optimized("llama", "fp8")
     proto = onnx.load(str(out / "model.onnx"))
     onnx.shape_inference.infer_shapes(proto, strict_mode=True, check_type=True)

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-from opt_fixtures import optimized  # noqa: F401  (fixture)
 
 from kiln.cli import main
 from kiln.errors import ArtifactError, ConfigError, ParityError
@@ -37,7 +36,7 @@ def test_help_lists_every_option(capsys):
         assert p in text
 
 
-def test_artifact_is_shaped_like_an_export(optimized, exported):  # noqa: F811
+def test_artifact_is_shaped_like_an_export(optimized, exported):
     out = optimized("zen", "fp16")
     for name in (
         "model.onnx",
@@ -61,7 +60,7 @@ def test_artifact_is_shaped_like_an_export(optimized, exported):  # noqa: F811
     assert m["engine_hints"]["attention_decomposable"] is False
 
 
-def test_current_artifact_is_reused_and_force_redoes_it(optimized, exported, tmp_path):  # noqa: F811
+def test_current_artifact_is_reused_and_force_redoes_it(optimized, exported, tmp_path):
     src = exported("llama")
     out = optimize_model(src, tmp_path / "o", precision="fp16", check_torch=False)
     stamp = (out / "optimize.json").stat().st_mtime_ns

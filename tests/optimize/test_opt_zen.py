@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from opt_fixtures import optimized  # noqa: F401  (fixture)
 from transformers import AutoTokenizer
 
 from kiln.export.check import ort_session
@@ -26,14 +25,14 @@ def _generate(artifact, n: int) -> str:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_zen_text_through_optimized_graph(optimized, precision):  # noqa: F811
+def test_zen_text_through_optimized_graph(optimized, precision):
     artifact = optimized("zen", precision)
     assert _generate(artifact, 400) == zen_text()
     parity = json.loads((artifact / "optimize.json").read_text())["parity"]
     assert parity["greedy_64"] >= 0.99
 
 
-def test_a_broken_weight_breaks_the_text(optimized, tmp_path):  # noqa: F811  negative control
+def test_a_broken_weight_breaks_the_text(optimized, tmp_path):  # negative control
     import shutil
 
     import onnx_ir as ir

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIGS
+from tiny_models import TINY_CONFIGS
 from transformers import AutoModelForCausalLM
 
 from kiln.runtime import load

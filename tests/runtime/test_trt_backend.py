@@ -1,4 +1,4 @@
-"""TensorRT backend end to end (runtime/gpu_check.py); needs an NVIDIA GPU and a CUDA driver."""
+"""TensorRT backend end to end (bench/gpu_check.py); needs an NVIDIA GPU and a CUDA driver."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytestmark = [
 
 
 def test_engine_end_to_end(tmp_path):
-    from kiln.runtime.gpu_check import run_checks
+    from bench.gpu_check import run_checks
 
     results = run_checks(tmp_path)
     failed = [(n, d) for n, ok, d in results if not ok]

@@ -9,11 +9,6 @@ from pathlib import Path
 from kiln.runtime.server import LiveServer, ServerState
 from kiln.runtime.server.serve import slots_loader
 
-# No conftest.py here: a second module named `conftest` would shadow tests/conftest.py for the
-# modules that import TINY_CONFIGS from it. Each test module declares the fixtures it needs:
-#   zen_static = exported("zen", "fp32", kv="static")   (bundled model, 384-position slots)
-#   tiny_static = exported("llama", "fp32", kv="static") (vocab 300, no tokenizer: id prompts)
-
 
 def running(artifact: Path, **kw) -> Iterator[LiveServer]:
     """Body of a server fixture: start a LiveServer, yield it, stop it."""

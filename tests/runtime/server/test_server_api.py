@@ -11,22 +11,6 @@ from kiln.models.zen import ZEN_PROMPT, zen_text
 
 
 @pytest.fixture(scope="module")
-def zen_static(exported):
-    return exported("zen", "fp32", kv="static")
-
-
-@pytest.fixture(scope="module")
-def tiny_static(exported):
-    return exported("llama", "fp32", kv="static")
-
-
-@pytest.fixture(scope="module")
-def zen_server(zen_static):
-    """The bundled model, 4 slots, prompt budget 8 tokens per step while streams decode."""
-    yield from running(zen_static)
-
-
-@pytest.fixture(scope="module")
 def tiny_server(tiny_static):
     yield from running(tiny_static, slots=2)
 

@@ -9,25 +9,9 @@ import time
 import httpx2 as httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
-from server_helpers import metric, running, slow_loader, start_server
+from server_helpers import metric, slow_loader, start_server
 
 from kiln.models.zen import zen_text
-
-
-@pytest.fixture(scope="module")
-def zen_static(exported):
-    return exported("zen", "fp32", kv="static")
-
-
-@pytest.fixture(scope="module")
-def tiny_static(exported):
-    return exported("llama", "fp32", kv="static")
-
-
-@pytest.fixture(scope="module")
-def zen_server(zen_static):
-    """The bundled model, 4 slots, prompt budget 8 tokens per step while streams decode."""
-    yield from running(zen_static)
 
 
 def _prompts(n: int) -> list[str]:

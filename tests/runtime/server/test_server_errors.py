@@ -9,7 +9,6 @@ import sys
 import httpx2 as httpx
 import openai
 import pytest
-from server_helpers import running
 
 LONG = "Beautiful is better than ugly. " * 80  # ~480 tokens > the 384-token slots
 
@@ -53,22 +52,6 @@ CASES = [
     ("chat past the context", "chat/completions",
      {"messages": [{"role": "user", "content": LONG}]}, 400, "prompt", "shorten the prompt"),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def zen_static(exported):
-    return exported("zen", "fp32", kv="static")
-
-
-@pytest.fixture(scope="module")
-def tiny_static(exported):
-    return exported("llama", "fp32", kv="static")
-
-
-@pytest.fixture(scope="module")
-def zen_server(zen_static):
-    """The bundled model, 4 slots, prompt budget 8 tokens per step while streams decode."""
-    yield from running(zen_static)
 
 
 @pytest.mark.parametrize(("case", "endpoint", "body", "status", "param", "words"), CASES,

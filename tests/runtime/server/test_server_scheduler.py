@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 from kiln.runtime import load_slots
 from kiln.runtime.decode import Sequence
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.server.metrics import Metrics
 from kiln.runtime.server.scheduler import Job, Piece, Scheduler
 from kiln.runtime.slots import SlotFeed
-
-
-@pytest.fixture(scope="module")
-def tiny_static(exported):
-    return exported("llama", "fp32", kv="static")
 
 
 class CountingSteps:

@@ -192,7 +192,7 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the load levels and report them."""
-    p = argparse.ArgumentParser(prog="python -m kiln.runtime.server.load", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.loadtest", description=__doc__)
     p.add_argument("--url", default=None, help="a running server on loopback (default: start one)")
     p.add_argument("--artifact", type=Path, default=Path("out/zen-llama/onnx-static"))
     p.add_argument("--slots", type=int, default=8, help="--slots of the started server")

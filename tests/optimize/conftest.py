@@ -1,8 +1,4 @@
-"""Shared fixtures for the optimize tests (imported by each test module; one cache for all).
-
-Kept out of a conftest.py: a second conftest module would shadow `from conftest import ...`
-in other test folders under pytest's prepend import mode.
-"""
+"""Fixtures of the optimize tests: one cache of optimized artifacts for the whole session."""
 
 from __future__ import annotations
 

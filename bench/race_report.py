@@ -1,6 +1,6 @@
 """What `make bench` prints and draws: the runner table, issue 7's ratios, the profile, a chart.
 
-Everything here reads the results dict that runtime/bench.py collects (one entry per model, one
+Everything here reads the results dict that bench/race.py collects (one entry per model, one
 per runner inside); nothing is measured here.
 """
 

@@ -6,7 +6,7 @@ the batch loop, a static one the slot loop with one slot per row), `hf` (transfo
 and `profile` (kiln's loop with ONNX Runtime's per-op profiler on). All get the same input ids
 and produce exactly the same number of tokens (min = max new tokens, EOS off).
 
-usage: python -m kiln.runtime.bench_runners RUNNER MODEL_DIR IDS.npy OUT.json [--new N] ...
+usage: python -m bench.race_runners RUNNER MODEL_DIR IDS.npy OUT.json [--new N] ...
 Timing: TTFT = one generate() call that makes 1 token; decode tok/s = batch x (N - 1) /
 (time of a call that makes N tokens - TTFT at the same batch). Best of `--repeats`.
 """

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("kiln.gpu_check")
+log = logging.getLogger("kiln.bench.gpu_check")
 
 RTX_TARGETS = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 STATIC_MAX_CONTEXT = 384  # the bundled model's whole text (337 tokens) fits

@@ -4,7 +4,7 @@
 same steps as their decode (in chunks of `prefill_chunk` tokens, or whole with 0). Per chunk
 size this reports the running streams' median and worst gap between tokens while the prompt
 is fed, and the newcomer's time to first token. Runs the real scheduler and slot backend, no
-HTTP. `python -m kiln.runtime.server.stall ARTIFACT`.
+HTTP. `python -m bench.stall ARTIFACT`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def measure(gen: Any, *, prompt_len: int, chunk: int, running: int, decode: int)
 
 def main(argv: list[str] | None = None) -> int:
     """Measure each chunk size; print a table and write stall.json."""
-    p = argparse.ArgumentParser(prog="python -m kiln.runtime.server.stall", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.stall", description=__doc__)
     p.add_argument("artifact", type=Path)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=256)

@@ -8,7 +8,7 @@ builder level and workspace limit (read back from kiln's engine.json). Each is a
 so wall time and peak RSS (os.wait4) cover the whole tool. Prints kiln's overhead ratio, peak
 memory, and the engine size against the ONNX weight bytes.
 
-usage: python -m kiln.engine.bench [--out out/bench-engine] [--profile NAME] [--repeats 5]
+usage: python -m bench.engine_build [--out out/bench-engine] [--profile NAME] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.race import GPT2_SMALL
 from kiln.engine.profiles import load_profile
 from kiln.log import setup_logging
 
-log = logging.getLogger("kiln.engine.bench")  # also under `python -m`
-
-GPT2_SMALL = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
+log = logging.getLogger("kiln.bench.engine_build")  # also under `python -m`
 
 
 def make_gpt2_small(folder: Path, seed: int = 0) -> Path:
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     hf, art = args.out / "gpt2-small" / "hf", args.out / "gpt2-small" / "onnx-fp16"
     if not (hf / "config.json").is_file():
         subprocess.run(
-            [sys.executable, "-m", "kiln.engine.bench", "--make-model", str(hf)], check=True
+            [sys.executable, "-m", "bench.engine_build", "--make-model", str(hf)], check=True
         )
     # Random weights give near-flat logits, so fp16 greedy agreement with fp32 is meaningless
     # here (ties); the export's error bound is still checked and recorded (--allow-drift).

@@ -1,7 +1,7 @@
 """`make bench`: the race. kiln on ONNX Runtime CPU against transformers and onnxruntime-genai.
 
 One run, same models and input ids for every runner, each runner in its own child process
-(runtime/bench_runners.py) so peak memory is its own, every runner producing exactly `--new`
+(bench/race_runners.py) so peak memory is its own, every runner producing exactly `--new`
 tokens (min = max new tokens). Runners: kiln concat fp32, kiln static fp32 and static int4 (the
 ONNX Runtime target of `kiln optimize` when this kiln has it, else the plain static export for
 fp32), transformers eager, onnxruntime-genai fp32 and int4 (its own model builder). Models: a
@@ -14,7 +14,7 @@ matrix-vector bandwidth, measured in the same run), and issue 7's ratios with me
 Then profiles kiln's loops (ONNX Runtime per-op times, KV bytes copied per step). Writes
 bench.json and bench.png into --out.
 
-usage: python -m kiln.runtime.bench [--out out/bench] [--models smollm,gpt2] [--runners ...]
+usage: python -m bench.race [--out out/bench] [--models smollm,gpt2] [--runners ...]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 
 from kiln.log import setup_logging
 
-log = logging.getLogger("kiln.runtime.bench")
+log = logging.getLogger("kiln.bench.race")
 
 SMOLLM_135M = {
     "hidden_size": 576,
@@ -113,7 +113,7 @@ def _time(fn: Any) -> float:
 
 
 def _child(args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "kiln.runtime.bench_runners", *args]
+    cmd = [sys.executable, "-m", "bench.race_runners", *args]
     log.info("  $ %s", " ".join(cmd[2:]))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -248,7 +248,7 @@ def run_model(name: str, work: Path, args: argparse.Namespace, bw: float) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table, issue 7's ratios and the profiles."""
-    from kiln.runtime import bench_report as report
+    from bench import race_report as report
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("out/bench"))
