@@ -12,11 +12,6 @@ from kiln.runtime import load
 from kiln.runtime.cuda_mem import gpu_compute_capability
 
 
-@pytest.fixture(scope="module")
-def gen(exported):
-    return load(exported("llama"))
-
-
 def test_prompt_longer_than_context(gen):
     ctx = gen.info.max_context
     assert ctx == 256  # the tiny llama's max_position_embeddings

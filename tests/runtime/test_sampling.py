@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from kiln.errors import ConfigError
-from kiln.runtime import SamplingParams, load
+from kiln.runtime import SamplingParams
 from kiln.runtime.sampling import apply_repetition_penalty, warp
 
 PROMPTS = [[1, 17, 42, 99, 7, 250], [1, 5, 64]]
@@ -51,11 +51,6 @@ def test_repetition_penalty_equals_transformers():
     got = apply_repetition_penalty(logits[0], seen, 1.3)
     np.testing.assert_allclose(got, ref.numpy()[0], rtol=1e-6)
     assert not np.allclose(got, logits[0])
-
-
-@pytest.fixture(scope="module")
-def gen(exported):
-    return load(exported("llama"))
 
 
 def test_seeded_sampling_is_reproducible(gen):
