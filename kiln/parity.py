@@ -13,7 +13,6 @@ import numpy as np
 from kiln.errors import ParityError
 from kiln.precisions import PRECISIONS, Tol
 
-
 # Each precision's tolerance is stated once, on its record in kiln/precisions.py.
 TOL: dict[str, Tol] = {name: p.tol for name, p in PRECISIONS.items()}
 

@@ -1,5 +1,4 @@
-"""The pass registry (every pass class by its `name`), the default order per precision, and
-manifest helpers.
+"""The pass registry (each pass class by its name), default orders, manifest helpers.
 
 A pass registers by being a GraphPass class with its own `name` in one of _PASS_MODULES; its
 record in kiln/precisions.py or its place in an ordered tuple (CLEANUP_PASSES, FUSION_PASSES,
