@@ -102,7 +102,9 @@ def test_refusals_name_the_value_and_the_choices():
     assert precision_named("int4", target="onnxruntime") is PRECISIONS["int4"]
     with pytest.raises(ConfigError, match="precision 'fp12' is not supported; choose one of fp32"):
         precision_named("fp12")
-    with pytest.raises(ConfigError, match="not offered for target 'onnxruntime'.*int8, int4, or"):
+    with pytest.raises(ConfigError, match=r"not offered for target 'onnxruntime'.*int8, int4, or"):
         precision_named("fp16", target="onnxruntime")
-    with pytest.raises(ConfigError, match="not written by `kiln export`.*choose one of fp32, fp16"):
+    with pytest.raises(
+        ConfigError, match=r"not written by `kiln export`.*choose one of fp32, fp16"
+    ):
         precision_named("bf16", target="export")
