@@ -33,9 +33,10 @@ class Tol:
 # TensorRT's types and torch names its dtypes).
 _FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-# Where a label can be made. "export": `kiln export` traces it; the others are the targets of
-# `kiln optimize --target`. Each refusal says why and what to do instead.
-TARGETS = ("export", "tensorrt", "onnxruntime")
+# Where a label can be made: `kiln export` traces it, or `kiln optimize --target` makes it for
+# a runtime. Each refusal says why and what to do instead.
+OPTIMIZE_TARGETS = ("tensorrt", "onnxruntime")
+TARGETS = ("export", *OPTIMIZE_TARGETS)
 _REFUSALS = {
     "export": (
         "is not written by `kiln export` (it traces weights and activations in one float type; "
@@ -99,9 +100,7 @@ class Precision:
 
     def offered(self, target: str) -> bool:
         """Whether `target` (one of TARGETS) can make this precision."""
-        if target == "export":
-            return self.exported
-        return target == "tensorrt" or self.onnxruntime
+        return {"export": self.exported, "tensorrt": True, "onnxruntime": self.onnxruntime}[target]
 
     def made_by(self) -> str:
         """The commands that make a graph of this precision, for error messages."""

@@ -31,7 +31,7 @@ from kiln.manifest import (
     write_json_atomic,
 )
 from kiln.parity import TOL
-from kiln.precisions import precision_named
+from kiln.precisions import OPTIMIZE_TARGETS, precision_named
 from kiln.steps import StepRecord, run_steps
 
 __all__ = ["MANIFEST", "TARGETS", "default_passes", "optimize_model"]
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "optimize.json"
 MODEL_FILE = "model.onnx"
-TARGETS = ("tensorrt", "onnxruntime")
+TARGETS = OPTIMIZE_TARGETS
 # protobuf cannot hold more than 2 GiB; larger graphs keep their weights in model.onnx.data.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 _VERSIONED = ("kiln", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "ml-dtypes")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kiln.precisions import names_for
+from kiln.precisions import OPTIMIZE_TARGETS, names_for
 
 
 def _names(text: str) -> list[str]:
@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target",
-        choices=["tensorrt", "onnxruntime"],
+        choices=OPTIMIZE_TARGETS,
         default="tensorrt",
         help="which runtime the fused ops are chosen for: tensorrt (TensorRT / TensorRT-RTX, "
         "standard ONNX ops) or onnxruntime (ONNX Runtime CPU: com.microsoft "

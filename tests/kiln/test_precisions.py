@@ -9,7 +9,15 @@ import pytest
 from kiln.cli import build_parser
 from kiln.errors import ConfigError
 from kiln.parity import TOL
-from kiln.precisions import FP8, INT8, PRECISIONS, Precision, names_for, precision_named
+from kiln.precisions import (
+    FP8,
+    INT8,
+    OPTIMIZE_TARGETS,
+    PRECISIONS,
+    Precision,
+    names_for,
+    precision_named,
+)
 
 
 def _choices(command: str, dest: str) -> list[str]:
@@ -93,6 +101,7 @@ def test_each_stage_is_offered_what_it_can_make():
     assert names_for("export") == ("fp32", "fp16")
     assert names_for("onnxruntime") == ("fp32", "int8", "int4")
     assert names_for("tensorrt") == tuple(PRECISIONS)
+    assert _choices("optimize", "target") == list(OPTIMIZE_TARGETS)
     assert PRECISIONS["int4"].made_by() == "`kiln optimize --precision int4`"
     assert PRECISIONS["fp32"].made_by() == "`kiln export --precision fp32`"
     assert PRECISIONS["fp8"].sm == "SM89" and PRECISIONS["fp16"].dtype == "float16"
