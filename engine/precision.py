@@ -24,7 +24,7 @@ _FLOATS = {p.dtype: p.name for p in PRECISIONS.values() if p.activations == p.na
 
 
 @dataclass(frozen=True)
-class Precision:
+class GraphPrecision:
     """What the graph computes in: a label (kiln/precisions.py, or below) plus the evidence."""
 
     label: str
@@ -37,7 +37,7 @@ class Precision:
         return f"{self.label} (activations {self.activations}; {q} tensors)"
 
 
-def precision_of(backend: Backend, net: Network) -> Precision:
+def precision_of(backend: Backend, net: Network) -> GraphPrecision:
     """Classify the parsed network by its output dtypes and its Q/DQ layers."""
     t = backend.trt
     floats = [
@@ -58,7 +58,7 @@ def precision_of(backend: Backend, net: Network) -> Precision:
             continue
         role = "weights" if producers.get(src.name) == "CONSTANT" else "activations"
         quantized[f"{role} {q}"] += 1
-    return Precision(_label(activations, quantized), activations, dict(quantized))
+    return GraphPrecision(_label(activations, quantized), activations, dict(quantized))
 
 
 def _label(activations: str, quantized: Counter[str]) -> str:
@@ -82,7 +82,7 @@ def _producer_types(net: Network) -> dict[str, str]:
     return out
 
 
-def check_precision(found: Precision, profile: GpuProfile, artifact: str) -> None:
+def check_precision(found: GraphPrecision, profile: GpuProfile, artifact: str) -> None:
     """Raise ProfileError when the artifact's precision is not the profile's, naming the fix."""
     if found.label == profile.precision:
         return
