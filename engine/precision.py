@@ -4,9 +4,9 @@ TensorRT-RTX and TensorRT 11 are strongly typed: no builder flag picks the preci
 graph's tensor types do. So kiln reads the precision off the parsed network and refuses to
 build a profile whose `precision` differs, instead of building an engine nobody asked for.
 - activations: the dtype of the float model outputs (logits, present KV);
-- weight-only quantization: DequantizeLinear on constant int8 / int4 weights (labels "int8" and
-  "int4", as `kiln optimize --precision int8|int4` names them);
-- FP8: any Quantize/Dequantize in FP8.
+- quantized tensors: each Quantize/Dequantize counted by role (weights: a constant input;
+  activations) and dtype; the record in kiln/precisions.py whose `quantized` kinds cover them
+  names the graph (int8 / int4 weight-only, fp8 Q/DQ), as `kiln optimize --precision` does.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from kiln.engine.builder import Backend, Network
 from kiln.engine.errors import ProfileError
 from kiln.engine.profiles import GpuProfile, available_profiles, load_profile
+from kiln.precisions import PRECISIONS
 
-_ACTIVATIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+# Float labels by the numpy-style dtype name TensorRT's types map to (engine/builder.py).
+_FLOATS = {p.dtype: p.name for p in PRECISIONS.values() if p.activations == p.name}
 
 
 @dataclass(frozen=True)
-class Precision:
-    """What the graph computes in: a label from profiles.PRECISIONS plus the evidence."""
+class GraphPrecision:
+    """What the graph computes in: a label (kiln/precisions.py, or below) plus the evidence."""
 
     label: str
     activations: str
@@ -35,13 +37,11 @@ class Precision:
         return f"{self.label} (activations {self.activations}; {q} tensors)"
 
 
-def precision_of(backend: Backend, net: Network) -> Precision:
+def precision_of(backend: Backend, net: Network) -> GraphPrecision:
     """Classify the parsed network by its output dtypes and its Q/DQ layers."""
     t = backend.trt
     floats = [
-        backend.dtype_name(o.dtype)
-        for o in net.outputs()
-        if backend.dtype_name(o.dtype) in _ACTIVATIONS
+        backend.dtype_name(o.dtype) for o in net.outputs() if backend.dtype_name(o.dtype) in _FLOATS
     ]
     activations = Counter(floats).most_common(1)[0][0] if floats else "float32"
     producers = _producer_types(net)
@@ -58,20 +58,19 @@ def precision_of(backend: Backend, net: Network) -> Precision:
             continue
         role = "weights" if producers.get(src.name) == "CONSTANT" else "activations"
         quantized[f"{role} {q}"] += 1
-    return Precision(_label(activations, quantized), activations, dict(quantized))
+    return GraphPrecision(_label(activations, quantized), activations, dict(quantized))
 
 
 def _label(activations: str, quantized: Counter[str]) -> str:
     kinds = set(quantized)
-    if any("float8" in k for k in kinds):
-        return "fp8"
+    if not kinds:
+        return _FLOATS[activations]
+    for p in PRECISIONS.values():
+        if p.quantized and kinds <= p.quantized:
+            return p.name
     if any(k.startswith("activations") for k in kinds):
         return "int8-activations"  # int8 QDQ on activations: no shipped profile builds it
-    if "weights int4" in kinds:
-        return "int4"
-    if "weights int8" in kinds or "weights uint8" in kinds:
-        return "int8"
-    return _ACTIVATIONS[activations]
+    return "mixed-weights"  # quantized weights of more than one label: kiln makes none
 
 
 def _producer_types(net: Network) -> dict[str, str]:
@@ -83,15 +82,12 @@ def _producer_types(net: Network) -> dict[str, str]:
     return out
 
 
-def check_precision(found: Precision, profile: GpuProfile, artifact: str) -> None:
+def check_precision(found: GraphPrecision, profile: GpuProfile, artifact: str) -> None:
     """Raise ProfileError when the artifact's precision is not the profile's, naming the fix."""
     if found.label == profile.precision:
         return
     fitting = [n for n in available_profiles() if _precision_of_profile(n) == found.label]
-    make = {
-        "fp16": "`kiln export --precision fp16` or `kiln optimize --precision fp16`",
-        "fp32": "`kiln export --precision fp32`",
-    }.get(profile.precision, f"`kiln optimize --precision {profile.precision}`")
+    make = PRECISIONS[profile.precision].made_by()
     raise ProfileError(
         f"{artifact} is {found.describe()}, but GPU profile {profile.name!r} builds "
         f"{profile.precision}; TensorRT takes the precision from the ONNX types, so make a "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ConfigError
+from kiln.precisions import PRECISIONS
 
 GPUS_DIR = Path(__file__).resolve().parent.parent / "models" / "gpus"
 
@@ -26,19 +27,6 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("7.5", "8.0", "8.6", "8.7", "8.9", "9.0", "10.0", "10.3", "12.0", "12.1"),
 }
 MODULES = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}
-
-# Precision labels, as read from the ONNX graph's types (kiln.engine.precision): the activation
-# dtype; "int8"/"int4" weight-only (DequantizeLinear on weights, fp16/bf16 activations), the
-# names `kiln optimize --precision` uses; or "fp8" (QDQ).
-# The minimum compute capability each needs (NVIDIA support matrix: bf16 from Ampere, FP8 from Ada).
-PRECISIONS: dict[str, float] = {
-    "fp32": 7.5,
-    "fp16": 7.5,
-    "bf16": 8.0,
-    "int8": 7.5,
-    "int4": 7.5,
-    "fp8": 8.9,
-}
 
 _TOP_KEYS = {"name", "description", "backend", "compute_capabilities", "precision", "profile"}
 _BUILDER_KEYS = {"optimization_level", "workspace_mib", "tactic_shared_memory_mib"}
@@ -146,6 +134,7 @@ def _profile_from_dict(data: dict[str, Any], path: Path) -> GpuProfile:
     where = _Where(path)
     where.unknown(data, _TOP_KEYS | {"builder"}, "")
     backend = where.choice(data, "backend", "", tuple(BACKENDS))
+    # The label the ONNX must already have (kiln/precisions.py; engine/precision.py reads it).
     precision = where.choice(data, "precision", "", tuple(PRECISIONS))
     ccs = tuple(where.str_list(data, "compute_capabilities", ""))
     _check_targets(where, backend, ccs, precision)
@@ -193,7 +182,7 @@ def _check_targets(where: _Where, backend: str, ccs: tuple[str, ...], precision:
                 list(ccs),
                 f"backend {backend!r} cannot build for {cc}; it builds for {', '.join(can)}{hint}",
             )
-    need = PRECISIONS[precision]
+    need = PRECISIONS[precision].min_compute_capability
     low = [cc for cc in ccs if float(cc) < need]
     if low:
         ok = [cc for cc in can if float(cc) >= need]

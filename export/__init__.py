@@ -20,7 +20,7 @@ from kiln.export.check import (
     check_parity,
     check_static_parity,
 )
-from kiln.export.onnx_from_hf import DTYPES, onnx_from_hf
+from kiln.export.onnx_from_hf import onnx_from_hf
 from kiln.export.patches import SEQUENCE_DEPENDENT_ROPE
 from kiln.export.source import Source, describe_source, load_model
 from kiln.log import timed
@@ -36,13 +36,12 @@ from kiln.manifest import (
     write_json_atomic,
 )
 
-__all__ = ["MANIFEST", "PRECISIONS", "export_model"]
+__all__ = ["MANIFEST", "export_model"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "export.json"
 MODEL_FILE = "model.onnx"
-PRECISIONS = tuple(DTYPES)
 KV_LAYOUTS = ("concat", "static")
 DEFAULT_OPSET = 18  # concat layout: plain ops (see onnx_from_hf's module docstring)
 STATIC_OPSET = 24  # static layout: TensorScatter exists from opset 24

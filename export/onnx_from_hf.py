@@ -35,10 +35,10 @@ from kiln.export.static_kv import (
 )
 from kiln.export.wrapper import FlatKVWrapper, input_names, output_names
 from kiln.models.families import ModelShape
+from kiln.precisions import precision_named
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # protobuf cannot hold more than 2 GiB; stay clear of the limit with graph overhead included.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # Example sizes for tracing: none may be 0 or 1, or torch.export specializes that axis.
@@ -125,7 +125,7 @@ def onnx_from_hf(
     kv="concat": past in, past + new out (dynamic past length). kv="static": fixed
     [batch, kv_heads, max_context, head_dim] buffers written in place (export/static_kv.py).
     """
-    dtype = DTYPES[precision]
+    dtype = getattr(torch, precision_named(precision, target="export").dtype)
     traced = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     if kv == "static":
         assert max_context is not None  # export_model validates the options

@@ -1,6 +1,7 @@
-"""Numerical comparison against a reference, with one tolerance table per precision.
+"""Numerical comparison against a reference, judged by each precision's tolerance.
 
-The CLI checks and the tests share TOL, so a tolerance is stated (and changed) in one place.
+The CLI checks and the tests share TOL, read from the precision records (kiln/precisions.py),
+so a tolerance is stated (and changed) in one place.
 """
 
 from __future__ import annotations
@@ -10,30 +11,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from kiln.errors import ParityError
+from kiln.precisions import PRECISIONS, Tol
 
-
-@dataclass(frozen=True)
-class Tol:
-    """Allowed drift: |got - ref| <= atol + rtol * |ref| elementwise, and greedy agreement."""
-
-    atol: float
-    rtol: float
-    agree: float = 1.0  # fraction of positions whose argmax must match the reference
-
-
-# Calibrated on the bundled model and tiny random models of every family (see the export note);
-# fp32 is the issue's bound: max abs logit error <= 1e-4 against PyTorch.
-TOL: dict[str, Tol] = {
-    "fp32": Tol(atol=1e-4, rtol=0.0),
-    "fp16": Tol(atol=2e-2, rtol=1e-2, agree=0.99),
-    "bf16": Tol(atol=1e-1, rtol=5e-2, agree=0.95),
-    # Weight-only / FP8 graphs (kiln optimize), judged against the fp32 export and PyTorch.
-    # Floors calibrated on random-weight tiny models, whose near-tied logits flip easily; the
-    # bundled model keeps 100% (per-model figures: optimize/NOTES.md). A broken scale gives ~0.
-    "int8": Tol(atol=2.5e-1, rtol=1e-1, agree=0.9),
-    "int4": Tol(atol=2.0, rtol=2.5e-1, agree=0.6),
-    "fp8": Tol(atol=2.5, rtol=1e-1, agree=0.7),
-}
+# Each precision's tolerance is stated once, on its record in kiln/precisions.py.
+TOL: dict[str, Tol] = {name: p.tol for name, p in PRECISIONS.items()}
 
 
 @dataclass

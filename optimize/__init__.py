@@ -31,16 +31,16 @@ from kiln.manifest import (
     write_json_atomic,
 )
 from kiln.parity import TOL
+from kiln.precisions import OPTIMIZE_TARGETS, precision_named
 from kiln.steps import StepRecord, run_steps
 
-__all__ = ["MANIFEST", "PRECISIONS", "TARGETS", "default_passes", "optimize_model"]
+__all__ = ["MANIFEST", "TARGETS", "default_passes", "optimize_model"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "optimize.json"
 MODEL_FILE = "model.onnx"
-TARGETS = ("tensorrt", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
+TARGETS = OPTIMIZE_TARGETS
 # protobuf cannot hold more than 2 GiB; larger graphs keep their weights in model.onnx.data.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 _VERSIONED = ("kiln", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "ml-dtypes")
@@ -147,18 +147,7 @@ def _check_options(target: str, precision: str) -> None:
         raise ConfigError(
             f"target {target!r} is not supported; kiln optimizes for {', '.join(TARGETS)}."
         )
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}."
-        )
-    from kiln.optimize.ort import ORT_PRECISIONS
-
-    if target == "onnxruntime" and precision not in ORT_PRECISIONS:
-        raise ConfigError(
-            f"precision {precision!r} is not offered for target 'onnxruntime' (ONNX Runtime CPU "
-            f"kernels: fp32 activations, int8/int4 weight-only MatMulNBits); choose one of "
-            f"{', '.join(ORT_PRECISIONS)}, or --target tensorrt for {precision}."
-        )
+    precision_named(precision, target=target)
 
 
 def _check_source(target: str, source_precision: str, tied_embedding: str) -> None:

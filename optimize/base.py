@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections import Counter
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 
@@ -22,27 +25,61 @@ def count_delta(before: Counter[str], after: Counter[str]) -> dict[str, int]:
 
 
 class GraphPass(Step[ir.Model]):
-    """A Step over an ONNX model held in onnx-ir form."""
+    """A Step over an ONNX model held in onnx-ir form, registered by its class `name`."""
+
+    @classmethod
+    def for_model(cls, config: Mapping[str, Any]) -> GraphPass:
+        """Build the pass for one model; `config` is export.json's `config` record.
+
+        Most passes need no model facts; those that do (the onnxruntime target's RoPE cache
+        length, the sliding window) override this, so the registry builds every pass alike.
+        """
+        return cls()
 
 
 class IrPass(GraphPass):
-    """Wrap an onnx-ir pass (`onnx_ir.passes.common.*`) as a Step, counting nodes it removed."""
+    """Wrap an onnx-ir pass (`onnx_ir.passes.common.*`) as a Step, counting nodes it removed.
 
-    def __init__(self, name: str, ir_pass: Any, *, tolerance: str | None = None) -> None:
-        self.name = name  # type: ignore[misc]
-        self._pass = ir_pass
-        self.tolerance = tolerance
+    Subclasses set `name` and `ir_pass`, a zero-argument factory of the wrapped pass.
+    """
+
+    ir_pass: ClassVar[Callable[[], Any]]
 
     def run(self, model: ir.Model) -> Result[ir.Model]:
         """Apply the wrapped pass in place and report the change by op type."""
         before = op_counts(model)
         inits = len(model.graph.initializers)
-        result = self._pass(model)
+        result = self.ir_pass()(model)
         counts = count_delta(before, op_counts(model))
         removed_inits = inits - len(model.graph.initializers)
         if removed_inits:
             counts["initializers"] = -removed_inits
         return Result(result.model, changed=bool(result.modified), counts=counts)
+
+
+def passes_in(*packages: str) -> tuple[type[GraphPass], ...]:
+    """Every GraphPass class that names itself in the modules of `packages`, in file order.
+
+    A module, or each module of a package folder, is imported; a class counts when it sets
+    `name` itself (bases such as FusionPass do not), so a new pass file registers by existing.
+    """
+    found: list[type[GraphPass]] = []
+    for package in packages:
+        mod = importlib.import_module(package)
+        modules = [mod]
+        if hasattr(mod, "__path__"):
+            subs = sorted(m.name for m in pkgutil.iter_modules(mod.__path__))
+            modules += [importlib.import_module(f"{package}.{m}") for m in subs]
+        for m in modules:
+            for obj in vars(m).values():
+                if (
+                    isinstance(obj, type)
+                    and issubclass(obj, GraphPass)
+                    and obj.__module__ == m.__name__
+                    and "name" in vars(obj)
+                ):
+                    found.append(obj)
+    return tuple(found)
 
 
 def set_opset(model: ir.Model, version: int) -> None:

@@ -8,10 +8,13 @@ The tied-embedding pass lives in tied_embedding.py; it is cleanup too but kiln's
 
 from __future__ import annotations
 
+from functools import partial
+
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from kiln.optimize.base import GraphPass, IrPass, count_delta, op_counts
+from kiln.optimize.tied_embedding import TiedEmbeddingPass
 from kiln.steps import Result
 
 
@@ -59,17 +62,49 @@ class SimplifyPass(GraphPass):
         return Result(model, changed=bool(counts), counts=counts)
 
 
-def cleanup_passes() -> list[GraphPass]:
-    """The cleanup sequence, in the order it runs (tolerance: the graph's own precision)."""
-    from kiln.optimize.tied_embedding import TiedEmbeddingPass
+class RemoveIdentityPass(IrPass):
+    """Drop Identity nodes."""
 
-    return [
-        FoldConstantsPass(),
-        SimplifyPass(),
-        IrPass("remove-identity", common_passes.IdentityEliminationPass()),
-        IrPass("lift-constants", common_passes.LiftConstantsToInitializersPass(size_limit=0)),
-        IrPass("dedup-initializers", common_passes.DeduplicateHashedInitializersPass()),
-        IrPass("cse", common_passes.CommonSubexpressionEliminationPass()),
-        TiedEmbeddingPass(),
-        IrPass("remove-unused", common_passes.RemoveUnusedNodesPass()),
-    ]
+    name = "remove-identity"
+    ir_pass = common_passes.IdentityEliminationPass
+
+
+class LiftConstantsPass(IrPass):
+    """Constant nodes -> initializers (every size), so later passes see one kind of constant."""
+
+    name = "lift-constants"
+    ir_pass = partial(common_passes.LiftConstantsToInitializersPass, size_limit=0)
+
+
+class DedupInitializersPass(IrPass):
+    """Initializers with equal contents -> one."""
+
+    name = "dedup-initializers"
+    ir_pass = common_passes.DeduplicateHashedInitializersPass
+
+
+class CsePass(IrPass):
+    """Common subexpressions -> one node."""
+
+    name = "cse"
+    ir_pass = common_passes.CommonSubexpressionEliminationPass
+
+
+class RemoveUnusedPass(IrPass):
+    """Drop nodes no graph output depends on."""
+
+    name = "remove-unused"
+    ir_pass = common_passes.RemoveUnusedNodesPass
+
+
+# The cleanup sequence, in the order it runs (tolerance: the graph's own precision).
+CLEANUP_PASSES: tuple[type[GraphPass], ...] = (
+    FoldConstantsPass,
+    SimplifyPass,
+    RemoveIdentityPass,
+    LiftConstantsPass,
+    DedupInitializersPass,
+    CsePass,
+    TiedEmbeddingPass,
+    RemoveUnusedPass,
+)

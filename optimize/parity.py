@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kiln.parity import TOL, ParityReport
+from kiln.precisions import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _torch_parity(path: Path, export: dict[str, Any], precision: str) -> dict[st
     shape = src.family.shape(model.config)
     # check_parity feeds fp16 past only for "fp16": quantized graphs have fp16 activations,
     # except on the onnxruntime target (fp32 activations, MatMulNBits weights).
-    as_run = {"int8": "fp16", "int4": "fp16", "fp8": "fp16"}.get(precision, precision)
+    as_run = PRECISIONS[precision].activations
     if _past_dtype(_session(path)) == np.float32 and as_run == "fp16":
         as_run = "fp32"
     kv = export.get("kv_cache") or {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.precisions import names_for
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `kiln export`."""
@@ -25,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=["fp32", "fp16"],
+        choices=names_for("export"),
         default="fp32",
         help="weights and activations of the exported graph; parity is judged against the fp32 "
         "PyTorch model with this precision's tolerance (kiln/parity.py)",

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# Kept in step with kiln.optimize.PRECISIONS / TARGETS (not imported: --help stays instant).
-_PRECISIONS = ["fp32", "fp16", "bf16", "int8", "int4", "fp8"]
+from kiln.precisions import OPTIMIZE_TARGETS, names_for
 
 
 def _names(text: str) -> list[str]:
@@ -37,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=_PRECISIONS,
+        choices=names_for("tensorrt"),
         default="fp16",
         help="fp32 | fp16 | bf16 (weights and activations); int8 / int4: fp16 activations with "
         "block-wise weight-only DequantizeLinear (opset 21); fp8: fp16 with FP8 E4M3 Q/DQ "
@@ -45,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target",
-        choices=["tensorrt", "onnxruntime"],
+        choices=OPTIMIZE_TARGETS,
         default="tensorrt",
         help="which runtime the fused ops are chosen for: tensorrt (TensorRT / TensorRT-RTX, "
         "standard ONNX ops) or onnxruntime (ONNX Runtime CPU: com.microsoft "

@@ -148,6 +148,7 @@ class AttentionFusionPass(FusionPass):
     name = "attention"
     produces = "Attention"
     opset = 23
+    needs_attention_kernel = True  # TensorRT-RTX has no fp32 IAttention kernel
 
     def rules(self, model: ir.Model) -> Any:
         """Return the GQA and plain rules."""

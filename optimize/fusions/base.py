@@ -37,6 +37,8 @@ class FusionPass(GraphPass):
 
     produces: ClassVar[str]
     opset: ClassVar[int] = 18
+    # Run only where the activations have a fused attention kernel (Precision.attention_kernel).
+    needs_attention_kernel: ClassVar[bool] = False
 
     def rules(self, model: ir.Model) -> Any:
         """The onnxscript RewriteRuleSet to apply."""

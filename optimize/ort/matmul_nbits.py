@@ -9,6 +9,7 @@ of activation rounding, judged by the int8/int4 tolerances like every weight-onl
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import onnx_ir as ir
 
@@ -21,9 +22,10 @@ log = logging.getLogger(__name__)
 class MatMulNBitsPass(GraphPass):
     """Quantize every constant MatMul weight to `bits` in blocks of `block` along K."""
 
-    def __init__(self, bits: int, *, block: int = 32, accuracy_level: int = 4) -> None:
-        self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
-        self.name = f"matmul-nbits-int{bits}"  # type: ignore[misc]
+    bits: ClassVar[int]
+
+    def __init__(self, *, block: int = 32, accuracy_level: int = 4) -> None:
+        self.block, self.accuracy_level = block, accuracy_level
 
     def run(self, model: ir.Model) -> Result[ir.Model]:
         """Round-trip through ModelProto: the quantizer works on protobuf graphs."""
@@ -50,3 +52,17 @@ class MatMulNBitsPass(GraphPass):
             v.const_value.nbytes for v in out.graph.initializers.values() if v.const_value
         )
         return Result(out, changed=counts.get("MatMulNBits", 0) > 0, counts=counts)
+
+
+class MatMulNBitsInt8Pass(MatMulNBitsPass):
+    """int8 MatMulNBits weights (kiln/precisions.py INT8 on the onnxruntime target)."""
+
+    name = "matmul-nbits-int8"
+    bits = 8
+
+
+class MatMulNBitsInt4Pass(MatMulNBitsPass):
+    """int4 MatMulNBits weights (kiln/precisions.py INT4 on the onnxruntime target)."""
+
+    name = "matmul-nbits-int4"
+    bits = 4

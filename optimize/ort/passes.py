@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import onnx_ir as ir
@@ -88,6 +89,11 @@ class OrtRotaryPass(_RulePass):
     def __init__(self, max_positions: int) -> None:
         self.max_positions = max_positions
 
+    @classmethod
+    def for_model(cls, config: Mapping[str, Any]) -> OrtRotaryPass:
+        """The cos/sin cache spans the model's positions (4096 when the config has none)."""
+        return cls(int(config.get("max_positions") or 4096))
+
     def rules(self) -> Any:  # noqa: D102
         from onnxscript.rewriter import pattern
 
@@ -107,6 +113,11 @@ class OrtGqaPass(_RulePass):
 
     def __init__(self, sliding_window: int | None) -> None:
         self.sliding_window = sliding_window
+
+    @classmethod
+    def for_model(cls, config: Mapping[str, Any]) -> OrtGqaPass:
+        """A sliding-window model is refused at run time (see run)."""
+        return cls(config.get("sliding_window"))
 
     def rules(self) -> Any:  # noqa: D102
         from onnxscript.rewriter import pattern

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from kiln.optimize.fusions import FUSION_PASSES
+from kiln.optimize.passes import PASSES
 from kiln.optimize.probe import ort_session_from_ir
 
 F = TensorProto.FLOAT
@@ -42,10 +42,8 @@ def _run(model: ir.Model, feeds):
 
 
 def _fuse(name: str, model: ir.Model):
-    from kiln.optimize.cleanup import cleanup_passes
-
-    result = FUSION_PASSES[name]().run(model)
-    next(p for p in cleanup_passes() if p.name == "remove-unused").run(result.value)
+    result = PASSES[name]().run(model)
+    PASSES["remove-unused"]().run(result.value)
     return result, [n.op_type for n in result.value.graph]
 
 
@@ -178,7 +176,7 @@ def test_fusion_on_hand_built_graph(name):
     assert not gone & set(ops), ops
     got = _run(result.value, feeds)[0]
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
-    assert result.value.opset_imports[""] >= FUSION_PASSES[name]().opset
+    assert result.value.opset_imports[""] >= PASSES[name].opset
 
 
 def test_layer_norm_with_bias_becomes_one_op():
