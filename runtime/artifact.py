@@ -34,9 +34,6 @@ class ArtifactInfo:
     # context; transformers' Phi3 generate() then drops the cache and re-prefills once
     # (Phi3ForCausalLM.prepare_inputs_for_generation). The loop does the same at this position.
     reprefill_at: int | None = None
-    # Rows that are not independent in the graph must stay in the batch until all finish. The
-    # export now picks length-dependent RoPE frequencies per row, so no kiln graph needs it.
-    keep_finished: bool = False
     # "static": per-slot preallocated KV buffers written in place (a SlotBackend runs it);
     # "concat": past in, past + new out (a Backend runs it). From the manifest's kv_cache.
     kv_layout: str = "concat"

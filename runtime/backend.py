@@ -1,6 +1,6 @@
-"""What a backend gives the decode loop: a cache factory and one forward call.
+"""What a concat-KV backend gives runtime/concat_slots.py: a cache factory and one forward call.
 
-Backends (ONNX Runtime, TensorRT) hide devices and tensor types; the loop hands them host
+Backends (ONNX Runtime, TensorRT) hide devices and tensor types; the adapter hands them host
 numpy ids/mask/positions and gets back host float32 logits of the last position of each row.
 
 Letters in names: B batch rows, S new tokens, T = P + S attention length, V vocab.
@@ -16,11 +16,10 @@ from kiln.runtime.kv_cache import KVCache
 
 
 class Backend(Protocol):
-    """One loaded model graph (or engine) ready to run prefill and decode steps."""
+    """One loaded concat-KV graph (or engine) ready to run prefill and decode calls."""
 
     name: str
     max_context: int  # positions (prompt + generated) the graph or engine profile accepts
-    max_batch: int | None  # rows per call the engine profile accepts; None: unbounded
     vocab: int
 
     def new_cache(self, batch: int) -> KVCache:

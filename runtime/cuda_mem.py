@@ -113,21 +113,6 @@ class Stream:
             "D2H 2D",
         )
 
-    def copy_2d(
-        self, dst: int, dst_pitch: int, src: int, src_pitch: int, row_bytes: int, rows: int
-    ) -> None:
-        """Device-to-device strided copy (row selection and column trimming of the KV cache)."""
-        if rows == 0 or row_bytes == 0:
-            return
-        rt = cudart()
-        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        check(
-            rt.cudaMemcpy2DAsync(
-                dst, dst_pitch, src, src_pitch, row_bytes, rows, kind, self.handle
-            ),
-            "D2D 2D",
-        )
-
     def synchronize(self) -> None:
         """Wait for everything queued on the stream."""
         check(cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")

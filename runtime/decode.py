@@ -1,35 +1,53 @@
-"""The decode loop, named after its phases: `prefill`, `decode_step`, `generate`.
+"""The decode loop, over slots, named after its phases: `prefill`, `decode_step`, `generate`.
 
-Backend-agnostic: a `Backend` runs the graph and owns the KV cache; this module owns the
-per-row state (`Sequence`: tokens, sampler, text, stop rules) and the batch bookkeeping
-(`DecodeState`: left-padded attention mask, per-row positions). Rows finish on their own; a
-finished row is dropped from the batch and the cache (`KVCache.keep_rows`), and columns that
-became padding in every remaining row are dropped too (`KVCache.trim_left`).
+Backend-agnostic: a `SlotBackend` (runtime/slots.py) runs the graph and owns the KV cache;
+this module owns the per-sequence state (`Sequence`: tokens, sampler, text, stop rules) and
+which sequence holds which slot (`SlotTable`). Each step feeds every busy slot its next
+tokens, samples one token per slot that finished its prompt, emits an `Event`, frees a
+finished sequence's slot and hands it to the next waiting prompt in the same step the others
+decode. Slots are independent rows, so a sequence's tokens do not depend on what shares the
+step with it.
 
-Letters in names: B batch rows, S new tokens, T attention length, V vocab.
+`generate` is the whole loop for a list of prompts (the `Generator`); the server's scheduler
+(runtime/server/scheduler.py) runs the same phases with its own queue, prompt chunks and
+cancellation.
+
+Letters in names: N slots fed this step, V vocab.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from kiln.errors import KilnError
-from kiln.runtime.backend import Backend
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStrings
-from kiln.runtime.kv_cache import KVCache
 from kiln.runtime.sampling import SamplingParams, sample_next, suppress
+from kiln.runtime.slots import SlotBackend, SlotFeed
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One generated token of one sequence, with the text it completes (maybe '')."""
+
+    index: int
+    token_id: int
+    text: str
+    finish_reason: str | None
 
 
 @dataclass
 class Sequence:
-    """One prompt's generation: the state a batch row (or a server slot) carries."""
+    """One prompt's generation: the state a slot carries while the sequence runs."""
 
     index: int
     prompt_ids: list[int]
@@ -59,11 +77,16 @@ class Sequence:
         """True once the sequence has a finish reason."""
         return self.finish_reason is not None
 
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and generated ids: what a rebuilt cache is fed."""
+        return [*self.prompt_ids, *self.out_ids]
+
     def choose(self, logits_V: np.ndarray) -> int:
         """Pick the next token (EOS suppressed until min_new_tokens, as transformers does)."""
         if len(self.out_ids) < self.params.min_new_tokens:
             logits_V = suppress(logits_V, self.stop_ids)
-        seen = [*self.prompt_ids, *self.out_ids] if self.params.repetition_penalty != 1 else ()
+        seen = self.tokens if self.params.repetition_penalty != 1 else ()
         return sample_next(logits_V, self.params, seen, self.rng)
 
     def accept(self, token_id: int, room: int) -> str:
@@ -87,151 +110,113 @@ class Sequence:
         return emitted
 
 
-@dataclass(frozen=True)
-class Event:
-    """One generated token of one sequence, with the text it completes (maybe '')."""
+class SlotTable(Generic[T]):
+    """Which slot holds what (a Sequence, or a server job); the lowest free slot goes first.
 
-    index: int
-    token_id: int
-    text: str
-    finish_reason: str | None
+    Lowest first keeps the fed slot range short (a call binds the range it spans).
+    """
 
+    def __init__(self, backend: SlotBackend) -> None:
+        self.backend = backend
+        self.held: dict[int, T] = {}
+        self._free = list(range(backend.slots))
 
-@dataclass
-class DecodeState:
-    """The running batch: rows in cache order, their attention mask and next positions."""
+    @property
+    def free(self) -> int:
+        """Slots that hold nothing."""
+        return len(self._free)
 
-    rows: list[Sequence]
-    mask_BT: np.ndarray
-    next_pos_B: np.ndarray
-    cache: KVCache
-    logits_BV: np.ndarray | None = None
-    pad_id: int = 0
-    steps: int = 0
+    def take(self, item: T) -> int:
+        """Give `item` the lowest free slot; return it."""
+        slot = self._free.pop(0)
+        self.held[slot] = item
+        return slot
 
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids_BS and mask_BS for ragged prompts."""
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = p
-        mask[r, width - len(p) :] = 1
-    return ids, mask
+    def release(self, slot: int) -> T:
+        """Free a slot (backend and table) and return what it held."""
+        self.backend.release(slot)
+        item = self.held.pop(slot)
+        self._free.append(slot)
+        self._free.sort()
+        return item
 
 
-def positions(mask_BT: np.ndarray) -> np.ndarray:
-    """Position of every column: count of real tokens before it; padding gets 1 as in HF."""
-    pos = np.cumsum(mask_BT, axis=1) - 1
-    return np.where(mask_BT == 0, 1, pos).astype(np.int64)
+def prefill(table: SlotTable[Sequence], waiting: deque[Sequence]) -> list[SlotFeed]:
+    """Give free slots to waiting sequences; each is fed its whole prompt (restart)."""
+    feeds = []
+    while waiting and table.free:
+        seq = waiting.popleft()
+        feeds.append(SlotFeed(table.take(seq), seq.prompt_ids, restart=True))
+    return feeds
 
 
-def prefill(backend: Backend, rows: list[Sequence], *, pad_id: int = 0) -> DecodeState:
-    """Run every prompt at once (past length 0) and keep the last-position logits."""
-    ids, mask = left_pad([r.prompt_ids for r in rows], pad_id)
-    cache = backend.new_cache(len(rows))
-    logits = backend.forward(ids, mask, positions(mask), cache)
-    next_pos = mask.sum(axis=1).astype(np.int64)
-    return DecodeState(rows, mask, next_pos, cache, logits, pad_id)
+def decode_step(
+    backend: SlotBackend,
+    slot: int,
+    seq: Sequence,
+    logits_V: np.ndarray,
+    *,
+    use_cache: bool = True,
+    reprefill_at: int | None = None,
+) -> tuple[Event, SlotFeed | None]:
+    """Sample the slot's next token: its Event, and the feed that continues it (None: done).
 
-
-def decode_step(backend: Backend, state: DecodeState, last_B: np.ndarray) -> None:
-    """Feed each row's last token at its own position; the cache grows by one column."""
-    b = len(state.rows)
-    state.mask_BT = np.concatenate([state.mask_BT, np.ones((b, 1), np.int64)], axis=1)
-    pos = state.next_pos_B[:, None]
-    state.logits_BV = backend.forward(last_B[:, None], state.mask_BT, pos, state.cache)
-    state.next_pos_B = state.next_pos_B + 1
-    state.steps += 1
-
-
-def recompute_step(backend: Backend, state: DecodeState, last_B: np.ndarray) -> None:
-    """A decode step without a cache: rerun every row's whole sequence (the reference path)."""
-    b = len(state.rows)
-    state.mask_BT = np.concatenate([state.mask_BT, np.ones((b, 1), np.int64)], axis=1)
-    width = state.mask_BT.shape[1]
-    ids = np.full((b, width), state.pad_id, dtype=np.int64)
-    for r, seq in enumerate(state.rows):
-        toks = [*seq.prompt_ids, *seq.out_ids]
-        ids[r, width - len(toks) :] = toks
-    state.cache = backend.new_cache(b)
-    state.logits_BV = backend.forward(ids, state.mask_BT, positions(state.mask_BT), state.cache)
-    state.next_pos_B = state.next_pos_B + 1
-    state.steps += 1
-
-
-def drop_finished(state: DecodeState) -> None:
-    """Remove finished rows from the batch and the cache; trim all-padding columns."""
-    keep = [r for r, seq in enumerate(state.rows) if not seq.done]
-    if len(keep) == len(state.rows):
-        return
-    state.rows = [state.rows[r] for r in keep]
-    if not keep:
-        return
-    state.cache.keep_rows(keep)
-    state.mask_BT = state.mask_BT[keep]
-    state.next_pos_B = state.next_pos_B[keep]
-    pad_cols = int(np.argmax(state.mask_BT.any(axis=0)))  # leading columns padding in all rows
-    if pad_cols and state.cache.length == state.mask_BT.shape[1]:
-        state.cache.trim_left(pad_cols)
-        state.mask_BT = state.mask_BT[:, pad_cols:]
+    The next feed is the token just sampled, or the whole sequence (restart) without a cache
+    (`use_cache=False`, the reference path) or when the slot reaches `reprefill_at`.
+    """
+    token = seq.choose(logits_V)
+    text = seq.accept(token, backend.max_context - len(seq.prompt_ids))
+    event = Event(seq.index, token, text, seq.finish_reason)
+    if seq.done:
+        return event, None
+    if not use_cache or backend.length(slot) == reprefill_at:
+        return event, SlotFeed(slot, seq.tokens, restart=True)
+    return event, SlotFeed(slot, [token])
 
 
 def generate(
-    backend: Backend,
+    backend: SlotBackend,
     rows: list[Sequence],
     *,
     use_cache: bool = True,
-    pad_id: int = 0,
     reprefill_at: int | None = None,
-    keep_finished: bool = False,
 ) -> Iterator[list[Event]]:
-    """Prefill, then decode until every row finishes; yield each step's events.
+    """Run every row to completion over the backend's slots; yield each step's events.
 
-    keep_finished: finished rows stay in the batch (fed padding) instead of being dropped. NTK
-    "dynamic" RoPE picks its frequencies from the longest row's position (in-graph, as
-    transformers does), so dropping a finished row would change the others' tokens.
-
-    reprefill_at: the position at which the cache is rebuilt from the whole sequence once
+    use_cache=False refeeds each sequence whole at every step (restart): the reference path.
+    reprefill_at: the position at which a sequence's cache is rebuilt from all its tokens once
     (longrope's switch to its long factors, as transformers' Phi-3 generate() does).
     """
     for seq in rows:
         check_fits(seq, backend.max_context)
-    if backend.max_batch is not None and len(rows) > backend.max_batch:
-        raise KilnError(
-            f"Batch of {len(rows)} prompts exceeds this engine's max batch {backend.max_batch}; "
-            "split the prompts or rebuild the engine with a larger batch profile."
-        )
-    state = prefill(backend, rows, pad_id=pad_id)
-    step = decode_step if use_cache else recompute_step
+    waiting = deque(rows)
+    table: SlotTable[Sequence] = SlotTable(backend)
+    feeds: list[SlotFeed] = []
+    steps = 0
     while True:
-        assert state.logits_BV is not None
-        events, last = [], []
-        for seq, logits_V in zip(state.rows, state.logits_BV, strict=True):
-            if seq.done:  # only with keep_finished: the row idles on padding
-                last.append(pad_id)
-                continue
-            tok = seq.choose(logits_V)
-            piece = seq.accept(tok, backend.max_context - len(seq.prompt_ids))
-            events.append(Event(seq.index, tok, piece, seq.finish_reason))
-            last.append(tok)
+        fed = feeds + prefill(table, waiting)
+        logits_NV = backend.step(fed)
+        steps += 1
+        events, feeds = [], []
+        for feed, logits_V in zip(fed, logits_NV, strict=True):
+            event, feed_next = decode_step(
+                backend,
+                feed.slot,
+                table.held[feed.slot],
+                logits_V,
+                use_cache=use_cache,
+                reprefill_at=reprefill_at,
+            )
+            events.append(event)
+            if feed_next is None:
+                table.release(feed.slot)
+            else:
+                feeds.append(feed_next)
         yield events
-        if all(seq.done for seq in state.rows):
+        if not table.held and not waiting:
             return
-        last_B = np.array(last, dtype=np.int64)
-        if not keep_finished:
-            last_B = last_B[[not seq.done for seq in state.rows]]
-            drop_finished(state)
-        if reprefill_at is not None and reprefill_at in state.next_pos_B:
-            # A row reaches the switch: rebuild every row's cache (rows not at their switch get
-            # the keys they already had, recomputed).
-            log.debug("position %d: rebuilding the cache (longrope switch)", reprefill_at)
-            recompute_step(backend, state, last_B)
-        else:
-            step(backend, state, last_B)
-        if state.steps % 32 == 0:
-            log.debug("decode step %d: %d rows active", state.steps, len(state.rows))
+        if steps % 32 == 0:
+            log.debug("step %d: %d slots busy, %d waiting", steps, len(table.held), len(waiting))
 
 
 def check_fits(seq: Sequence, max_context: int) -> None:

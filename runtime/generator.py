@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.layouts import layout_named
 from kiln.runtime import decode
 from kiln.runtime.artifact import ArtifactInfo, inspect_artifact, source_dirs
-from kiln.runtime.backend import Backend
 from kiln.runtime.decode import Event
 from kiln.runtime.sampling import SamplingParams
+from kiln.runtime.slots import SlotBackend
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,9 @@ class Completion:
 
 
 class Generator:
-    """A loaded artifact: its backend, tokenizer (when it has one) and stop/padding ids."""
+    """A loaded artifact: its slot backend, tokenizer (when it has one) and stop ids."""
 
-    def __init__(self, backend: Backend, info: ArtifactInfo, tokenizer: Any = None) -> None:
+    def __init__(self, backend: SlotBackend, info: ArtifactInfo, tokenizer: Any = None) -> None:
         self.backend = backend
         self.info = info
         self.tokenizer = tokenizer
@@ -93,12 +94,7 @@ class Generator:
 
     def _run(self, rows: list[decode.Sequence], use_cache: bool) -> Iterator[list[Event]]:
         return decode.generate(
-            self.backend,
-            rows,
-            use_cache=use_cache,
-            pad_id=self.info.pad_id,
-            reprefill_at=self.info.reprefill_at,
-            keep_finished=self.info.keep_finished,
+            self.backend, rows, use_cache=use_cache, reprefill_at=self.info.reprefill_at
         )
 
     def _sequences(
@@ -155,32 +151,21 @@ def load(
 ) -> Generator:
     """Load an ONNX artifact (ONNX Runtime) or an engine folder (TensorRT) for generation.
 
-    A static-KV artifact (`kiln export --kv static`) gives a SlotGenerator over `slots` rows
-    (same generate/stream API); io_binding applies to concat artifacts only.
+    Every artifact runs over `slots` rows (runtime/README.md says why): a static-KV one
+    natively, a concat-KV one through runtime/concat_slots.py (each slot its own cache).
+    slots: sequences held at once; more prompts wait for a free slot. For a static artifact
+    the buffers take slots x layers x 2 x Hkv x max_context x D elements.
 
     backend: "auto" (by what the folder holds), "onnxruntime" or "tensorrt".
-    device, threads, io_binding, profile_dir: ONNX Runtime options (profile_dir turns on ORT's
-    per-op profiler); spin keeps ONNX Runtime's intra-op threads spinning between ops (faster on
-    an idle host, much slower on a shared one).
+    device, threads, profile_dir: ONNX Runtime options (profile_dir turns on ORT's per-op
+    profiler); io_binding (concat artifacts) keeps the cache in OrtValues between steps; spin
+    keeps ONNX Runtime's intra-op threads spinning between ops (faster on an idle host, much
+    slower on a shared one).
     cuda_graph: TensorRT-RTX whole-graph capture for decode steps.
     tokenizer: False skips the tokenizer (token-id prompts only): transformers' AutoTokenizer
     imports torch, which costs seconds and ~300 MB in a process that needs neither.
     """
     info = inspect_artifact(Path(artifact))
-    if info.kv_layout == "static":
-        from kiln.runtime.slot_generator import load_slots
-
-        return load_slots(
-            artifact,
-            slots=slots,
-            backend=backend,
-            device=device,
-            threads=threads,
-            profile_dir=profile_dir,
-            cuda_graph=cuda_graph,
-            tokenizer=tokenizer,
-            spin=spin,
-        )
     if backend == "auto":
         backend = "tensorrt" if info.kind == "engine" else "onnxruntime"
     if backend == "onnxruntime":
@@ -188,11 +173,9 @@ def load(
             raise KilnError(
                 f"{info.path} holds TensorRT engines, not ONNX; use --backend tensorrt."
             )
-        from kiln.runtime.ort_backend import OrtBackend
-
-        be: Backend = OrtBackend(
-            info.onnx_path,
-            max_context=info.max_context,
+        be = _ort_backend(
+            info,
+            slots=slots,
             device=device,
             threads=threads,
             io_binding=io_binding,
@@ -200,13 +183,66 @@ def load(
             spin=spin,
         )
     elif backend == "tensorrt":
-        from kiln.runtime.trt_backend import backend_from_engines
-
-        be = backend_from_engines(info, cuda_graph=cuda_graph)
+        be = _trt_backend(info, slots=slots, cuda_graph=cuda_graph)
     else:
         raise KilnError(f"Unknown backend {backend!r}; choose auto, onnxruntime or tensorrt.")
-    log.info("loaded %s with %s (max context %d)", info.path, be.name, info.max_context)
+    if be.max_context != info.max_context:
+        log.warning(
+            "graph slot length %d differs from the manifest's %d; using the graph's",
+            be.max_context,
+            info.max_context,
+        )
+    log.info("loaded %s with %s (%d x %d positions)", info.path, be.name, slots, be.max_context)
     return Generator(be, info, tokenizer_of(info) if tokenizer else None)
+
+
+def _ort_backend(
+    info: ArtifactInfo,
+    *,
+    slots: int,
+    device: str,
+    threads: int,
+    io_binding: bool,
+    profile_dir: Path | None,
+    spin: bool,
+) -> SlotBackend:
+    """OrtSlotBackend for a static graph; the concat adapter over OrtBackend otherwise."""
+    if layout_named(info.kv_layout).has_slots:
+        from kiln.runtime.ort_slots import OrtSlotBackend
+
+        return OrtSlotBackend(
+            info.onnx_path,
+            slots=slots,
+            device=device,
+            threads=threads,
+            profile_dir=profile_dir,
+            spin=spin,
+        )
+    from kiln.runtime.concat_slots import ConcatSlotBackend
+    from kiln.runtime.ort_backend import OrtBackend
+
+    concat = OrtBackend(
+        info.onnx_path,
+        max_context=info.max_context,
+        device=device,
+        threads=threads,
+        io_binding=io_binding,
+        profile_dir=profile_dir,
+        spin=spin,
+    )
+    return ConcatSlotBackend(concat, slots=slots)
+
+
+def _trt_backend(info: ArtifactInfo, *, slots: int, cuda_graph: bool) -> SlotBackend:
+    """TrtSlotBackend for a static engine; the concat adapter over TrtBackend otherwise."""
+    if layout_named(info.kv_layout).has_slots:
+        from kiln.runtime.trt_backend import slot_backend_from_engines
+
+        return slot_backend_from_engines(info, slots=slots, cuda_graph=cuda_graph)
+    from kiln.runtime.concat_slots import ConcatSlotBackend
+    from kiln.runtime.trt_backend import backend_from_engines
+
+    return ConcatSlotBackend(backend_from_engines(info, cuda_graph=cuda_graph), slots=slots)
 
 
 def tokenizer_of(info: ArtifactInfo) -> Any:

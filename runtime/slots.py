@@ -4,11 +4,11 @@ A static-layout graph (`kiln export --kv static`) or engine holds preallocated K
 `[slots, Hkv, max_context, D]`; each row is a slot with its own length. One `step` runs every
 slot at once: a slot may be prefilling a new prompt (`restart=True`), decoding one token, or
 idle. A finished sequence's slot is refilled by the next request while the others keep decoding.
-The ONNX Runtime and TensorRT backends implement this; the `Generator` (static artifacts) and the
-server's scheduler use nothing else.
+Every artifact runs through this interface: the `Generator` and the server's scheduler use
+nothing else (a concat-KV artifact through runtime/concat_slots.py's adapter).
 
-Both backends plan a step the same way (`check_feeds`, `plan_calls`, `call_inputs` below) and
-differ only in how a call runs.
+Every backend runs a step the same way (`SlotRunner.step`: `check_feeds`, `plan_calls`,
+`call_inputs` below) and differs only in how one call runs (`SlotRunner._execute`).
 
 Letters in names: N slots fed this step, R rows (slots) in one call, S new tokens, V vocab.
 """
@@ -169,3 +169,62 @@ def advance(lengths: list[int], call: SlotCall) -> None:
     """Record the positions a finished call wrote into each fed slot."""
     for f in call.feeds:
         lengths[f.slot] = (0 if f.restart else lengths[f.slot]) + len(f.tokens)
+
+
+class SlotRunner:
+    """The SlotBackend step loop over an executor: lengths, validation, planning, logits order.
+
+    Subclasses implement `_execute(call, ids, pos, index, pick) -> logits_NV` (float32, one
+    row per feed of the call, in the call's feed order; arrays from `call_inputs`), may extend
+    `check` with their own limits, and may split a step differently (`plan`).
+    """
+
+    name = "slots"
+
+    def __init__(self, *, slots: int, max_context: int, vocab: int) -> None:
+        if slots < 1:
+            raise KilnError(f"slots={slots}: a slot backend needs at least 1 slot.")
+        self.slots = slots
+        self.max_context = max_context
+        self.vocab = vocab
+        self._lengths = [0] * slots
+
+    def length(self, slot: int) -> int:
+        """Positions this slot's sequence holds now (0 when free or just restarted)."""
+        if not 0 <= slot < self.slots:
+            raise KilnError(
+                f"Slot {slot} is out of range: this backend holds slots 0..{self.slots - 1}; "
+                f"use a slot below {self.slots} or load with more slots."
+            )
+        return self._lengths[slot]
+
+    def release(self, slot: int) -> None:
+        """Mark a slot free; its rows are overwritten by the next sequence written there."""
+        self.length(slot)  # range check
+        self._lengths[slot] = 0
+
+    def check(self, feeds: Sequence[SlotFeed]) -> None:
+        """Refuse bad feeds before any buffer is touched (`check_feeds`)."""
+        check_feeds(feeds, self._lengths, vocab=self.vocab, max_context=self.max_context)
+
+    def plan(self, feeds: Sequence[SlotFeed]) -> list[SlotCall]:
+        """This step's calls (`plan_calls`)."""
+        return plan_calls(feeds, self._lengths, self.max_context)
+
+    def step(self, feeds: Sequence[SlotFeed]) -> np.ndarray:
+        """Run the feeds (validated first, buffers untouched on error); logits_NV, feed order."""
+        self.check(feeds)
+        out = np.empty((len(feeds), self.vocab), np.float32)
+        order = {f.slot: n for n, f in enumerate(feeds)}
+        for call in self.plan(feeds):
+            ids, pos, index, pick = call_inputs(call, self._lengths)
+            logits_NV = self._execute(call, ids, pos, index, pick)
+            for f, row in zip(call.feeds, logits_NV, strict=True):
+                out[order[f.slot]] = row
+            advance(self._lengths, call)
+        return out
+
+    def _execute(
+        self, call: SlotCall, ids: np.ndarray, pos: np.ndarray, index: np.ndarray, pick: np.ndarray
+    ) -> np.ndarray:
+        raise NotImplementedError

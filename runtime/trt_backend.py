@@ -3,16 +3,18 @@
 The engine is chosen by its engine.json (compute capability and library version, checked with
 kiln.engine.manifest); an engine cannot be inspected without a GPU, so the manifest's shape
 ranges are the source of truth. One execution context per optimization profile (prefill,
-decode), each bound to its profile once. KV buffers are allocated once at the profile maximum
-(batch x context): past is read from one set and present written to the other, then the two
-swap, so a step allocates nothing and copies no cache. Only the last position's logits come
-back to the host. On TensorRT-RTX, `cuda_graph=True` sets the runtime's whole-graph capture
-strategy for the decode context, and JIT-compiled kernels persist in a runtime cache file.
+decode), each bound to its profile once. Each cache allocates its KV buffers once at the max
+context (runtime/concat_slots.py holds one batch-1 cache per slot): past is read from one set
+and present written to the other, then the two swap, so a step allocates nothing and copies no
+cache. Only the last position's logits come back to the host. On TensorRT-RTX,
+`cuda_graph=True` sets the runtime's whole-graph capture strategy for the decode context, and
+JIT-compiled kernels persist in a runtime cache file.
 
 Static-KV engines (`kiln export --kv static`, then `kiln build`) run through TrtSlotBackend, a
 `kiln.runtime.slots.SlotBackend`: one `[slots, Hkv, max_context, D]` buffer per past input,
-bound as both past and present (IKVCacheUpdateLayer writes in place); the host-side planning is
-in trt_slots.py. NOT RUN here (no GPU): `make gpu-check` runs both backends on a GPU host.
+bound as both past and present (IKVCacheUpdateLayer writes in place); the host-side step loop
+is runtime/slots.py's SlotRunner (trt_slots.py adds the engine's limits). NOT RUN here (no
+GPU): `make gpu-check` runs both backends on a GPU host.
 
 Letters in names: B batch, S new tokens, P past, T = P + S, Hkv KV heads, D head dim, V vocab.
 """
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.layouts import CONCAT, STATIC
 from kiln.runtime.artifact import ArtifactInfo
 from kiln.runtime.cuda_mem import DeviceBuffer, Stream, gpu_compute_capability
 
@@ -89,14 +92,14 @@ def slot_backend_from_engines(
 
 def _engine_for_this_gpu(info: ArtifactInfo, *, static: bool) -> tuple[Any, Path, dict[str, Any]]:
     """(library module, engine folder, manifest) of the engine this GPU and library can run."""
-    layout = "static" if static else "concat"
+    layout = (STATIC if static else CONCAT).name
     engines = [d for d in info.engines if _layout(_manifest(d)) == layout]
     if not engines:
         have = sorted({_layout(_manifest(d)) for d in info.engines})
-        use = "a slot backend (kiln.runtime.slot_generator)" if not static else "kiln.runtime.load"
         raise KilnError(
             f"{info.path} holds only {', '.join(have)}-KV engines, not {layout} ones; load it with "
-            f"{use}, or build a {layout} engine (`kiln export --kv {layout}` then `kiln build`)."
+            f"kiln.runtime.load, or build a {layout} engine (`kiln export --kv {layout}` then "
+            "`kiln build`)."
         )
     cc = gpu_compute_capability()
     if cc is None:
@@ -129,7 +132,7 @@ def _manifest(folder: Path) -> dict[str, Any]:
 
 
 def _layout(manifest: dict[str, Any]) -> str:
-    return (manifest.get("kv_cache") or {}).get("layout", "concat")
+    return (manifest.get("kv_cache") or {}).get("layout", CONCAT.name)
 
 
 def deserialize_plan(trt: Any, folder: Path) -> tuple[Any, Any]:
@@ -173,10 +176,17 @@ def set_shape(ctx: Any, name: str, shape: tuple[int, ...]) -> None:
 
 
 class DeviceKVCache:
-    """Concat-layout cache over the backend's two preallocated buffer sets (past/present)."""
+    """Concat-layout cache of `batch` rows: two preallocated buffer sets (past/present).
+
+    Past is read from one set and present written to the other, then the two swap, so a call
+    allocates nothing and copies no cache. Each cache owns its buffers (one per slot of
+    runtime/concat_slots.py), sized for the engine's max context.
+    """
 
     def __init__(self, backend: TrtBackend, batch: int) -> None:
-        self.backend = backend
+        be = backend
+        nbytes = batch * be.kv_heads * be.max_context * be.head_dim * be.kv_itemsize
+        self.kv = [[DeviceBuffer(nbytes) for _ in be.past_names] for _ in range(2)]
         self.batch = batch
         self.cur = 0  # which buffer set holds the past
         self._length = 0
@@ -186,48 +196,18 @@ class DeviceKVCache:
         """Positions held per row."""
         return self._length
 
-    @property
-    def capacity(self) -> int:
-        """Most positions the engine profiles accept."""
-        return self.backend.max_context
-
     def past_ptrs(self) -> list[int]:
         """Device addresses of the past tensors (read this step)."""
-        return [b.ptr for b in self.backend.kv[self.cur]]
+        return [b.ptr for b in self.kv[self.cur]]
 
     def present_ptrs(self) -> list[int]:
         """Device addresses the present tensors are written to."""
-        return [b.ptr for b in self.backend.kv[1 - self.cur]]
+        return [b.ptr for b in self.kv[1 - self.cur]]
 
     def advance(self, new: int) -> None:
         """The present just written becomes the past."""
         self.cur ^= 1
         self._length += new
-
-    def keep_rows(self, rows: list[int] | tuple[int, ...]) -> None:
-        """Gather kept rows into the other set (contiguous [Hkv, P, D] blocks), then swap."""
-        be = self.backend
-        block = be.kv_heads * self._length * be.head_dim * be.kv_itemsize
-        for src, dst in zip(self.past_ptrs(), self.present_ptrs(), strict=True):
-            for j, r in enumerate(rows):
-                be.stream.copy_2d(dst + j * block, block, src + r * block, block, block, 1)
-        self.batch = len(rows)
-        self.cur ^= 1
-
-    def trim_left(self, n: int) -> None:
-        """Drop the first `n` positions of every [B, Hkv] row with one strided copy, then swap."""
-        if n <= 0:
-            return
-        be = self.backend
-        row = be.head_dim * be.kv_itemsize
-        keep = self._length - n
-        for src, dst in zip(self.past_ptrs(), self.present_ptrs(), strict=True):
-            be.stream.copy_2d(
-                dst, keep * row, src + n * row, self._length * row, keep * row,
-                self.batch * be.kv_heads,
-            )  # fmt: skip
-        self._length = keep
-        self.cur ^= 1
 
 
 class TrtBackend:
@@ -243,7 +223,6 @@ class TrtBackend:
         self.is_rtx = trt.__name__ == "tensorrt_rtx"
         self._runtime, self.engine = deserialize_plan(trt, folder)
         self.profiles = manifest["optimization_profiles"]
-        self.max_batch = min(p["axes"]["batch"][2] for p in self.profiles)
         self.max_context = min(p["axes"]["total_sequence"][2] for p in self.profiles)
         io = {v["name"]: v for v in manifest["io"]["inputs"] + manifest["io"]["outputs"]}
         self.past_names = [n for n in io if n.startswith("past_key_values.")]
@@ -280,20 +259,16 @@ class TrtBackend:
         )
 
     def _allocate(self) -> None:
-        """Every buffer a step needs, at the largest size any profile accepts."""
+        """Every input and output buffer a step needs but the caches, at the largest size."""
         b, t = self.max_batch_any, self.max_context
-        kv_bytes = b * self.kv_heads * t * self.head_dim * self.kv_itemsize
-        self.kv = [[DeviceBuffer(kv_bytes) for _ in self.past_names] for _ in range(2)]
         self.ids = DeviceBuffer(b * t * 8)
         self.mask = DeviceBuffer(b * t * 8)
         self.pos = DeviceBuffer(b * t * 8)
         seq = max(p["axes"]["sequence"][2] * p["axes"]["batch"][2] for p in self.profiles)
         self.logits = DeviceBuffer(seq * self.vocab * np.dtype(self.logits_dtype).itemsize)
         log.info(
-            "%s: %d KV buffers of %.1f MiB (batch %d x context %d), logits %.1f MiB",
+            "%s: input buffers for batch %d x context %d, logits %.1f MiB",
             self.name,
-            2 * len(self.past_names),
-            kv_bytes / 2**20,
             b,
             t,
             self.logits.nbytes / 2**20,
@@ -305,7 +280,7 @@ class TrtBackend:
         return max(p["axes"]["batch"][2] for p in self.profiles)
 
     def new_cache(self, batch: int) -> DeviceKVCache:
-        """An empty cache over the preallocated buffers (one live cache per backend)."""
+        """An empty cache of `batch` rows with its own device buffers."""
         return DeviceKVCache(self, batch)
 
     def _profile(self, b: int, s: int, p: int, t: int) -> int:

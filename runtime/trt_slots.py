@@ -3,8 +3,9 @@
 NOT RUN by the author (no GPU on the machine it was written on); `make gpu-check` runs it
 against ONNX Runtime on a GPU host. The host-side work (feed validation, splitting a step into
 calls, the ids/positions/write_index of a call, the engine.json reading) is plain Python and
-numpy, tested on CPU (tests/engine/test_engine_static_runtime.py drives it with ONNX Runtime
-as the executor).
+numpy: the step loop is runtime/slots.py's SlotRunner, shared with the ONNX Runtime slot
+backend, and is tested on CPU (tests/engine/test_engine_static_runtime.py drives it with ONNX
+Runtime as the executor).
 
 The `[slots, Hkv, max_context, D]` buffers are allocated once with cuda-python and zeroed (a
 NaN in a masked position would survive the mask). TensorRT requires a KV-cache update's output
@@ -32,7 +33,7 @@ import numpy as np
 
 from kiln.errors import ArtifactError, KilnError
 from kiln.runtime.cuda_mem import DeviceBuffer, Stream
-from kiln.runtime.slots import SlotCall, SlotFeed, advance, call_inputs, check_feeds, plan_calls
+from kiln.runtime.slots import SlotCall, SlotFeed, SlotRunner, check_feeds
 from kiln.runtime.trt_backend import (
     deserialize_plan,
     load_runtime_cache,
@@ -127,14 +128,11 @@ def validate_feeds(
             )
 
 
-class SlotRunner:
-    """SlotBackend bookkeeping over an executor: lengths, validation, planning, logits order.
+class EngineSlots(SlotRunner):
+    """The host side of a static engine: the SlotRunner loop with the engine's limits.
 
-    Subclasses implement `_execute(call, ids, pos, index, pick) -> logits_NV` (float32, one
-    row per feed of the call, in the call's feed order).
+    Subclasses implement `_execute` (runtime/slots.py SlotRunner).
     """
-
-    name = "slots"
 
     def __init__(self, spec: SlotSpec, slots: int) -> None:
         if not 1 <= slots <= spec.max_slots:
@@ -143,43 +141,15 @@ class SlotRunner:
                 "rows per call; load with fewer slots or rebuild with a larger max_batch in "
                 "the GPU profile."
             )
+        super().__init__(slots=slots, max_context=spec.max_context, vocab=spec.vocab)
         self.spec = spec
-        self.slots = slots
-        self.max_context = spec.max_context
-        self.vocab = spec.vocab
-        self._lengths = [0] * slots
 
-    def length(self, slot: int) -> int:
-        """Positions this slot's sequence holds now (0 when free or just restarted)."""
-        if not 0 <= slot < self.slots:
-            raise KilnError(f"Slot {slot} is out of range: slots are 0..{self.slots - 1}.")
-        return self._lengths[slot]
-
-    def release(self, slot: int) -> None:
-        """Mark a slot free; its rows are overwritten by the next sequence written there."""
-        self.length(slot)
-        self._lengths[slot] = 0
-
-    def step(self, feeds: Sequence[SlotFeed]) -> np.ndarray:
-        """Run the feeds (validated first, buffers untouched on error); logits_NV, feed order."""
+    def check(self, feeds: Sequence[SlotFeed]) -> None:
+        """The slot checks plus the engine's widest call (`validate_feeds`)."""
         validate_feeds(feeds, self._lengths, self.spec, self.slots)
-        out = np.empty((len(feeds), self.vocab), np.float32)
-        order = {f.slot: n for n, f in enumerate(feeds)}
-        for call in plan_calls(feeds, self._lengths, self.max_context):
-            ids, pos, index, pick = call_inputs(call, self._lengths)
-            logits_NV = self._execute(call, ids, pos, index, pick)
-            for f, row in zip(call.feeds, logits_NV, strict=True):
-                out[order[f.slot]] = row
-            advance(self._lengths, call)
-        return out
-
-    def _execute(
-        self, call: SlotCall, ids: np.ndarray, pos: np.ndarray, index: np.ndarray, pick: np.ndarray
-    ) -> np.ndarray:
-        raise NotImplementedError
 
 
-class TrtSlotBackend(SlotRunner):
+class TrtSlotBackend(EngineSlots):
     """A static-KV engine with `slots` rows of device K/V buffers written in place."""
 
     def __init__(

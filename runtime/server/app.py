@@ -23,11 +23,11 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.errors import KilnError, RequestError
-from kiln.runtime.decode import Sequence
+from kiln.runtime.decode import Event, Sequence
 from kiln.runtime.server.metrics import Metrics
 from kiln.runtime.server.prepare import ModelView, Prepared, prepare_chat, prepare_completion
 from kiln.runtime.server.responses import SSE_DONE, Reply, error_body, error_kind, sse
-from kiln.runtime.server.scheduler import Job, Piece, Scheduler
+from kiln.runtime.server.scheduler import Job, Scheduler
 from kiln.runtime.server.schemas import ChatRequest, CompletionRequest, parse_request
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,11 @@ class ServerState:
                 tokenizer=gen.tokenizer,
             )
             self.scheduler = Scheduler(
-                backend, self.metrics, max_queue=self.max_queue, prefill_chunk=self.prefill_chunk
+                backend,
+                self.metrics,
+                max_queue=self.max_queue,
+                prefill_chunk=self.prefill_chunk,
+                reprefill_at=gen.info.reprefill_at,
             )
             self.scheduler.start()
         except Exception as e:
@@ -182,9 +186,9 @@ async def _respond(
 ) -> Response:
     """Submit the job (429/503 come back here, before any byte is sent), then answer."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+    queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
 
-    def emit(item: Piece | BaseException) -> None:  # engine thread
+    def emit(item: Event | BaseException) -> None:  # engine thread
         # RuntimeError: the event loop is gone (shutdown), nobody is listening.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -216,8 +220,8 @@ async def _pieces(
     request: Request | None,
     scheduler: Scheduler,
     job: Job,
-    queue: asyncio.Queue[Piece | BaseException],
-) -> AsyncIterator[Piece]:
+    queue: asyncio.Queue[Event | BaseException],
+) -> AsyncIterator[Event]:
     """The job's pieces until it finishes; cancels the job if the consumer stops early."""
     checked = time.monotonic()
     try:
@@ -249,7 +253,7 @@ async def _pieces(
 async def _stream(
     scheduler: Scheduler,
     job: Job,
-    queue: asyncio.Queue[Piece | BaseException],
+    queue: asyncio.Queue[Event | BaseException],
     reply: Reply,
     include_usage: bool,
 ) -> AsyncIterator[str]:

@@ -14,7 +14,9 @@ sampling only after its last chunk); when no stream is decoding, nobody waits an
 whole.
 
 Per-request state (sampling with its seed, stop tokens and strings, incremental detokenization)
-is runtime/decode.py's `Sequence`; this module only decides what each slot is fed.
+is runtime/decode.py's `Sequence`, and the per-slot phases are that module's too (`SlotTable`
+holds who has which slot, `decode_step` samples, makes the `Event` and picks the next feed);
+this module only decides which jobs run and how much of each prompt is fed.
 The graph call blocks, so the loop runs in its own thread; results reach asyncio through the
 `emit` callback each job carries (the server wraps `loop.call_soon_threadsafe`).
 
@@ -33,20 +35,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kiln.errors import KilnError, RequestError
-from kiln.runtime.decode import Sequence
+from kiln.runtime.decode import Event, Sequence, SlotTable, decode_step
 from kiln.runtime.server.metrics import Metrics
 from kiln.runtime.slots import SlotBackend, SlotFeed
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One generated token of one request, with the text it completes (maybe '')."""
-
-    token_id: int
-    text: str
-    finish_reason: str | None
 
 
 @dataclass(eq=False)
@@ -54,10 +47,11 @@ class Job:
     """One request inside the scheduler: its Sequence, where results go, where it stands."""
 
     seq: Sequence
-    emit: Callable[[Piece | BaseException], None]
+    emit: Callable[[Event | BaseException], None]
     cancelled: bool = False
     slot: int | None = None
     fed: int = 0  # prompt tokens fed so far (a long prompt is fed over several steps)
+    next_feed: SlotFeed | None = None  # once the prompt is in: what decode_step chose
     submitted_s: float = field(default_factory=time.perf_counter)
     last_token_s: float | None = None
 
@@ -77,16 +71,17 @@ class Scheduler:
         max_queue: int = 64,
         prefill_chunk: int = 64,
         retry_after_s: int = 1,
+        reprefill_at: int | None = None,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk if prefill_chunk > 0 else backend.max_context
         self.retry_after_s = retry_after_s
+        self.reprefill_at = reprefill_at  # longrope's cache rebuild (runtime/artifact.py)
         self.steps = 0
         self._waiting: collections.deque[Job] = collections.deque()
-        self._active: dict[int, Job] = {}  # slot -> job
-        self._free = list(range(backend.slots))
+        self._slots: SlotTable[Job] = SlotTable(backend)
         self._cv = threading.Condition()
         self._closing = False  # no new jobs
         self._abort = False  # fail what is left and exit the loop
@@ -114,7 +109,7 @@ class Scheduler:
                     status=503,
                     code="shutting_down",
                 )
-            if len(self._waiting) + len(self._active) >= self.backend.slots + self.max_queue:
+            if len(self._waiting) + len(self._slots.held) >= self.backend.slots + self.max_queue:
                 raise RequestError(
                     f"Server busy: all {self.backend.slots} slots are taken and "
                     f"{len(self._waiting)} requests wait (queue limit {self.max_queue}); retry "
@@ -136,7 +131,7 @@ class Scheduler:
     def idle(self) -> bool:
         """True when no job waits or runs."""
         with self._cv:
-            return not self._waiting and not self._active
+            return not self._waiting and not self._slots.held
 
     def close(self) -> None:
         """Refuse new jobs from now on (jobs already in finish normally)."""
@@ -160,7 +155,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._abort and not self._waiting and not self._active:
+                while not self._abort and not self._waiting and not self._slots.held:
                     self._cv.wait()
                 if self._abort:
                     self._fail_all(
@@ -173,24 +168,23 @@ class Scheduler:
                     return
                 self._drop_cancelled()
                 self._admit()
-                batch = list(self._active.values())
+                batch = list(self._slots.held.values())
             if batch:
                 self._step(batch)
 
     def _admit(self) -> None:
         """Give free slots to waiting jobs, first come first served (lock held)."""
-        while self._free and self._waiting:
+        while self._slots.free and self._waiting:
             job = self._waiting.popleft()
             if job.cancelled:
                 self.metrics.finished.labels("cancelled").inc()
                 continue
-            job.slot = self._free.pop(0)
-            self._active[job.slot] = job
+            job.slot = self._slots.take(job)
         self.metrics.queue_depth.set(len(self._waiting))
-        self.metrics.active.set(len(self._active))
+        self.metrics.active.set(len(self._slots.held))
 
     def _drop_cancelled(self) -> None:
-        for job in [j for j in self._active.values() if j.cancelled]:
+        for job in [j for j in self._slots.held.values() if j.cancelled]:
             self._release(job, "cancelled")
         kept = [j for j in self._waiting if not j.cancelled]
         for _ in range(len(self._waiting) - len(kept)):
@@ -200,13 +194,10 @@ class Scheduler:
     def _release(self, job: Job, reason: str) -> None:
         """Free a job's slot (lock held, or engine thread with the job no longer fed)."""
         assert job.slot is not None
-        self.backend.release(job.slot)
-        del self._active[job.slot]
-        self._free.append(job.slot)
-        self._free.sort()
+        self._slots.release(job.slot)
         job.slot = None
         self.metrics.finished.labels(reason).inc()
-        self.metrics.active.set(len(self._active))
+        self.metrics.active.set(len(self._slots.held))
 
     def _plan(self, batch: list[Job]) -> list[tuple[Job, SlotFeed]]:
         """This step's feeds: each decoding job its last token, prefilling jobs prompt chunks.
@@ -223,7 +214,8 @@ class Scheduler:
             prompt = job.seq.prompt_ids
             assert job.slot is not None
             if job.fed >= len(prompt):
-                plan.append((job, SlotFeed(job.slot, [job.seq.out_ids[-1]])))
+                assert job.next_feed is not None  # set by _sample after the last chunk
+                plan.append((job, job.next_feed))
                 continue
             if budget <= 0:
                 continue
@@ -276,22 +268,23 @@ class Scheduler:
                     self._release(job, "error")
 
     def _sample(self, job: Job, logits_V: np.ndarray, now: float) -> None:
-        seq = job.seq
-        token = seq.choose(logits_V)
-        text = seq.accept(token, self.backend.max_context - len(seq.prompt_ids))
+        assert job.slot is not None
+        event, job.next_feed = decode_step(
+            self.backend, job.slot, job.seq, logits_V, reprefill_at=self.reprefill_at
+        )
         if job.last_token_s is None:
             self.metrics.ttft.observe(now - job.submitted_s)
         else:
             self.metrics.token_latency.observe(now - job.last_token_s)
         job.last_token_s = now
         self.metrics.generated.inc()
-        job.emit(Piece(token, text, seq.finish_reason))
+        job.emit(event)
 
     def _fail_all(self, error: BaseException) -> None:
-        for job in [*self._waiting, *self._active.values()]:
+        for job in [*self._waiting, *self._slots.held.values()]:
             if not job.cancelled:
                 job.emit(error)
-        for job in list(self._active.values()):
+        for job in list(self._slots.held.values()):
             self._release(job, "error")
         self._waiting.clear()
         self.metrics.queue_depth.set(0)

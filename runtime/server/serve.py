@@ -50,13 +50,13 @@ class DrainingServer(uvicorn.Server):
 def slots_loader(
     artifact: Path, *, slots: int, backend: str, device: str, threads: int
 ) -> Callable[[], Any]:
-    """A loader for ServerState: the static-KV artifact as a SlotGenerator."""
+    """A loader for ServerState: the static-KV artifact as a Generator over `slots` slots."""
 
     def load() -> Any:
-        from kiln.runtime import load_slots
+        from kiln.runtime import load
 
         # No spinning ORT threads: they would take the cores the HTTP event loop needs.
-        return load_slots(
+        return load(
             artifact, slots=slots, backend=backend, device=device, threads=threads, spin=False
         )
 

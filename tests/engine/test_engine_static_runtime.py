@@ -2,9 +2,10 @@
 
 The device side (runtime/trt_slots.py TrtSlotBackend: cuda-python buffers bound as past and
 present) cannot run without a GPU; the gpu-marked test at the end runs it (bench/gpu_check.py
-run_static_checks). Here the same SlotRunner logic (validation, call planning, ids / positions /
-write_index, logits rows) drives the static ONNX through plain ONNX Runtime `run` with numpy
-buffers, and is compared with PyTorch, so a wrong write position, padding or logits row shows.
+run_static_checks). Here the same host logic (runtime/trt_slots.py EngineSlots over
+runtime/slots.py SlotRunner: validation, call planning, ids / positions / write_index, logits
+rows) drives the static ONNX through plain ONNX Runtime `run` with numpy buffers, and is
+compared with PyTorch, so a wrong write position, padding or logits row shows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kiln.parity import TOL, compare
 from kiln.runtime.artifact import inspect_artifact
 from kiln.runtime.cuda_mem import gpu_compute_capability
 from kiln.runtime.slots import SlotCall, SlotFeed, call_inputs, plan_calls
-from kiln.runtime.trt_slots import SlotRunner, pick_profile, slot_spec, validate_feeds
+from kiln.runtime.trt_slots import EngineSlots, pick_profile, slot_spec, validate_feeds
 
 pytest.importorskip("tensorrt_rtx", reason="the engine extra (tensorrt-rtx) is not installed")
 
@@ -51,8 +52,8 @@ def torch_model(tiny_model_dir):
     return T.AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
 
 
-class OrtExecutedRunner(SlotRunner):
-    """SlotRunner whose calls run through onnxruntime with numpy [slots, Hkv, M, D] buffers.
+class OrtExecutedRunner(EngineSlots):
+    """EngineSlots whose calls run through onnxruntime with numpy [slots, Hkv, M, D] buffers.
 
     `shift` moves every write index (a negative control: the cache lands one position off).
     """

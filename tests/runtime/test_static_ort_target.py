@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as T
 
-from kiln.runtime import load_slots
+from kiln.runtime import load
 from kiln.runtime.slots import SlotFeed
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 9], [1, 20, 30, 31], [1, 3, 4]]
@@ -34,7 +34,7 @@ def test_optimized_static_graph_matches_transformers_over_slots(ort_fp32, tiny_m
     }
     assert "GroupQueryAttention" in ops
     model = T.AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
-    gen = load_slots(ort_fp32, slots=2, tokenizer=False)  # 4 prompts: two refills
+    gen = load(ort_fp32, slots=2, tokenizer=False)  # 4 prompts: two refills
     done = gen.generate(PROMPTS, max_new_tokens=20, min_new_tokens=20)
     for p, c in zip(PROMPTS, done, strict=True):
         ref = model.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20)
@@ -42,7 +42,7 @@ def test_optimized_static_graph_matches_transformers_over_slots(ort_fp32, tiny_m
 
 
 def test_optimized_static_graph_updates_in_place(ort_fp32):
-    backend = load_slots(ort_fp32, slots=3, tokenizer=False).backend
+    backend = load(ort_fp32, slots=3, tokenizer=False).backend
     ptrs = backend.buffer_ptrs()
     backend.step([SlotFeed(0, PROMPTS[0], restart=True), SlotFeed(2, PROMPTS[1], restart=True)])
     assert backend.present_ptrs() == ptrs

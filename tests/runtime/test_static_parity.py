@@ -12,7 +12,7 @@ import torch
 import transformers as T
 
 from kiln.parity import TOL, compare
-from kiln.runtime import load, load_slots
+from kiln.runtime import load
 from kiln.runtime.slots import SlotFeed
 
 FAMILIES = ["llama", "qwen3", "gpt2", "mistral-window"]
@@ -51,7 +51,7 @@ def drive(backend, prompts: list[list[int]], refs: list[list[int]]) -> list[np.n
 def test_prefill_and_20_decode_steps_match_pytorch(name, exported, tiny_model_dir):
     art = exported(name, "fp32", kv="static")
     refs = [hf_reference(tiny_model_dir(name), p) for p in PROMPTS]
-    gen = load_slots(art, slots=3, tokenizer=False)
+    gen = load(art, slots=3, tokenizer=False)
     logits = drive(gen.backend, PROMPTS, [t for t, _ in refs])
     for s, ((_, ref_logits), got) in enumerate(zip(refs, logits, strict=True)):
         diff = compare(f"{name} slot {s} logits", ref_logits, got, TOL["fp32"])
@@ -65,7 +65,7 @@ def test_negative_control_lost_cache_fails_the_comparison(exported, tiny_model_d
     """Restarting a slot mid-run (its cache dropped) must break the logits comparison."""
     art = exported("llama", "fp32", kv="static")
     tokens, ref_logits = hf_reference(tiny_model_dir("llama"), PROMPTS[0])
-    backend = load_slots(art, slots=1, tokenizer=False).backend
+    backend = load(art, slots=1, tokenizer=False).backend
     got = [backend.step([SlotFeed(0, PROMPTS[0], restart=True)])[0]]
     for i in range(STEPS):
         restart = i == 5  # the fault: slot 0 forgets its 16 cached positions
@@ -76,7 +76,7 @@ def test_negative_control_lost_cache_fails_the_comparison(exported, tiny_model_d
 
 def test_load_routes_static_artifacts_to_slots(exported):
     gen = load(exported("llama", "fp32", kv="static"), tokenizer=False, slots=2)
-    assert type(gen).__name__ == "SlotGenerator"
+    assert type(gen.backend).__name__ == "OrtSlotBackend"
     assert gen.info.kv_layout == "static"
     assert gen.backend.slots == 2
     assert gen.info.max_context == gen.backend.max_context == 256

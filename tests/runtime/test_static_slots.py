@@ -9,9 +9,8 @@ import transformers as T
 
 from kiln.errors import KilnError
 from kiln.parity import TOL, compare
-from kiln.runtime import decode, load_slots
+from kiln.runtime import decode, load
 from kiln.runtime.sampling import SamplingParams
-from kiln.runtime.slot_generator import generate_slots
 from kiln.runtime.slots import SlotFeed
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 9], [1, 20, 30, 31]]
@@ -33,7 +32,7 @@ def test_ragged_slots_write_at_their_positions(llama):
     """Read the buffers back after a ragged prefill and two steps with one slot idle."""
     art, hf_dir = llama
     model = T.AutoModelForCausalLM.from_pretrained(hf_dir)
-    backend = load_slots(art, slots=3, tokenizer=False).backend
+    backend = load(art, slots=3, tokenizer=False).backend
     backend.step([SlotFeed(s, p, restart=True) for s, p in enumerate(PROMPTS)])
     seqs = [list(p) for p in PROMPTS]
     for tok in (40, 41):  # slot 1 idles while slots 0 and 2 decode
@@ -52,7 +51,7 @@ def test_ragged_slots_write_at_their_positions(llama):
 
 def test_idle_slots_are_not_touched(llama):
     """A step that does not feed a slot leaves its positions [0, length) bit-identical."""
-    backend = load_slots(llama[0], slots=4, tokenizer=False).backend
+    backend = load(llama[0], slots=4, tokenizer=False).backend
     backend.step([SlotFeed(s, p, restart=True) for s, p in enumerate(PROMPTS)])
     n = backend.length(1)
     before = [backend.read_slot(1, i)[:, :n] for i in range(4)]
@@ -70,7 +69,7 @@ def test_idle_slots_are_not_touched(llama):
 
 def test_nearly_full_idle_slot_splits_the_step(llama):
     """An idle slot with no room for padding makes the step run per feed, not overflow it."""
-    backend = load_slots(llama[0], slots=3, tokenizer=False).backend
+    backend = load(llama[0], slots=3, tokenizer=False).backend
     backend.step([SlotFeed(1, [1] * 250, restart=True)])
     kept = backend.read_slot(1, 0)[:, :250]
     logits = backend.step([SlotFeed(0, PROMPTS[0], restart=True), SlotFeed(2, PROMPTS[0])])
@@ -86,14 +85,14 @@ def _seq(i: int, prompt: list[int], n: int) -> decode.Sequence:
 
 def test_refilled_slot_gives_the_same_tokens_as_a_fresh_run(llama):
     """Slot 0 finishes after 3 tokens and takes the waiting prompt while slot 1 decodes."""
-    gen = load_slots(llama[0], slots=2, tokenizer=False)
+    gen = load(llama[0], slots=2, tokenizer=False)
     rows = [_seq(0, PROMPTS[0], 3), _seq(1, PROMPTS[1], 16), _seq(2, PROMPTS[2], 12)]
-    steps = list(generate_slots(gen.backend, rows))
+    steps = list(decode.generate(gen.backend, rows))
     assert all(e.index != 2 for step in steps[:3] for e in step)  # prompt 2 waits 3 steps
     assert {e.index for e in steps[3]} == {1, 2}  # then prefills beside slot 1's decode
-    fresh = load_slots(llama[0], slots=1, tokenizer=False)
+    fresh = load(llama[0], slots=1, tokenizer=False)
     for row in rows:
-        alone = list(generate_slots(fresh.backend, [_seq(9, row.prompt_ids, len(row.out_ids))]))
+        alone = list(decode.generate(fresh.backend, [_seq(9, row.prompt_ids, len(row.out_ids))]))
         assert row.out_ids == [e[0].token_id for e in alone]
 
 
@@ -101,7 +100,7 @@ def test_more_prompts_than_slots_match_transformers(llama):
     art, hf_dir = llama
     model = T.AutoModelForCausalLM.from_pretrained(hf_dir)
     prompts = [*PROMPTS, [1, 3], [1, 7, 7, 7, 7, 7]]
-    gen = load_slots(art, slots=2, tokenizer=False)
+    gen = load(art, slots=2, tokenizer=False)
     done = gen.generate(prompts, max_new_tokens=10, min_new_tokens=10)
     for p, c in zip(prompts, done, strict=True):
         ref = model.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10)
@@ -109,7 +108,7 @@ def test_more_prompts_than_slots_match_transformers(llama):
 
 
 def test_no_cache_path_equals_cached(llama):
-    gen = load_slots(llama[0], slots=3, tokenizer=False)
+    gen = load(llama[0], slots=3, tokenizer=False)
     cached = gen.generate(PROMPTS, max_new_tokens=8, min_new_tokens=8)
     again = gen.generate(PROMPTS, max_new_tokens=8, min_new_tokens=8, use_cache=False)
     assert [c.token_ids for c in cached] == [c.token_ids for c in again]
@@ -127,7 +126,7 @@ def test_no_cache_path_equals_cached(llama):
     ],
 )
 def test_bad_feeds_raise_before_touching_buffers(llama, feeds, match):
-    backend = load_slots(llama[0], slots=4, tokenizer=False).backend
+    backend = load(llama[0], slots=4, tokenizer=False).backend
     backend.step([SlotFeed(0, [1, 2, 3], restart=True)])
     before = backend.read_slot(0, 0)
     with pytest.raises(KilnError, match=match):
@@ -137,7 +136,7 @@ def test_bad_feeds_raise_before_touching_buffers(llama, feeds, match):
 
 
 def test_write_past_max_context_names_the_fix(llama):
-    backend = load_slots(llama[0], slots=1, tokenizer=False).backend
+    backend = load(llama[0], slots=1, tokenizer=False).backend
     backend.step([SlotFeed(0, [1] * 250, restart=True)])
     with pytest.raises(KilnError, match=r"Slot 0 holds 250 positions; 7 more .*--max-context"):
         backend.step([SlotFeed(0, [1] * 7)])
@@ -146,11 +145,22 @@ def test_write_past_max_context_names_the_fix(llama):
 
 
 def test_prompt_longer_than_slot_is_refused(llama):
-    gen = load_slots(llama[0], slots=1, tokenizer=False)
+    gen = load(llama[0], slots=1, tokenizer=False)
     with pytest.raises(KilnError, match="does not fit this artifact's max context of 256"):
         gen.generate([1] * 256, max_new_tokens=2)
 
 
-def test_concat_artifact_is_refused(exported):
-    with pytest.raises(KilnError, match="concat KV layout; slots need a static one"):
-        load_slots(exported("llama", "fp32"), tokenizer=False)
+def test_concat_artifact_runs_over_slots_through_the_adapter(exported, llama):
+    """load() runs a concat export over slots too (runtime/concat_slots.py), with the static
+    export's tokens; the static slot backend itself still refuses a concat graph."""
+    from kiln.runtime.ort_slots import OrtSlotBackend
+
+    concat = exported("llama", "fp32")
+    gen = load(concat, slots=2, tokenizer=False)
+    assert type(gen.backend).__name__ == "ConcatSlotBackend" and gen.backend.slots == 2
+    static = load(llama[0], slots=2, tokenizer=False)
+    want = static.generate(PROMPTS, max_new_tokens=8, min_new_tokens=8)
+    got = gen.generate(PROMPTS, max_new_tokens=8, min_new_tokens=8)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    with pytest.raises(KilnError, match=r"is a concat-KV graph \(no write_index input\)"):
+        OrtSlotBackend(concat / "model.onnx", slots=1)

@@ -8,7 +8,7 @@ from kiln.runtime import load
 
 def test_zen_text_through_static_slots(exported):
     gen = load(exported("zen", "fp32", kv="static"), slots=2)
-    assert type(gen).__name__ == "SlotGenerator"
+    assert type(gen.backend).__name__ == "OrtSlotBackend"
     done = gen.generate(ZEN_PROMPT, max_new_tokens=400)
     assert done.finish_reason == "stop"  # its own EOS, not the limit
     assert ZEN_PROMPT + done.text == zen_text()

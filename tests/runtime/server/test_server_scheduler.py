@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 
-from kiln.runtime import load_slots
-from kiln.runtime.decode import Sequence
+from kiln.runtime import load
+from kiln.runtime.decode import Event, Sequence
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.server.metrics import Metrics
-from kiln.runtime.server.scheduler import Job, Piece, Scheduler
+from kiln.runtime.server.scheduler import Job, Scheduler
 from kiln.runtime.slots import SlotFeed
 
 
@@ -36,8 +36,8 @@ def _run(
     started = threading.Event()
 
     def emit(i: int):
-        def put(item: Piece | BaseException) -> None:
-            assert isinstance(item, Piece), item
+        def put(item: Event | BaseException) -> None:
+            assert isinstance(item, Event), item
             out[i].append(item.token_id)
             started.set()
             if item.finish_reason:
@@ -55,7 +55,7 @@ def _run(
 
 
 def test_chunked_prefill_beside_decoding_equals_each_prompt_alone(tiny_static):
-    gen = load_slots(tiny_static, slots=3, device="cpu", threads=1, tokenizer=False)
+    gen = load(tiny_static, slots=3, device="cpu", threads=1, tokenizer=False)
     backend = CountingSteps(gen.backend)
     sched = Scheduler(backend, Metrics(), prefill_chunk=8)
     sched.start()

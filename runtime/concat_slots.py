@@ -1,0 +1,50 @@
+"""A concat-KV artifact run over slots: the adapter that gives a `Backend` the SlotBackend API.
+
+The runtime's one decode loop (runtime/decode.py) runs over slots; the concat layout (past in,
+past + new out) stays an export format for other consumers and reaches the loop only through
+this adapter (runtime/README.md says why). Each slot holds its own past as the backend's
+`KVCache`, and each fed slot runs as its own batch-1 call: no padding, no rows to drop when a
+sequence finishes, and a sequence's tokens never depend on what shares the step with it.
+
+Letters in names: S new tokens, T = P + S attention length, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kiln.runtime.backend import Backend
+from kiln.runtime.kv_cache import KVCache
+from kiln.runtime.slots import SlotCall, SlotFeed, SlotRunner
+
+
+class ConcatSlotBackend(SlotRunner):
+    """`slots` sequences over one concat-KV `Backend`, one cache and one call per fed slot."""
+
+    def __init__(self, concat: Backend, *, slots: int = 4) -> None:
+        super().__init__(slots=slots, max_context=concat.max_context, vocab=concat.vocab)
+        self.concat = concat
+        self.name = f"{concat.name}-concat"
+        self._caches: list[KVCache | None] = [None] * slots
+
+    def plan(self, feeds: Sequence[SlotFeed]) -> list[SlotCall]:
+        """One batch-1 call per feed: each slot's past is its own cache."""
+        return [SlotCall(f.slot, f.slot + 1, (f,), len(f.tokens)) for f in feeds]
+
+    def release(self, slot: int) -> None:
+        """Free a slot and drop its cache."""
+        super().release(slot)
+        self._caches[slot] = None
+
+    def _execute(
+        self, call: SlotCall, ids: np.ndarray, pos: np.ndarray, index: np.ndarray, pick: np.ndarray
+    ) -> np.ndarray:
+        """The slot's tokens over its cache (a new one on restart); logits_1V of the last."""
+        cache = self._caches[call.lo]
+        if call.feeds[0].restart or cache is None:
+            cache = self._caches[call.lo] = self.concat.new_cache(1)
+        assert cache.length == index[0], "slot length and cache length disagree"
+        mask_1T = np.ones((1, cache.length + ids.shape[1]), np.int64)
+        return self.concat.forward(ids, mask_1T, pos, cache)
