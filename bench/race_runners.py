@@ -156,10 +156,11 @@ def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> di
     gen = run.gen  # type: ignore[attr-defined]
     ids = ids_BS[:1]
     wall, _ = _timed(run, ids, new)
-    figures = _trace_figures(gen.backend.end_profiling())
+    concat = gen.backend.concat  # the concat Backend under the runtime's slot adapter
+    figures = _trace_figures(concat.end_profiling())
     m = gen.info.manifest["config"]
     # concat KV: each decode step writes present = past + 1 for every layer's K and V
-    itemsize = np.dtype(gen.backend.kv_dtype).itemsize
+    itemsize = np.dtype(concat.kv_dtype).itemsize
     kv_row = 2 * m["layers"] * m["kv_heads"] * m["head_dim"] * itemsize
     copied = [kv_row * (ids.shape[1] + i) for i in range(1, new)]
     return {
@@ -180,12 +181,12 @@ def _profile_static(artifact: Path, ids: np.ndarray, new: int, work: Path) -> di
     past_cache to present_cache (N bytes)" warning (its only copy path) never appears.
     """
     from kiln.runtime.artifact import inspect_artifact
+    from kiln.runtime.generator import Generator
     from kiln.runtime.ort_slots import OrtSlotBackend, scatter_copy_bytes
-    from kiln.runtime.slot_generator import SlotGenerator
 
     info = inspect_artifact(artifact)
     backend = OrtSlotBackend(info.onnx_path, slots=1, profile_dir=work, log_severity=1)
-    gen = SlotGenerator(backend, info)  # type: ignore[arg-type]
+    gen = Generator(backend, info)
     steps, moved = 0, 0
     step = backend.step
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from kiln.runtime.decode import Sequence
+from kiln.runtime.decode import Event, Sequence
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.server.metrics import Metrics
-from kiln.runtime.server.scheduler import Job, Piece, Scheduler
+from kiln.runtime.server.scheduler import Job, Scheduler
 
 
 def measure(gen: Any, *, prompt_len: int, chunk: int, running: int, decode: int) -> dict:
@@ -34,7 +34,7 @@ def measure(gen: Any, *, prompt_len: int, chunk: int, running: int, decode: int)
     arrival: list[float] = []
 
     def job(i: int, ids: list[int], n: int) -> Job:
-        def emit(item: Piece | BaseException, i: int = i) -> None:
+        def emit(item: Event | BaseException, i: int = i) -> None:
             if i < running:
                 stamps[i].append(time.perf_counter())
             elif not first.is_set():
@@ -77,11 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/load"))
     args = p.parse_args(argv)
-    from kiln.runtime import load_slots
+    from kiln.runtime import load
 
-    gen = load_slots(
-        args.artifact, slots=args.slots, threads=args.threads, tokenizer=False, spin=False
-    )
+    gen = load(args.artifact, slots=args.slots, threads=args.threads, tokenizer=False, spin=False)
     decode = min(gen.backend.max_context - 4, 200)
     rows = [
         measure(
