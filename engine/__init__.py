@@ -48,7 +48,7 @@ from kiln.engine.progress import heartbeat, progress_monitor
 from kiln.engine.shapes import fit_to_model, input_ranges, io_signature, tensor_ranges
 from kiln.engine.staging import locked_staging
 from kiln.errors import ArtifactError
-from kiln.manifest import (
+from kiln.artifacts import (
     copy_carried_files,
     publish_dir,
     read_manifest,

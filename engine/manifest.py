@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.engine.errors import EngineMismatchError
-from kiln.manifest import read_manifest, sha256_file
+from kiln.artifacts import read_manifest, sha256_file
 
 MANIFEST = "engine.json"
 PLAN = "engine.plan"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ArtifactError, ConfigError
-from kiln.manifest import (
+from kiln.artifacts import (
     code_fingerprint,
     copy_carried_files,
     file_records,
