@@ -147,7 +147,7 @@ def test_next_build_removes_a_killed_builds_folder(exported, tmp_path):
     _aged(dead)
     build_engine(exported("llama", "fp16", kv="static"), PROFILE, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
-    assert read_engine(out)["kv_cache"]["layout"] == "static"
+    assert read_engine(out).kv_cache["layout"] == "static"
 
 
 def test_onnxruntime_target_output_is_refused(exported, tmp_path):
