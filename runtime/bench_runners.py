@@ -157,7 +157,7 @@ def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> di
     ids = ids_BS[:1]
     wall, _ = _timed(run, ids, new)
     figures = _trace_figures(gen.backend.end_profiling())
-    m = gen.info.manifest["config"]
+    m = gen.info.manifest.config
     # concat KV: each decode step writes present = past + 1 for every layer's K and V
     itemsize = np.dtype(gen.backend.kv_dtype).itemsize
     kv_row = 2 * m["layers"] * m["kv_heads"] * m["head_dim"] * itemsize

@@ -164,7 +164,9 @@ def test_layout_in_manifest_must_match_the_graph(static_fp16, tmp_path):
     assert kv_layout(source, io) == {"layout": "static", "max_context": MAX_CONTEXT}
 
     def claiming(kv_cache):
-        return dataclasses.replace(source, export=dataclasses.replace(source.export, kv_cache=kv_cache))
+        return dataclasses.replace(
+            source, export=dataclasses.replace(source.export, kv_cache=kv_cache)
+        )
 
     with pytest.raises(ArtifactError, match=r"kv_cache.layout = 'concat', but .* static layout"):
         kv_layout(claiming({"layout": "concat"}), io)
