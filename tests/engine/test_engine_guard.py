@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -13,9 +12,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from kiln.artifacts import sha256_file
 from kiln.engine import build_engine, read_engine
 from kiln.engine.guard import ForeignOpsError, foreign_ops
-from kiln.engine.staging import remove_stale
+from kiln.manifests import ExportManifest, OptimizeManifest
+from kiln.staging import remove_stale
 
 PROFILE = "rtx-ampere-ada-fp16"
 
@@ -38,9 +39,23 @@ def _artifact(tmp_path, model):
     art = tmp_path / "art"
     art.mkdir()
     onnx.save(model, str(art / "model.onnx"))
-    (art / "optimize.json").write_text(
-        json.dumps({"kind": "kiln.optimize", "target": "onnxruntime"})
-    )
+    io = {
+        "inputs": [{"name": "x", "dtype": "float16", "shape": [1, 8]}],
+        "outputs": [{"name": "y", "dtype": "float16", "shape": [1, 8]}],
+    }
+    files = {"model.onnx": {"sha256": sha256_file(art / "model.onnx"), "bytes": 0}}
+    config = {"vocab": 8, "max_positions": 8}
+    ExportManifest(
+        cache_key="", source={"path": str(tmp_path)}, architecture={}, config=config,
+        exporter={"precision": "fp16"}, io=io, dynamic_axes={}, files=files, versions={},
+        kv_cache={"layout": "concat"}, rope={}, weight_bytes=0, parity={}, elapsed_s={},
+    ).write(art)  # fmt: skip
+    OptimizeManifest(
+        cache_key="", source={}, target="onnxruntime", precision="fp16", architecture={},
+        config=config, io=io, contrib_ops={}, passes=[], files=files, versions={}, parity={},
+        engine_hints={"attention_decomposable": False, "min_compute_capability": "SM80"},
+        elapsed_s=0.0,
+    ).write(art)  # fmt: skip
     return art
 
 
