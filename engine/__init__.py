@@ -49,7 +49,7 @@ from kiln.engine.profiles import GpuProfile, available_profiles, load_profile
 from kiln.engine.progress import heartbeat, progress_monitor
 from kiln.engine.shapes import fit_to_model, input_ranges, tensor_ranges
 from kiln.errors import ArtifactError
-from kiln.manifests import EngineManifest, OnnxManifests, newest_manifest
+from kiln.manifests import EngineManifest, OnnxManifests, OptimizeManifest, newest_manifest
 from kiln.publish import publishing
 
 __all__ = [
@@ -162,7 +162,8 @@ def _build_plan(
     _check_io(io, net, onnx_path)
     types, aliases = net.layer_types(), kv_updates(backend, net)
     check_kv_updates(layout, aliases, io, f"{backend.library} {backend.version}: {onnx_path}")
-    hint = source.newest.attention_decomposable if source.stage == "optimize" else None
+    newest = source.newest
+    hint = newest.attention_decomposable if isinstance(newest, OptimizeManifest) else None
     attention = mark_decomposable(backend, net, hint)
     monitor = progress_monitor(backend.trt, what)
     ranges = [input_ranges(io["inputs"], s) for s in shapes]
@@ -218,14 +219,15 @@ def _plan_shapes(
 
 def _check_min_compute_capability(source: OnnxManifests, gpu: GpuProfile) -> None:
     """An optimized graph's types need a GPU generation (optimize.json engine_hints)."""
-    if source.stage != "optimize":
+    if not isinstance(source.newest, OptimizeManifest):
         return  # an export's types (fp32/fp16/bf16) compile for every target kiln builds for
     need = source.newest.min_compute_capability  # "SM89"
-    older = [cc for cc in gpu.compute_capabilities if cc.replace(".", "") < need[2:]]
+    want = (int(need[2:-1]), int(need[-1]))
+    older = [cc for cc in gpu.compute_capabilities if tuple(map(int, cc.split("."))) < want]
     if older:
         raise ProfileError(
-            f"{source.folder / 'optimize.json'} needs compute capability >= "
-            f"{need[2]}.{need[3:]} ({source.newest.precision}), but GPU profile {gpu.name!r} "
+            f"{source.folder / OptimizeManifest.FILE} needs compute capability >= "
+            f"{want[0]}.{want[1]} ({source.newest.precision}), but GPU profile {gpu.name!r} "
             f"targets {', '.join(older)}; pick a profile for newer GPUs (models/gpus/)."
         )
 

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from kiln.artifacts import sha256_file
 from kiln.engine import build_engine, read_engine
+from kiln.engine.errors import ProfileError
 from kiln.engine.guard import ForeignOpsError, foreign_ops
 from kiln.manifests import ExportManifest, OptimizeManifest
 from kiln.staging import remove_stale
@@ -34,7 +35,7 @@ def _model(nodes, functions=(), extra_opsets=()):
     return helper.make_model(graph, opset_imports=opsets, functions=list(functions), ir_version=10)
 
 
-def _artifact(tmp_path, model):
+def _artifact(tmp_path, model, min_cc="SM80"):
     """An artifact folder as `kiln optimize --target onnxruntime` would leave it (minimal)."""
     art = tmp_path / "art"
     art.mkdir()
@@ -53,7 +54,7 @@ def _artifact(tmp_path, model):
     OptimizeManifest(
         cache_key="", source={}, target="onnxruntime", precision="fp16", architecture={},
         config=config, io=io, contrib_ops={}, passes=[], files=files, versions={}, parity={},
-        engine_hints={"attention_decomposable": False, "min_compute_capability": "SM80"},
+        engine_hints={"attention_decomposable": False, "min_compute_capability": min_cc},
         elapsed_s=0.0,
     ).write(art)  # fmt: skip
     return art
@@ -86,6 +87,17 @@ def test_contrib_ops_are_refused_before_parsing_with_names_and_fix(tmp_path):
     assert "`kiln optimize --target tensorrt`" in msg and "--target onnxruntime" in msg
     assert "cannot parse" not in msg  # the guard spoke, not TensorRT's parser
     assert list(tmp_path.iterdir()) == [art]  # no engine, no staging folder
+
+
+def test_engine_reads_the_graphs_minimum_compute_capability(tmp_path):
+    """optimize.json engine_hints.min_compute_capability (fp8: SM89) is checked before parsing.
+
+    Its negative control is the test above: SM80 lets the same folder reach the op guard.
+    """
+    art = _artifact(tmp_path, _contrib_graph(), min_cc="SM89")
+    with pytest.raises(ProfileError, match=r"optimize\.json needs compute capability >= 8\.9"):
+        build_engine(art, PROFILE, tmp_path / "eng")
+    assert list(tmp_path.iterdir()) == [art]
 
 
 def test_standard_graph_and_local_functions_pass_the_guard(tmp_path):
