@@ -129,7 +129,7 @@ def run_static_checks(out: Path, cc: str, backend: str, ort: Any) -> list[tuple[
     folder = out / "engines-static" / f"sm{cc.replace('.', '')}"
     t0 = time.perf_counter()
     build_engine(onnx_dir, _profile_for(cc, backend), folder)
-    kv = read_engine(folder)["kv_cache"]
+    kv = read_engine(folder).kv_cache
     results.append(
         ("static engine build", kv["layout"] == "static",
          f"{time.perf_counter() - t0:.1f} s, {len(kv['aliases'])} in-place KV updates")

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{text}\n\nissue 7 ratios:\n{report.ratios_text(bars)}\n\n"
           f"profile of kiln's loops (batch 1):\n{report.profile_text(results)}")  # fmt: skip
     print(f"1-min load average at start/end: {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} cores")
-    from kiln.manifest import tool_versions, write_json_atomic
+    from kiln.artifacts import tool_versions, write_json_atomic
 
     write_json_atomic(
         args.out / "bench.json",

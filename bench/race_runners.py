@@ -158,7 +158,7 @@ def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> di
     wall, _ = _timed(run, ids, new)
     concat = gen.backend.concat  # the concat Backend under the runtime's slot adapter
     figures = _trace_figures(concat.end_profiling())
-    m = gen.info.manifest["config"]
+    m = gen.info.manifest.config
     # concat KV: each decode step writes present = past + 1 for every layer's K and V
     itemsize = np.dtype(concat.kv_dtype).itemsize
     kv_row = 2 * m["layers"] * m["kv_heads"] * m["head_dim"] * itemsize

@@ -7,7 +7,8 @@ sets the prefill/decode optimization profiles from the GPU profile's shape range
 progress monitor, and publishes the folder atomically with engine.json written last.
 Graphs with non-standard-domain ops are refused before parsing (guard.py); static-KV artifacts
 get slot/new-token profiles with their fixed max_context (kv_layout.py); fp32 attention is
-marked decomposable (attention.py); dead builds' staging folders are removed (staging.py).
+marked decomposable (attention.py). The skeleton (reuse check, locked staging that removes dead
+builds' folders, engine.json last, atomic publish) is kiln/publish.py's, shared by every stage.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from kiln.artifacts import cache_key, copy_carried_files, sha256_file
 from kiln.engine.attention import mark_decomposable
 from kiln.engine.builder import Backend
 from kiln.engine.errors import EngineBuildError, EngineMismatchError, ParseError, ProfileError
@@ -35,7 +38,6 @@ from kiln.engine.kv_layout import (
     static_shapes,
 )
 from kiln.engine.manifest import (
-    FORMAT,
     MANIFEST,
     PLAN,
     check_engine_compatible,
@@ -45,17 +47,10 @@ from kiln.engine.manifest import (
 from kiln.engine.precision import check_precision, precision_of
 from kiln.engine.profiles import GpuProfile, available_profiles, load_profile
 from kiln.engine.progress import heartbeat, progress_monitor
-from kiln.engine.shapes import fit_to_model, input_ranges, io_signature, tensor_ranges
-from kiln.engine.staging import locked_staging
+from kiln.engine.shapes import fit_to_model, input_ranges, tensor_ranges
 from kiln.errors import ArtifactError
-from kiln.manifest import (
-    copy_carried_files,
-    publish_dir,
-    read_manifest,
-    sha256_file,
-    sha256_json,
-    write_json_atomic,
-)
+from kiln.manifests import EngineManifest, OnnxManifests, OptimizeManifest, newest_manifest
+from kiln.publish import publishing
 
 __all__ = [
     "MANIFEST",
@@ -72,14 +67,11 @@ __all__ = [
     "engine_mismatches",
     "load_profile",
     "read_engine",
-    "source_of",
 ]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-# Stage manifests an artifact folder may carry, newest stage first.
-_SOURCES = (("optimize.json", "kiln optimize"), ("export.json", "kiln export"))
 
 
 def build_engine(
@@ -91,99 +83,76 @@ def build_engine(
     """
     artifact, out = Path(artifact), Path(out)
     gpu = profile if isinstance(profile, GpuProfile) else load_profile(profile)
-    _, source, stage = source_of(artifact)
-    t0 = time.perf_counter()
-    times: dict[str, float] = {}
+    source = newest_manifest(artifact)
+    t0, times = time.perf_counter(), {}
     onnx_files = {p.name: p for p in sorted(artifact.glob(f"{MODEL_FILE}*")) if p.is_file()}
     backend = Backend(gpu)
     with ThreadPoolExecutor(1, thread_name_prefix="kiln-hash") as pool:
-        # Hash the ONNX beside the parse and build; wait for it first only when an existing
-        # engine.json could make the build unnecessary.
+        # Hash the ONNX beside the parse and build; the key waits for it only when an existing
+        # engine.json could make the build unnecessary, or when the manifest is written.
         hashing = pool.submit(_hash_files, onnx_files, times)
-        if not force and (out / MANIFEST).is_file():
-            key = _cache_key(hashing.result(), gpu, backend)
-            if _up_to_date(out, key):
-                log.info(
-                    "engine %s: %s is up to date (cache key %s); skipping the build",
-                    gpu.name,
-                    out,
-                    key[:12],
-                )
+        key = partial(_cache_key, hashing, gpu, backend)
+        with publishing(out, EngineManifest, key=key, force=force) as stage:
+            if stage.reused:
                 return out
-        return _build(backend, gpu, artifact, (source, stage), out, hashing, (t0, times))
-
-
-def _build(
-    backend: Backend,
-    gpu: GpuProfile,
-    artifact: Path,
-    origin: tuple[dict[str, Any], str],
-    out: Path,
-    hashing: Future[dict[str, str]],
-    clock: tuple[float, dict[str, float]],
-) -> Path:
-    """Build into a staging folder, write engine.json last, publish atomically."""
-    (source, stage), (t0, times) = origin, clock
-    onnx_path = artifact / MODEL_FILE
-    what = f"engine {gpu.name}"
+            log.info(
+                "engine %s: %s -> %s [%s, %s %s, targets %s]", gpu.name, artifact / MODEL_FILE,
+                out, gpu.precision, backend.library, backend.version,
+                ", ".join(gpu.compute_capabilities),
+            )  # fmt: skip
+            facts = _build_plan(backend, gpu, source, stage.dir / PLAN, times)
+            times["total"] = round(time.perf_counter() - t0, 3)
+            facts["build"]["elapsed_s"] = times
+            # Config and tokenizer travel with the plan: a serving host may not have the ONNX.
+            copy_carried_files(artifact, stage.dir)
+            stage.finish(_manifest(source, hashing.result(), gpu, backend, stage.key, facts))
     log.info(
-        "%s: %s -> %s [%s, %s %s, targets %s]",
-        what,
-        onnx_path,
-        out,
-        gpu.precision,
-        backend.library,
-        backend.version,
-        ", ".join(gpu.compute_capabilities),
-    )
-    with locked_staging(out) as staged:
-        facts = _build_plan(backend, gpu, artifact, source, staged / PLAN, times)
-        onnx_sha = hashing.result()
-        key = _cache_key(onnx_sha, gpu, backend)
-        times["total"] = round(time.perf_counter() - t0, 3)
-        facts["build"]["elapsed_s"] = times
-        described = {"artifact": str(artifact), "stage": stage, "config": source.get("config", {})}
-        described["onnx"] = {
-            n: {"sha256": sha, "bytes": (artifact / n).stat().st_size}
-            for n, sha in onnx_sha.items()
-        }
-        manifest = {
-            "kind": "kiln.engine",
-            "format": FORMAT,
-            "cache_key": key,
-            "source": described,
-            "profile": {**gpu.to_dict(), "file": gpu.source},
-            "library": {"name": backend.library, "version": backend.version},
-            "compute_capabilities": list(gpu.compute_capabilities),
-            **facts,
-        }
-        # Config and tokenizer travel with the plan: a serving host may not have the ONNX folder.
-        copy_carried_files(artifact, staged)
-        write_json_atomic(staged / MANIFEST, manifest)  # last: a folder without it is unfinished
-        publish_dir(staged, out)
-    log.info(
-        "%s done in %.1f s (build %.1f s): %.1f MB -> %s",
-        what,
-        times["total"],
-        times["build"],
-        manifest["plan"]["bytes"] / 1e6,
-        out / PLAN,
-    )
+        "engine %s done in %.1f s (build %.1f s): %.1f MB -> %s", gpu.name, times["total"],
+        times["build"], facts["plan"]["bytes"] / 1e6, out / PLAN,
+    )  # fmt: skip
     return out
+
+
+def _manifest(
+    source: OnnxManifests,
+    onnx_sha: dict[str, str],
+    gpu: GpuProfile,
+    backend: Backend,
+    key: str,
+    facts: dict[str, Any],
+) -> EngineManifest:
+    artifact = source.folder
+    onnx = {
+        n: {"sha256": sha, "bytes": (artifact / n).stat().st_size} for n, sha in onnx_sha.items()
+    }
+    return EngineManifest(
+        cache_key=key,
+        source={
+            "artifact": str(artifact),
+            "stage": source.stage,
+            "config": source.config,
+            "onnx": onnx,
+        },
+        profile={**gpu.to_dict(), "file": gpu.source},
+        library={"name": backend.library, "version": backend.version},
+        compute_capabilities=list(gpu.compute_capabilities),
+        **facts,
+    )
 
 
 def _build_plan(
     backend: Backend,
     gpu: GpuProfile,
-    artifact: Path,
-    source: dict[str, Any],
+    source: OnnxManifests,
     plan_path: Path,
     times: dict[str, float],
 ) -> dict[str, Any]:
     """Check, parse, check precision and I/O, build, write the plan; return manifest entries."""
     what = f"engine {gpu.name}"
+    artifact = source.folder
     onnx_path = artifact / MODEL_FILE
-    io, layout, shapes = _plan_shapes(gpu, artifact, source)
+    _check_min_compute_capability(source, gpu)
+    io, layout, shapes = _plan_shapes(gpu, source)
     check_standard_ops(onnx_path)  # before the parse: names every foreign op at once
     t = time.perf_counter()
     net = backend.parse(onnx_path)
@@ -193,7 +162,9 @@ def _build_plan(
     _check_io(io, net, onnx_path)
     types, aliases = net.layer_types(), kv_updates(backend, net)
     check_kv_updates(layout, aliases, io, f"{backend.library} {backend.version}: {onnx_path}")
-    attention = mark_decomposable(backend, net, source.get("engine_hints", {}).get(_HINT))
+    newest = source.newest
+    hint = newest.attention_decomposable if isinstance(newest, OptimizeManifest) else None
+    attention = mark_decomposable(backend, net, hint)
     monitor = progress_monitor(backend.trt, what)
     ranges = [input_ranges(io["inputs"], s) for s in shapes]
     # Full TensorRT's tactic timings hold per library version and GPU; kept beside the engines.
@@ -235,67 +206,41 @@ def _build_plan(
     }
 
 
-_HINT = "attention_decomposable"  # optimize.json engine_hints key
-
-
 def _plan_shapes(
-    gpu: GpuProfile, artifact: Path, source: dict[str, Any]
+    gpu: GpuProfile, source: OnnxManifests
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], list[Any]]:
     """The graph's I/O, its KV layout and the optimization profiles' shape ranges."""
-    io = io_signature(artifact / MODEL_FILE, source)
-    layout = kv_layout(artifact, source, io)
+    io = {"inputs": list(source.io["inputs"]), "outputs": list(source.io["outputs"])}
+    layout = kv_layout(source, io)
     if layout["layout"] == "static":
         return io, layout, static_shapes(gpu, layout["max_context"])
-    return io, layout, fit_to_model(gpu.shapes, source.get("config", {}).get("max_positions"))
+    return io, layout, fit_to_model(gpu.shapes, source.config["max_positions"])
 
 
-def source_of(artifact: Path) -> tuple[Path, dict[str, Any], str]:
-    """The ONNX file and the newest stage manifest of an artifact folder."""
-    onnx_path = artifact / MODEL_FILE
-    if not onnx_path.is_file():
-        raise ArtifactError(
-            f"{artifact} has no {MODEL_FILE}; pass a folder made by `kiln export` or "
-            "`kiln optimize`."
+def _check_min_compute_capability(source: OnnxManifests, gpu: GpuProfile) -> None:
+    """An optimized graph's types need a GPU generation (optimize.json engine_hints)."""
+    if not isinstance(source.newest, OptimizeManifest):
+        return  # an export's types (fp32/fp16/bf16) compile for every target kiln builds for
+    need = source.newest.min_compute_capability  # "SM89"
+    want = (int(need[2:-1]), int(need[-1]))
+    older = [cc for cc in gpu.compute_capabilities if tuple(map(int, cc.split("."))) < want]
+    if older:
+        raise ProfileError(
+            f"{source.folder / OptimizeManifest.FILE} needs compute capability >= "
+            f"{want[0]}.{want[1]} ({source.newest.precision}), but GPU profile {gpu.name!r} "
+            f"targets {', '.join(older)}; pick a profile for newer GPUs (models/gpus/)."
         )
-    for name, made_by in _SOURCES:
-        if (artifact / name).is_file():
-            manifest = read_manifest(artifact, name, made_by=made_by)
-            if "config" not in manifest and (artifact / "export.json").is_file():
-                manifest = {
-                    **manifest,
-                    "config": read_manifest(artifact, "export.json", made_by="kiln export").get(
-                        "config", {}
-                    ),
-                }
-            return onnx_path, manifest, name.split(".")[0]
-    raise ArtifactError(
-        f"{artifact} has {MODEL_FILE} but no export.json or optimize.json: it is incomplete or "
-        "not made by kiln; rerun `kiln export` (or `kiln optimize`)."
-    )
 
 
-def _cache_key(onnx_sha: dict[str, str], gpu: GpuProfile, backend: Backend) -> str:
+def _cache_key(hashing: Future[dict[str, str]], gpu: GpuProfile, backend: Backend) -> str:
     profile = gpu.to_dict()
     profile.pop("description")  # words about the profile do not change the engine
-    return sha256_json(
-        {
-            "format": FORMAT,
-            "onnx": onnx_sha,
-            "profile": profile,
-            "library": backend.library,
-            "version": backend.version,
-        }
+    return cache_key(
+        "kiln.engine",
+        inputs=hashing.result(),
+        options={"profile": profile},
+        versions={backend.library: backend.version},
     )
-
-
-def _up_to_date(out: Path, key: str) -> bool:
-    if not (out / MANIFEST).is_file():
-        return False
-    try:
-        manifest = read_engine(out, verify=True)
-    except (ArtifactError, KeyError):
-        return False
-    return manifest.get("cache_key") == key
 
 
 def _check_io(io: dict[str, list[dict[str, Any]]], net: Any, onnx_path: Path) -> None:

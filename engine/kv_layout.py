@@ -18,42 +18,35 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from kiln.engine.errors import EngineBuildError, ProfileError
 from kiln.engine.profiles import GpuProfile, ShapeRange
 from kiln.errors import ArtifactError
+from kiln.manifests import OnnxManifests
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("concat", "static")
 
 
-def kv_layout(artifact: Path, source: dict[str, Any], io: dict[str, list[dict[str, Any]]]) -> dict:
-    """{"layout", "max_context"} from the stage manifest (or the export.json beside it).
+def kv_layout(source: OnnxManifests, io: dict[str, list[dict[str, Any]]]) -> dict:
+    """{"layout", "max_context"} from export.json's kv_cache, checked against the graph's I/O.
 
-    The graph's I/O must agree: a static graph has `write_index` and past buffers with a fixed
-    sequence axis; a manifest without a kv_cache record (older exports) is read from the I/O.
+    A static graph has `write_index` and past buffers with a fixed sequence axis.
     """
-    record = source.get("kv_cache")
-    if record is None and (artifact / "export.json").is_file():
-        import json
-
-        record = json.loads((artifact / "export.json").read_text()).get("kv_cache")
+    artifact, record = source.folder, source.export.kv_cache
     from_io = _layout_from_io(io)
-    if record is None:
-        return from_io
-    layout = record.get("layout", "concat")
+    layout = record["layout"]
     if layout not in LAYOUTS or layout != from_io["layout"]:
         raise ArtifactError(
             f"{artifact}'s manifest says kv_cache.layout = {layout!r}, but model.onnx's inputs "
             f"are the {from_io['layout']} layout; the folder was edited by hand or mixed from "
             "two exports: rerun `kiln export` (and `kiln optimize`)."
         )
-    if layout == "static" and record.get("max_context") != from_io["max_context"]:
+    if layout == "static" and record["max_context"] != from_io["max_context"]:
         raise ArtifactError(
-            f"{artifact}'s manifest says max_context = {record.get('max_context')}, but the "
+            f"{artifact}'s manifest says max_context = {record['max_context']}, but the "
             f"graph's KV buffers hold {from_io['max_context']} positions: rerun `kiln export`."
         )
     return from_io

@@ -11,30 +11,28 @@ compute capabilities they were built for.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from kiln.artifacts import sha256_file
 from kiln.engine.errors import EngineMismatchError
-from kiln.manifest import read_manifest, sha256_file
+from kiln.errors import ArtifactError
+from kiln.manifests import EngineManifest
 
-MANIFEST = "engine.json"
+MANIFEST = EngineManifest.FILE
 PLAN = "engine.plan"
-FORMAT = 2  # bump when engine.json's layout changes; it is part of the cache key
-# 2: kv_cache (layout, static max_context/slots, present aliases past), attention, layer_types
 
 
-def read_engine(folder: Path, *, verify: bool = True) -> dict[str, Any]:
+def read_engine(folder: Path, *, verify: bool = True) -> EngineManifest:
     """Load `folder/engine.json`; with `verify`, check the plan file is the one it describes."""
     folder = Path(folder)
-    manifest = read_manifest(folder, MANIFEST, made_by="kiln build ARTIFACT --profile NAME")
-    if manifest.get("kind") != "kiln.engine" or manifest.get("format") != FORMAT:
-        raise EngineMismatchError(
-            f"{folder / MANIFEST} is not a kiln engine manifest of format {FORMAT} "
-            f"(kind {manifest.get('kind')!r}, format {manifest.get('format')!r}); rebuild it "
-            "with `kiln build`."
-        )
+    try:
+        manifest = EngineManifest.read(folder)
+    except ArtifactError as e:
+        if not (folder / MANIFEST).is_file():
+            raise
+        raise EngineMismatchError(str(e)) from e
     if verify:
         plan = folder / PLAN
-        want = manifest["plan"]
+        want = manifest.plan
         if not plan.is_file() or plan.stat().st_size != want["bytes"]:
             raise EngineMismatchError(
                 f"{plan} is missing or not the {want['bytes']}-byte plan {MANIFEST} describes; "
@@ -49,18 +47,18 @@ def read_engine(folder: Path, *, verify: bool = True) -> dict[str, Any]:
 
 
 def engine_mismatches(
-    manifest: dict[str, Any], compute_capability: str | tuple[int, int], library: str, version: str
+    manifest: EngineManifest, compute_capability: str | tuple[int, int], library: str, version: str
 ) -> list[str]:
     """Every reason this engine cannot run on the given GPU and library (empty: it can)."""
     cc = _cc(compute_capability)
     problems = []
-    targets = manifest["compute_capabilities"]
+    targets = manifest.compute_capabilities
     if cc not in targets:
         problems.append(
             f"it was built for compute capabilities {', '.join(targets)}, not this GPU's {cc}; "
             "build a profile that targets it (models/gpus/)"
         )
-    lib = manifest["library"]
+    lib = manifest.library
     if lib["name"] != library:
         problems.append(f"it was built with {lib['name']}, but the runtime uses {library}")
     elif lib["version"] != version:
@@ -72,7 +70,7 @@ def engine_mismatches(
 
 
 def check_engine_compatible(
-    manifest: dict[str, Any], compute_capability: str | tuple[int, int], library: str, version: str
+    manifest: EngineManifest, compute_capability: str | tuple[int, int], library: str, version: str
 ) -> None:
     """Raise EngineMismatchError naming every mismatch between the engine and this GPU/library.
 
@@ -84,9 +82,10 @@ def check_engine_compatible(
     """
     problems = engine_mismatches(manifest, compute_capability, library, version)
     if problems:
-        name = manifest.get("profile", {}).get("name", "?")
         raise EngineMismatchError(
-            f"Engine for GPU profile {name!r} cannot run here: " + "; ".join(problems) + "."
+            f"Engine for GPU profile {manifest.profile_name!r} cannot run here: "
+            + "; ".join(problems)
+            + "."
         )
 
 

@@ -13,11 +13,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.engine import build_engine, read_engine, source_of
+from kiln.engine import build_engine, read_engine
 from kiln.engine.builder import Backend
 from kiln.engine.precision import precision_of
 from kiln.engine.profiles import GpuProfile, available_profiles, load_profile
 from kiln.errors import KilnError
+from kiln.manifests import newest_manifest
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def build_matrix(
 ) -> list[Row]:
     """Build every profile into `out/<profile>/` from the artifact of its precision."""
     for a in artifacts:
-        source_of(a)  # a missing or unfinished folder is an error before any build starts
+        newest_manifest(a)  # a missing or unfinished folder is an error before any build starts
     labels: dict[Path, str] = {}
     rows = []
     for gpu in profiles:
@@ -79,9 +80,9 @@ def build_matrix(
             before = _key(folder)
             build_engine(artifact, gpu, folder, force=force)
             manifest = read_engine(folder, verify=False)
-            row.status = "up to date" if before == manifest["cache_key"] else "built"
-            row.size_mb = manifest["plan"]["bytes"] / 1e6
-            row.build_s = manifest["build"]["elapsed_s"]["build"]
+            row.status = "up to date" if before == manifest.cache_key else "built"
+            row.size_mb = manifest.plan["bytes"] / 1e6
+            row.build_s = manifest.build["elapsed_s"]["build"]
         except KilnError as e:
             log.error("%s", e)
             row.status = "FAILED: " + str(e).splitlines()[0][:80]
@@ -114,6 +115,6 @@ def _pick(artifacts: list[Path], gpu: GpuProfile, labels: dict[Path, str]) -> Pa
 
 def _key(folder: Path) -> str | None:
     try:
-        return read_engine(folder, verify=False)["cache_key"]
+        return read_engine(folder, verify=False).cache_key
     except KilnError:
         return None

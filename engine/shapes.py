@@ -14,7 +14,6 @@ import ast
 import logging
 import operator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from kiln.engine.errors import ProfileError
@@ -26,33 +25,6 @@ Dim = int | str
 Range = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
-
-
-def io_signature(onnx_path: Path, manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Names, dtypes and symbolic shapes of the graph's inputs and outputs.
-
-    The stage manifest already holds them (export.json `io`); reading the ONNX instead would
-    load every weight into memory, so the file is opened only when the manifest lacks them.
-    """
-    io = manifest.get("io")
-    if io and io.get("inputs") and io.get("outputs"):
-        return {"inputs": list(io["inputs"]), "outputs": list(io["outputs"])}
-    import onnx
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-
-    def describe(v: Any) -> dict[str, Any]:
-        t = v.type.tensor_type
-        return {
-            "name": v.name,
-            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-            "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
-        }
-
-    return {
-        "inputs": [describe(v) for v in proto.graph.input],
-        "outputs": [describe(v) for v in proto.graph.output],
-    }
 
 
 def fit_to_model(shapes: tuple[ShapeRange, ...], max_positions: int | None) -> list[ShapeRange]:

@@ -7,11 +7,11 @@ through ONNX Runtime (check), and publishes the folder atomically with `export.j
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from kiln.artifacts import cache_key, copy_carried_files, file_records, tool_versions
 from kiln.errors import ConfigError, UnsupportedModelError
 from kiln.export.check import (
     DEFAULT_POINTS,
@@ -24,23 +24,13 @@ from kiln.export.onnx_from_hf import onnx_from_hf
 from kiln.export.patches import SEQUENCE_DEPENDENT_ROPE
 from kiln.export.source import Source, describe_source, load_model
 from kiln.log import timed
-from kiln.manifest import (
-    code_fingerprint,
-    copy_carried_files,
-    file_records,
-    is_current,
-    publish_dir,
-    sha256_json,
-    staging_dir,
-    tool_versions,
-    write_json_atomic,
-)
+from kiln.manifests import ExportManifest
+from kiln.publish import publishing
 
-__all__ = ["MANIFEST", "export_model"]
+__all__ = ["export_model"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "export.json"
 MODEL_FILE = "model.onnx"
 KV_LAYOUTS = ("concat", "static")
 DEFAULT_OPSET = 18  # concat layout: plain ops (see onnx_from_hf's module docstring)
@@ -63,7 +53,7 @@ def export_model(
 
     kv="concat" takes and returns a growing cache; kv="static" takes preallocated
     [batch, kv_heads, max_context, head_dim] buffers and writes them in place. Unchanged
-    inputs (model files, options, tool versions) reuse the existing artifact.
+    inputs (model files, options, tool versions, code) reuse the existing artifact.
     """
     source, out = Path(source), Path(out)
     t0 = time.perf_counter()
@@ -73,76 +63,32 @@ def export_model(
     if kv == "static":
         options["max_context"] = max_context
     versions = tool_versions(*_VERSIONED)
-    code = code_fingerprint("kiln.export", "kiln.models")
-    key = sha256_json(
-        {"source": src.sha256, "options": options, "versions": versions, "code": code}
-    )
-    if not force and is_current(out, MANIFEST, MODEL_FILE, key, made_by="kiln export"):
+    key = cache_key("kiln.export", inputs=src.sha256, options=options, versions=versions)
+    with publishing(out, ExportManifest, key=key, force=force) as stage:
+        if stage.reused:
+            return out
         log.info(
-            "export: %s is up to date with %s (cache key %s); reusing it", out, source, key[:12]
+            "export %s (%s) -> %s [%s, opset %d]", source, src.family.name, out, precision, opset
         )
-        return out
-
-    log.info("export %s (%s) -> %s [%s, opset %d]", source, src.family.name, out, precision, opset)
-    times: dict[str, float] = {}
-    with timed("load model", times, "load"):
-        model = load_model(source)
-    shape = src.family.shape(model.config)
-    rope = _check_rope(src, model.config)
-    if kv == "static" and shape.max_positions and max_context > shape.max_positions:
-        where = f"max_position_embeddings {shape.max_positions} ({source / 'config.json'})"
-        if src.family.positions == "learned":  # no embedding row exists past the table
-            raise ConfigError(
-                f"--max-context {max_context} exceeds the model's {where}; choose at most that."
-            )
-        log.warning("max context %d exceeds the model's %s", max_context, where)
-    staged = staging_dir(out)
-    try:
-        onnx_path = staged / MODEL_FILE
+        times: dict[str, float] = {}
+        with timed("load model", times, "load"):
+            model = load_model(source)
+        shape = src.family.shape(model.config)
+        rope = _check_rope(src, model.config)
+        _check_context(src, shape, kv, max_context)
+        onnx_path = stage.dir / MODEL_FILE
         with timed("trace and export to ONNX", times, "export"):
             weight_bytes = onnx_from_hf(
-                model,
-                shape,
-                onnx_path,
-                precision=precision,
-                opset=opset,
-                kv=kv,
+                model, shape, onnx_path, precision=precision, opset=opset, kv=kv,
                 max_context=max_context,
-            )
-        if kv == "static":
-            what = f"{len(STATIC_PLAN)} steps over {len(STATIC_PLAN[0])} slots"
-            with timed(f"parity against PyTorch ({what})", times, "check"):
-                report, steps = check_static_parity(
-                    onnx_path, model, shape, max_context=max_context, precision=precision
-                )
-        else:
-            what = f"{len(DEFAULT_POINTS)} trajectories"
-            with timed(f"parity against PyTorch ({what})", times, "check"):
-                report, steps = check_parity(onnx_path, model, shape, precision=precision)
-        log.info("parity: %s", report.worst().describe())
-        if allow_drift and not report.ok:
-            log.warning("parity failed but --allow-drift keeps the artifact")
-        else:
-            report.raise_if_failed(f"Exported graph of {source}")
-        copy_carried_files(source, staged)
+            )  # fmt: skip
+        what = f"Exported graph of {source}"
+        parity = _check_parity(onnx_path, model, shape, options, (what, allow_drift), times)
+        copy_carried_files(source, stage.dir)
         times["total"] = round(time.perf_counter() - t0, 3)
-        manifest = _manifest(src, model.config, shape, onnx_path, options, versions, key)
-        manifest.update(
-            kv_cache=_kv_cache_record(kv, max_context),
-            rope={"type": rope, "in_graph": rope in SEQUENCE_DEPENDENT_ROPE},
-            weight_bytes=weight_bytes,
-            parity={
-                **report.summary(),
-                "allowed_drift": allow_drift and not report.ok,
-                "steps": steps,
-            },
-            elapsed_s=times,
-        )
-        write_json_atomic(staged / MANIFEST, manifest)
-        publish_dir(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        facts = {"rope": rope, "weight_bytes": weight_bytes, "parity": parity, "elapsed_s": times}
+        stage.finish(_manifest(src, model.config, shape, onnx_path, options, versions, stage.key,
+                               facts))  # fmt: skip
     log.info("export done in %.1f s -> %s", times["total"], out / MODEL_FILE)
     return out
 
@@ -169,6 +115,45 @@ def _check_layout(kv: str, max_context: int | None, opset: int | None) -> int:
             f"--kv static needs opset >= {STATIC_OPSET} (TensorScatter), got {opset}; drop --opset."
         )
     return opset or STATIC_OPSET
+
+
+def _check_context(src: Source, shape: Any, kv: str, max_context: int | None) -> None:
+    if kv == "static" and shape.max_positions and max_context > shape.max_positions:
+        where = f"max_position_embeddings {shape.max_positions} ({src.path / 'config.json'})"
+        if src.family.positions == "learned":  # no embedding row exists past the table
+            raise ConfigError(
+                f"--max-context {max_context} exceeds the model's {where}; choose at most that."
+            )
+        log.warning("max context %d exceeds the model's %s", max_context, where)
+
+
+def _check_parity(
+    onnx_path: Path,
+    model: Any,
+    shape: Any,
+    options: dict[str, Any],
+    judge: tuple[str, bool],
+    times: dict[str, float],
+) -> dict[str, Any]:
+    """The graph against PyTorch along the layout's parity plan; the manifest's parity record."""
+    kv, max_context, precision = options["kv"], options.get("max_context"), options["precision"]
+    graph, allow_drift = judge
+    if kv == "static":
+        what = f"{len(STATIC_PLAN)} steps over {len(STATIC_PLAN[0])} slots"
+        with timed(f"parity against PyTorch ({what})", times, "check"):
+            report, steps = check_static_parity(
+                onnx_path, model, shape, max_context=max_context, precision=precision
+            )
+    else:
+        what = f"{len(DEFAULT_POINTS)} trajectories"
+        with timed(f"parity against PyTorch ({what})", times, "check"):
+            report, steps = check_parity(onnx_path, model, shape, precision=precision)
+    log.info("parity: %s", report.worst().describe())
+    if allow_drift and not report.ok:
+        log.warning("parity failed but --allow-drift keeps the artifact")
+    else:
+        report.raise_if_failed(graph)
+    return {**report.summary(), "allowed_drift": allow_drift and not report.ok, "steps": steps}
 
 
 def _check_rope(src: Source, config: Any) -> str | None:
@@ -221,13 +206,13 @@ def _manifest(
     options: dict[str, Any],
     versions: dict[str, str],
     key: str,
-) -> dict[str, Any]:
-    files = file_records(onnx_path.parent, f"{MODEL_FILE}*")
-    return {
-        "kind": "kiln.export",
-        "cache_key": key,
-        "source": {"path": str(src.path), "sha256": src.sha256, "files": src.files},
-        "architecture": {
+    facts: dict[str, Any],
+) -> ExportManifest:
+    rope = facts["rope"]
+    return ExportManifest(
+        cache_key=key,
+        source={"path": str(src.path), "sha256": src.sha256, "files": src.files},
+        architecture={
             "family": src.family.name,
             "model_type": config.model_type,
             "class": (config.architectures or ["?"])[0],
@@ -236,21 +221,26 @@ def _manifest(
             "positions": src.family.positions,
             "qk_norm": src.family.qk_norm,
         },
-        "config": {
+        config={
             **vars(shape),
             "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
             "sliding_window": getattr(config, "sliding_window", None),
             "bos_token_id": getattr(config, "bos_token_id", None),
             "eos_token_id": getattr(config, "eos_token_id", None),
         },
-        "exporter": options,
-        "io": _io_signature(onnx_path),
-        "dynamic_axes": {
+        exporter=options,
+        io=_io_signature(onnx_path),
+        dynamic_axes={
             "batch": "rows in the batch",
             "sequence": "new tokens this call (prompt length at prefill, 1 at decode)",
             "past_sequence": "tokens already in the KV cache (0 at prefill)",
             "total_sequence": "past_sequence + sequence (attention_mask length)",
         },
-        "files": files,
-        "versions": versions,
-    }
+        files=file_records(onnx_path.parent, f"{MODEL_FILE}*"),
+        versions=versions,
+        kv_cache=_kv_cache_record(options["kv"], options.get("max_context")),
+        rope={"type": rope, "in_graph": rope in SEQUENCE_DEPENDENT_ROPE},
+        weight_bytes=facts["weight_bytes"],
+        parity=facts["parity"],
+        elapsed_s=facts["elapsed_s"],
+    )

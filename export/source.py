@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from kiln.artifacts import TOKENIZER_FILES, sha256_files
 from kiln.errors import ConfigError, KilnError
-from kiln.manifest import TOKENIZER_FILES, sha256_files
 from kiln.models.families import Family, family_for
 
 log = logging.getLogger(__name__)

@@ -131,10 +131,10 @@ def run_demo(out: Path, *, model: Path | None = None) -> int:
             stage = f"engine {name} ({layout})"
             timed_stage(stage, lambda n=name, a=artifact, f=folder: build_engine(a, n, f))
             m = read_engine(folder)
-            targets = "+".join(m["compute_capabilities"])
-            library = f"{m['library']['name']} {m['library']['version']}"
+            targets = "+".join(m.compute_capabilities)
+            library = f"{m.library['name']} {m.library['version']}"
             rows[-1].result = (
-                f"{m['plan']['bytes'] / 1e6:.1f} MB plan for SM {targets} ({library}); "
+                f"{m.plan['bytes'] / 1e6:.1f} MB plan for SM {targets} ({library}); "
                 "runs on a matching GPU"
             )
     print(f"\n{'stage':<38} {'time':>7}  result")

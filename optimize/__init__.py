@@ -16,29 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kiln.artifacts import cache_key, copy_carried_files, file_records, sha256_file, tool_versions
 from kiln.errors import ArtifactError, ConfigError
-from kiln.manifest import (
-    code_fingerprint,
-    copy_carried_files,
-    file_records,
-    is_current,
-    publish_dir,
-    read_manifest,
-    sha256_file,
-    sha256_json,
-    staging_dir,
-    tool_versions,
-    write_json_atomic,
-)
+from kiln.manifests import ExportManifest, OptimizeManifest
 from kiln.parity import TOL
 from kiln.precisions import OPTIMIZE_TARGETS, precision_named
+from kiln.publish import publishing
 from kiln.steps import StepRecord, run_steps
 
-__all__ = ["MANIFEST", "TARGETS", "default_passes", "optimize_model"]
+__all__ = ["TARGETS", "default_passes", "optimize_model"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "optimize.json"
 MODEL_FILE = "model.onnx"
 TARGETS = OPTIMIZE_TARGETS
 # protobuf cannot hold more than 2 GiB; larger graphs keep their weights in model.onnx.data.
@@ -63,18 +52,15 @@ def optimize_model(
 
     `passes` replaces the default pass list (`default_passes`); `skip` removes names from it.
     `tied_embedding="onehot"` adds the opt-in pass that lets TensorRT store a tied table once.
-    Unchanged inputs (export hash, options, tool versions) reuse an existing artifact.
+    Unchanged inputs (export hash, options, tool versions, code) reuse an existing artifact.
     """
-    from kiln.optimize.passes import build_passes
+    from kiln.optimize.parity import check_against_reference
 
     src, out = Path(src_artifact_dir), Path(out_dir)
     _check_options(target, precision)
-    export = read_manifest(src, "export.json", made_by="kiln export MODEL --out " + str(src))
-    if not (src / MODEL_FILE).is_file():
-        raise ArtifactError(f"{src} has export.json but no {MODEL_FILE}; rerun `kiln export`.")
-    source_precision = export["exporter"]["precision"]
-    _check_source(target, source_precision, tied_embedding)
-    names = _pass_names(passes, skip, precision, source_precision, tied_embedding, target)
+    export = _read_export(src)
+    _check_source(target, export.precision, tied_embedding)
+    names = _pass_names(passes, skip, precision, export.precision, tied_embedding, target)
     options = {
         "target": target,
         "precision": precision,
@@ -82,47 +68,51 @@ def optimize_model(
         "check_torch": check_torch,
     }
     versions = tool_versions(*_VERSIONED)
-    export_sha = sha256_file(src / "export.json")
-    code = code_fingerprint("kiln.optimize")
-    key = sha256_json(
-        {"export": export_sha, "options": options, "versions": versions, "code": code}
-    )
-    if not force and is_current(out, MANIFEST, MODEL_FILE, key, made_by="kiln optimize"):
-        log.info("optimize: %s is up to date (cache key %s); reusing it", out, key[:12])
-        return out
-
-    t0 = time.perf_counter()
-    import onnx_ir as ir
-
-    log.info("optimize %s -> %s [%s, %s]: %d passes", src, out, target, precision, len(names))
-    model = ir.load(src / MODEL_FILE)
-    steps = build_passes(
-        names, precision=precision, source_precision=source_precision, config=export["config"]
-    )
-    probe = _probe(export, precision)
-    model, records = run_steps(steps, model, probe=probe, tolerances=TOL, allow_drift=allow_drift)
-    staged = staging_dir(out)
-    try:
-        onnx_path = staged / MODEL_FILE
+    export_sha = sha256_file(src / ExportManifest.FILE)
+    key = cache_key("kiln.optimize", inputs=export_sha, options=options, versions=versions)
+    with publishing(out, OptimizeManifest, key=key, force=force) as stage:
+        if stage.reused:
+            return out
+        t0 = time.perf_counter()
+        log.info("optimize %s -> %s [%s, %s]: %d passes", src, out, target, precision, len(names))
+        model, records = _run_passes(src, export, names, precision, allow_drift)
+        onnx_path = stage.dir / MODEL_FILE
         _save(model, onnx_path)
-        from kiln.optimize.parity import check_against_reference
-
         parity = check_against_reference(
             onnx_path, src, export, precision=precision, check_torch=check_torch
         )
         if not parity["ok"]:
             _fail_or_warn(parity, allow_drift)
-        shutil.copy2(src / "export.json", staged / "export.json")
-        copy_carried_files(src, staged)
-        manifest = _manifest(src, export, export_sha, onnx_path, options, versions, key, records)
-        manifest.update(parity=parity, elapsed_s=round(time.perf_counter() - t0, 3))
-        write_json_atomic(staged / MANIFEST, manifest)
-        publish_dir(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        shutil.copy2(src / ExportManifest.FILE, stage.dir / ExportManifest.FILE)
+        copy_carried_files(src, stage.dir)
+        facts = {"records": records, "parity": parity, "t0": t0}
+        stage.finish(_manifest(src, export, export_sha, onnx_path, options, versions, stage.key,
+                               facts))  # fmt: skip
     log.info("optimize done in %.1f s -> %s", time.perf_counter() - t0, out / MODEL_FILE)
     return out
+
+
+def _run_passes(
+    src: Path, export: ExportManifest, names: list[str], precision: str, allow_drift: bool
+) -> tuple[Any, list[StepRecord]]:
+    """The export's graph after the passes, and each pass's record (counts, time, drift)."""
+    import onnx_ir as ir
+
+    from kiln.optimize.passes import build_passes
+
+    model = ir.load(src / MODEL_FILE)
+    steps = build_passes(
+        names, precision=precision, source_precision=export.precision, config=export.config
+    )
+    probe = _probe(export, precision)
+    return run_steps(steps, model, probe=probe, tolerances=TOL, allow_drift=allow_drift)
+
+
+def _read_export(src: Path) -> ExportManifest:
+    export = ExportManifest.read(src)
+    if not (src / MODEL_FILE).is_file():
+        raise ArtifactError(f"{src} has export.json but no {MODEL_FILE}; rerun `kiln export`.")
+    return export
 
 
 def default_passes(
@@ -165,11 +155,11 @@ def _check_source(target: str, source_precision: str, tied_embedding: str) -> No
         )
 
 
-def _probe(export: dict[str, Any], precision: str) -> Any:
+def _probe(export: ExportManifest, precision: str) -> Any:
     from kiln.optimize.probe import OnnxProbe, StaticProbe
 
-    vocab = export["config"]["vocab"]
-    if (export.get("kv_cache") or {}).get("layout") == "static":
+    vocab = export.config["vocab"]
+    if export.kv_cache["layout"] == "static":
         return StaticProbe(vocab=vocab, prepare=_prepare_for_ort(precision))
     return OnnxProbe(vocab=vocab, prepare=_prepare_for_ort(precision))
 
@@ -231,34 +221,34 @@ def _fail_or_warn(parity: dict[str, Any], allow_drift: bool) -> None:
 
 def _manifest(
     src: Path,
-    export: dict[str, Any],
+    export: ExportManifest,
     export_sha: str,
     onnx_path: Path,
     options: dict[str, Any],
     versions: dict[str, str],
     key: str,
-    records: list[StepRecord],
-) -> dict[str, Any]:
+    facts: dict[str, Any],
+) -> OptimizeManifest:
     from kiln.optimize.passes import contrib_op_counts, engine_hints, io_signature
 
-    files = file_records(onnx_path.parent, f"{MODEL_FILE}*")
-    return {
-        "kind": "kiln.optimize",
-        "cache_key": key,
-        "source": {
+    return OptimizeManifest(
+        cache_key=key,
+        source={
             "path": str(src),
             "export_json_sha256": export_sha,
-            "model_sha256": export["files"][MODEL_FILE]["sha256"],
-            "precision": export["exporter"]["precision"],
+            "model_sha256": export.main_file()[1],
+            "precision": export.precision,
         },
-        "target": options["target"],
-        "precision": options["precision"],
-        "architecture": export["architecture"],
-        "config": export["config"],
-        "io": io_signature(onnx_path),
-        "engine_hints": engine_hints(onnx_path, options["precision"]),
-        "contrib_ops": contrib_op_counts(onnx_path),
-        "passes": [r.as_dict() for r in records],
-        "files": files,
-        "versions": versions,
-    }
+        target=options["target"],
+        precision=options["precision"],
+        architecture=export.architecture,
+        config=export.config,
+        io=io_signature(onnx_path),
+        engine_hints=engine_hints(onnx_path, options["precision"]),
+        contrib_ops=contrib_op_counts(onnx_path),
+        passes=[r.as_dict() for r in facts["records"]],
+        files=file_records(onnx_path.parent, f"{MODEL_FILE}*"),
+        versions=versions,
+        parity=facts["parity"],
+        elapsed_s=round(time.perf_counter() - facts["t0"], 3),
+    )

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.manifests import ExportManifest
 from kiln.parity import TOL, ParityReport
 from kiln.precisions import PRECISIONS
 
@@ -108,9 +109,9 @@ def greedy_agreement_64(
     return float(np.mean(np.array(got) == np.array(ref)))
 
 
-def _prompt(src: Path, export: dict[str, Any]) -> list[int]:
+def _prompt(src: Path, export: ExportManifest) -> list[int]:
     """BOS + the bundled model's prompt when the artifact carries a tokenizer, else fixed ids."""
-    bos = export["config"].get("bos_token_id")
+    bos = export.config["bos_token_id"]
     if (src / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
@@ -119,11 +120,11 @@ def _prompt(src: Path, export: dict[str, Any]) -> list[int]:
         ids = list(AutoTokenizer.from_pretrained(src)(ZEN_PROMPT)["input_ids"])
         return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
     rng = np.random.default_rng(0)
-    return [int(i) for i in rng.integers(3, export["config"]["vocab"], size=8)]
+    return [int(i) for i in rng.integers(3, export.config["vocab"], size=8)]
 
 
-def _torch_parity(path: Path, export: dict[str, Any], precision: str) -> dict[str, Any] | None:
-    source = Path(export["source"]["path"])
+def _torch_parity(path: Path, export: ExportManifest, precision: str) -> dict[str, Any] | None:
+    source = Path(export.source["path"])
     if not (source / "config.json").is_file():
         return None
     from kiln.export.check import check_parity, check_static_parity
@@ -137,8 +138,8 @@ def _torch_parity(path: Path, export: dict[str, Any], precision: str) -> dict[st
     as_run = PRECISIONS[precision].activations
     if _past_dtype(_session(path)) == np.float32 and as_run == "fp16":
         as_run = "fp32"
-    kv = export.get("kv_cache") or {}
-    if kv.get("layout") == "static":
+    kv = export.kv_cache
+    if kv["layout"] == "static":
         report, _ = check_static_parity(
             path, model, shape, max_context=int(kv["max_context"]), precision=as_run
         )
@@ -151,15 +152,15 @@ def _torch_parity(path: Path, export: dict[str, Any], precision: str) -> dict[st
 
 
 def check_against_reference(
-    onnx_path: Path, src: Path, export: dict[str, Any], *, precision: str, check_torch: bool
+    onnx_path: Path, src: Path, export: ExportManifest, *, precision: str, check_torch: bool
 ) -> dict[str, Any]:
     """Parity figures of the optimized graph; `ok` False with `why` when past TOL[precision]."""
     tol = TOL[precision]
     with tempfile.TemporaryDirectory() as tmp:
         path = _runnable_path(onnx_path, precision, Path(tmp))
-        static = (export.get("kv_cache") or {}).get("layout") == "static"
+        static = export.kv_cache["layout"] == "static"
         agree = greedy_agreement_64(
-            src / "model.onnx", path, export["config"], _prompt(src, export), static=static
+            src / "model.onnx", path, export.config, _prompt(src, export), static=static
         )
         torch = _torch_parity(path, export, precision) if check_torch else None
     out: dict[str, Any] = {

@@ -1,8 +1,8 @@
 """Find what an artifact folder holds (an ONNX graph or TensorRT engines) and what it knows.
 
-The runtime reads the stage manifests, never module globals: `export.json` (kiln export),
-`optimize.json`/`manifest.json` (kiln optimize) next to a `model.onnx`, or `engine.json`
-(kiln build) next to an `engine.plan`, possibly one engine folder per GPU profile.
+The runtime reads the stage manifests (kiln/manifests.py), never module globals: the newest of
+`optimize.json` / `export.json` next to a `model.onnx`, or `engine.json` next to an
+`engine.plan`, possibly one engine folder per GPU profile.
 """
 
 from __future__ import annotations
@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ArtifactError
+from kiln.manifests import (
+    EngineManifest,
+    ExportManifest,
+    OptimizeManifest,
+    newest_manifest,
+)
 
-# Newest stage first: an optimized folder also carries a copy of its export.json.
-ONNX_MANIFESTS = ("optimize.json", "export.json", "manifest.json")
-ENGINE_MANIFEST = "engine.json"
+Manifest = ExportManifest | OptimizeManifest | EngineManifest
+ENGINE_MANIFEST = EngineManifest.FILE
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class ArtifactInfo:
 
     path: Path
     kind: str  # "onnx" | "engine"
-    manifest: dict[str, Any]
+    manifest: Manifest  # the newest stage's (engine.json of the first engine folder)
     max_context: int
     eos_ids: tuple[int, ...]
     pad_id: int
@@ -54,54 +59,35 @@ def inspect_artifact(path: Path) -> ArtifactInfo:
         )
     engines = _engine_dirs(path)
     if engines:
-        manifest = _read(engines[0] / ENGINE_MANIFEST)
-        layout, static_ctx = _kv_layout(engines[0], manifest)
+        engine = EngineManifest.read(engines[0])
+        static_ctx = engine.kv_cache["max_context"] if engine.layout.has_slots else None
         return ArtifactInfo(
             path,
             "engine",
-            manifest,
-            static_ctx or _engine_max_context(manifest),
-            *_special_ids(path, manifest),
+            engine,
+            static_ctx or _engine_max_context(engine),
+            *_special_ids(path, engine),
             engines=tuple(engines),
-            kv_layout=layout,
+            kv_layout=engine.layout.name,
         )
-    for name in ONNX_MANIFESTS:
-        if (path / name).is_file() and (path / "model.onnx").is_file():
-            manifest = _read(path / name)
-            layout, static_ctx = _kv_layout(path, manifest)
-            return ArtifactInfo(
-                path,
-                "onnx",
-                manifest,
-                static_ctx or _onnx_max_context(path, manifest),
-                *_special_ids(path, manifest),
-                reprefill_at=_reprefill_at(path, manifest),
-                kv_layout=layout,
-            )
+    if (path / "model.onnx").is_file() and any(
+        (path / m.FILE).is_file() for m in (OptimizeManifest, ExportManifest)
+    ):
+        onnx = newest_manifest(path)
+        return ArtifactInfo(
+            path,
+            "onnx",
+            onnx.newest,
+            onnx.export.max_context or _onnx_max_context(path, onnx.newest),
+            *_special_ids(path, onnx.newest),
+            reprefill_at=_reprefill_at(path, onnx.newest),
+            kv_layout=onnx.layout.name,
+        )
     raise ArtifactError(
-        f"{path} holds neither model.onnx with a manifest ({', '.join(ONNX_MANIFESTS)}) nor "
+        f"{path} holds neither model.onnx with a manifest (optimize.json, export.json) nor "
         f"TensorRT engines ({ENGINE_MANIFEST} + engine.plan): it is incomplete or not a kiln "
         "artifact. Re-create it with `kiln export` or `kiln build`."
     )
-
-
-def _kv_layout(path: Path, manifest: dict[str, Any]) -> tuple[str, int | None]:
-    """KV layout and (static) slot length: the manifest's kv_cache, else the carried export.json.
-
-    optimize.json does not repeat kv_cache; an optimized folder carries its export.json.
-    """
-    kv = manifest.get("kv_cache")
-    if kv is None and (path / "export.json").is_file():
-        kv = _read(path / "export.json").get("kv_cache")
-    kv = kv or {}
-    layout = str(kv.get("layout", "concat"))
-    if layout not in ("concat", "static"):
-        raise ArtifactError(
-            f"{path}: unknown kv_cache.layout {layout!r} in the manifest (kiln knows concat and "
-            "static); re-export the model with this kiln."
-        )
-    ctx = kv.get("max_context")
-    return layout, int(ctx) if layout == "static" and ctx else None
 
 
 def _engine_dirs(path: Path) -> list[Path]:
@@ -117,18 +103,20 @@ def _read(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild the artifact.") from e
 
 
-def source_dirs(path: Path, manifest: dict[str, Any]) -> list[Path]:
+def source_dirs(path: Path, manifest: Manifest) -> list[Path]:
     """Folders that may hold config/tokenizer files: the artifact, then an engine's ONNX source."""
-    src = (manifest.get("source") or {}).get("artifact")
-    return [path, *([Path(src)] if src and manifest.get("kind") == "kiln.engine" else [])]
+    if isinstance(manifest, EngineManifest):
+        return [path, Path(manifest.source["artifact"])]
+    return [path]
 
 
-def _find(path: Path, manifest: dict[str, Any], name: str) -> Path | None:
+def _find(path: Path, manifest: Manifest, name: str) -> Path | None:
     return next((d / name for d in source_dirs(path, manifest) if (d / name).is_file()), None)
 
 
-def _model_config(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(manifest.get("config") or manifest.get("source", {}).get("config") or {})
+def _model_config(path: Path, manifest: Manifest) -> dict[str, Any]:
+    """config.json's keys, overridden by the manifest's model config (kiln's names)."""
+    cfg = manifest.model_config if isinstance(manifest, EngineManifest) else dict(manifest.config)
     if (found := _find(path, manifest, "config.json")) is not None:
         cfg = {**_read(found), **cfg}
     return cfg
@@ -143,7 +131,7 @@ def _rope_type(cfg: dict[str, Any]) -> str | None:
     return rope.get("rope_type", rope.get("type"))
 
 
-def _reprefill_at(path: Path, manifest: dict[str, Any]) -> int | None:
+def _reprefill_at(path: Path, manifest: Manifest) -> int | None:
     cfg = _model_config(path, manifest)
     rope = _rope(cfg)
     if _rope_type(cfg) != "longrope":
@@ -154,7 +142,7 @@ def _reprefill_at(path: Path, manifest: dict[str, Any]) -> int | None:
     return int(orig) if orig else None
 
 
-def _onnx_max_context(path: Path, manifest: dict[str, Any]) -> int:
+def _onnx_max_context(path: Path, manifest: Manifest) -> int:
     cfg = _model_config(path, manifest)
     rope = _rope(cfg)
     for key in ("max_positions", "max_position_embeddings", "n_positions"):
@@ -169,10 +157,9 @@ def _onnx_max_context(path: Path, manifest: dict[str, Any]) -> int:
     )
 
 
-def _engine_max_context(manifest: dict[str, Any]) -> int:
+def _engine_max_context(manifest: EngineManifest) -> int:
     """The longest attention span every optimization profile accepts (total_sequence max)."""
-    profiles = manifest.get("optimization_profiles") or []
-    ctx = [int(p["axes"]["total_sequence"][2]) for p in profiles if "axes" in p]
+    ctx = [int(p["axes"]["total_sequence"][2]) for p in manifest.optimization_profiles]
     if not ctx:
         raise ArtifactError(
             "engine.json has no optimization_profiles[].axes.total_sequence; rebuild the engine "
@@ -181,7 +168,7 @@ def _engine_max_context(manifest: dict[str, Any]) -> int:
     return min(ctx)
 
 
-def _special_ids(path: Path, manifest: dict[str, Any]) -> tuple[tuple[int, ...], int]:
+def _special_ids(path: Path, manifest: Manifest) -> tuple[tuple[int, ...], int]:
     """EOS ids (generation_config.json first, then the model config) and the padding id."""
     cfg = _model_config(path, manifest)
     found = _find(path, manifest, "generation_config.json")

@@ -30,6 +30,7 @@ import numpy as np
 
 from kiln.errors import KilnError
 from kiln.layouts import CONCAT, STATIC
+from kiln.manifests import EngineManifest
 from kiln.runtime.artifact import ArtifactInfo
 from kiln.runtime.cuda_mem import DeviceBuffer, Stream, gpu_compute_capability
 
@@ -53,7 +54,7 @@ def select_engine(
     compute_capability: tuple[int, int],
     library: str,
     version: str,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, EngineManifest]:
     """The first engine folder whose manifest matches this GPU and library, or a clear error."""
     from kiln.engine.errors import EngineMismatchError
     from kiln.engine.manifest import engine_mismatches, read_engine
@@ -90,7 +91,7 @@ def slot_backend_from_engines(
     return TrtSlotBackend(folder, manifest, trt, slots=slots, cuda_graph=cuda_graph)
 
 
-def _engine_for_this_gpu(info: ArtifactInfo, *, static: bool) -> tuple[Any, Path, dict[str, Any]]:
+def _engine_for_this_gpu(info: ArtifactInfo, *, static: bool) -> tuple[Any, Path, EngineManifest]:
     """(library module, engine folder, manifest) of the engine this GPU and library can run."""
     layout = (STATIC if static else CONCAT).name
     engines = [d for d in info.engines if _layout(_manifest(d)) == layout]
@@ -108,7 +109,7 @@ def _engine_for_this_gpu(info: ArtifactInfo, *, static: bool) -> tuple[Any, Path
             "none is visible here. Run the ONNX artifact with ONNX Runtime instead "
             "(`kiln generate ONNX_FOLDER`), or use a GPU machine (`make gpu-check`)."
         )
-    wanted = {m["library"]["name"] for m in (_manifest(d) for d in engines)}
+    wanted = {_manifest(d).library["name"] for d in engines}
     trt = None
     for name in [n for n in LIBRARIES if n in wanted]:
         try:
@@ -125,14 +126,14 @@ def _engine_for_this_gpu(info: ArtifactInfo, *, static: bool) -> tuple[Any, Path
     return trt, folder, manifest
 
 
-def _manifest(folder: Path) -> dict[str, Any]:
+def _manifest(folder: Path) -> EngineManifest:
     from kiln.engine.manifest import read_engine
 
     return read_engine(folder, verify=False)
 
 
-def _layout(manifest: dict[str, Any]) -> str:
-    return (manifest.get("kv_cache") or {}).get("layout", CONCAT.name)
+def _layout(manifest: EngineManifest) -> str:
+    return str(manifest.kv_cache["layout"])
 
 
 def deserialize_plan(trt: Any, folder: Path) -> tuple[Any, Any]:
@@ -214,17 +215,17 @@ class TrtBackend:
     """A deserialized engine with its contexts, stream and preallocated buffers."""
 
     def __init__(
-        self, folder: Path, manifest: dict[str, Any], trt: Any, *, cuda_graph: bool = False
+        self, folder: Path, manifest: EngineManifest, trt: Any, *, cuda_graph: bool = False
     ) -> None:
         self.trt = trt
         self.folder = folder
         self.manifest = manifest
-        self.name = f"{trt.__name__}-{manifest['profile']['name']}"
+        self.name = f"{trt.__name__}-{manifest.profile_name}"
         self.is_rtx = trt.__name__ == "tensorrt_rtx"
         self._runtime, self.engine = deserialize_plan(trt, folder)
         self.profiles = manifest["optimization_profiles"]
         self.max_context = min(p["axes"]["total_sequence"][2] for p in self.profiles)
-        io = {v["name"]: v for v in manifest["io"]["inputs"] + manifest["io"]["outputs"]}
+        io = {v["name"]: v for v in manifest.io["inputs"] + manifest.io["outputs"]}
         self.past_names = [n for n in io if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         first = io[self.past_names[0]]

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import ArtifactError, KilnError
+from kiln.manifests import EngineManifest
 from kiln.runtime.cuda_mem import DeviceBuffer, Stream
 from kiln.runtime.slots import SlotCall, SlotFeed, SlotRunner, check_feeds
 from kiln.runtime.trt_backend import (
@@ -71,25 +72,25 @@ class SlotSpec:
         return self.kv_heads * self.max_context * self.head_dim * np.dtype(self.kv_dtype).itemsize
 
 
-def slot_spec(manifest: dict[str, Any], where: Path | str = "engine.json") -> SlotSpec:
+def slot_spec(manifest: EngineManifest, where: Path | str = "engine.json") -> SlotSpec:
     """Read a static engine's SlotSpec; refuse concat engines and manifests without aliasing."""
-    kv = manifest.get("kv_cache") or {}
-    if kv.get("layout") != "static":
+    kv = manifest.kv_cache
+    if kv["layout"] != "static":
         raise ArtifactError(
-            f"{where} is a {kv.get('layout', 'concat')}-KV engine; the slot backend needs one "
+            f"{where} is a {kv['layout']}-KV engine; the slot backend needs one "
             "built from a static export (`kiln export MODEL --kv static --max-context N`, then "
             "`kiln build`). Load a concat engine with kiln.runtime.load instead."
         )
-    if not kv.get("present_aliases_past") or not kv.get("aliases"):
+    if not kv["present_aliases_past"] or not kv.get("aliases"):
         raise ArtifactError(
             f"{where} does not record in-place KV updates (kv_cache.aliases); rebuild it with "
             "this kiln's `kiln build`."
         )
-    io = {v["name"]: v for v in manifest["io"]["inputs"] + manifest["io"]["outputs"]}
+    io = {v["name"]: v for v in manifest.io["inputs"] + manifest.io["outputs"]}
     past = io[next(iter(kv["aliases"].values()))]
     profiles = tuple(
         (int(p["index"]), p["name"], int(p["axes"]["sequence"][2]))
-        for p in manifest["optimization_profiles"]
+        for p in manifest.optimization_profiles
     )
     return SlotSpec(
         max_context=int(kv["max_context"]),
@@ -155,7 +156,7 @@ class TrtSlotBackend(EngineSlots):
     def __init__(
         self,
         folder: Path,
-        manifest: dict[str, Any],
+        manifest: EngineManifest,
         trt: Any,
         *,
         slots: int = 4,
@@ -164,7 +165,7 @@ class TrtSlotBackend(EngineSlots):
         super().__init__(slot_spec(manifest, folder / "engine.json"), slots)
         spec = self.spec
         self.trt, self.folder = trt, folder
-        self.name = f"{trt.__name__}-{manifest['profile']['name']}-static"
+        self.name = f"{trt.__name__}-{manifest.profile_name}-static"
         self._runtime, self.engine = deserialize_plan(trt, folder)
         self.stream = Stream()
         self._cache_path = folder / "runtime.cache"

@@ -125,7 +125,7 @@ class ServerState:
 
 def served_name(info: Any) -> str:
     """The model name clients use: the exported model folder's name, else the artifact's."""
-    src = (info.manifest.get("source") or {}).get("path")
+    src = info.manifest.source.get("path")  # an engine's source names its ONNX folder instead
     return str(src).rstrip("/").rsplit("/", 1)[-1] if src else info.path.name
 
 

@@ -68,9 +68,7 @@ def check_static(artifact: Path) -> None:
     from kiln.runtime.artifact import inspect_artifact
 
     info = inspect_artifact(artifact)
-    layout = getattr(info, "kv_layout", None) or (info.manifest.get("kv_cache") or {}).get(
-        "layout", "concat"
-    )
+    layout = info.kv_layout
     if layout != "static":
         raise ArtifactError(
             f"{artifact} has a {layout} KV cache; the server batches requests over "

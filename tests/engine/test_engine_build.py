@@ -46,23 +46,23 @@ def test_plan_is_a_tensorrt_rtx_engine_for_both_targets(zen_engine):
 
 def test_manifest_describes_the_engine(zen_engine, zen_fp16):
     m = read_engine(zen_engine)  # verifies the plan's size and sha256
-    assert m["kind"] == "kiln.engine"
+    assert json.loads((zen_engine / "engine.json").read_text())["kind"] == "kiln.engine"
     onnx_bytes = (zen_fp16 / "model.onnx").read_bytes()
-    assert m["source"]["onnx"]["model.onnx"]["sha256"] == hashlib.sha256(onnx_bytes).hexdigest()
-    assert m["source"]["stage"] == "export"
-    assert m["library"] == {"name": "tensorrt_rtx", "version": trt.__version__}
-    assert m["compute_capabilities"] == ["8.6", "8.9"]
-    assert m["profile"]["name"] == PROFILE and m["profile"]["precision"] == "fp16"
-    assert m["precision"]["label"] == "fp16" and m["precision"]["quantized"] == {}
+    assert m.source["onnx"]["model.onnx"]["sha256"] == hashlib.sha256(onnx_bytes).hexdigest()
+    assert m.source["stage"] == "export"
+    assert m.library == {"name": "tensorrt_rtx", "version": trt.__version__}
+    assert m.compute_capabilities == ["8.6", "8.9"]
+    assert m.profile["name"] == PROFILE and m.profile["precision"] == "fp16"
+    assert m.precision["label"] == "fp16" and m.precision["quantized"] == {}
     plan = (zen_engine / "engine.plan").read_bytes()
-    assert m["plan"]["bytes"] == len(plan)
-    assert m["plan"]["sha256"] == hashlib.sha256(plan).hexdigest()
-    times = m["build"]["elapsed_s"]
+    assert m.plan["bytes"] == len(plan)
+    assert m.plan["sha256"] == hashlib.sha256(plan).hexdigest()
+    times = m.build["elapsed_s"]
     assert 0 < times["build"] <= times["total"]
 
     graph = onnx.load(str(zen_fp16 / "model.onnx"), load_external_data=False).graph
     names = [v.name for v in (*graph.input, *graph.output)]
-    prefill, decode = m["optimization_profiles"]
+    prefill, decode = m.optimization_profiles
     assert (prefill["name"], decode["name"]) == ("prefill", "decode")
     for p in (prefill, decode):
         assert list(p["tensors"]) == names  # every I/O tensor, in ONNX order
@@ -127,9 +127,9 @@ def test_changed_onnx_or_profile_rebuilds(zen_fp16, zen_engine, tmp_path):
     shutil.copytree(zen_engine, out)
     build_engine(art, PROFILE, out)
     second = read_engine(out)
-    assert second["source"]["onnx"] != first["source"]["onnx"]
-    assert second["cache_key"] != first["cache_key"]
-    assert second["plan"]["sha256"] != first["plan"]["sha256"]  # a new build (not byte-stable)
+    assert second.source["onnx"] != first.source["onnx"]
+    assert second.cache_key != first.cache_key
+    assert second.plan["sha256"] != first.plan["sha256"]  # a new build (not byte-stable)
 
     profile = tmp_path / "sm89.toml"
     toml = profile_path(PROFILE).read_text().replace("max_batch = 8", "max_batch = 2")
@@ -138,8 +138,8 @@ def test_changed_onnx_or_profile_rebuilds(zen_fp16, zen_engine, tmp_path):
     )
     build_engine(art, profile, out)
     third = read_engine(out)
-    assert third["compute_capabilities"] == ["8.9"]
-    assert third["optimization_profiles"][1]["tensors"]["input_ids"]["max"] == [2, 1]
+    assert third.compute_capabilities == ["8.9"]
+    assert third.optimization_profiles[1]["tensors"]["input_ids"]["max"] == [2, 1]
     assert (out / "engine.plan").read_bytes()[0x20] == SM89
 
 

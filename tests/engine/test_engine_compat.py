@@ -8,12 +8,22 @@ from kiln.engine import check_engine_compatible, engine_mismatches
 from kiln.engine.errors import EngineMismatchError, ProfileError
 from kiln.engine.profiles import ShapeRange
 from kiln.engine.shapes import input_ranges, tensor_ranges
+from kiln.manifests import EngineManifest
 
-MANIFEST = {
-    "profile": {"name": "rtx-ampere-ada-fp16"},
-    "compute_capabilities": ["8.6", "8.9"],
-    "library": {"name": "tensorrt_rtx", "version": "1.7.1.116"},
-}
+MANIFEST = EngineManifest(
+    cache_key="",
+    source={},
+    profile={"name": "rtx-ampere-ada-fp16"},
+    compute_capabilities=["8.6", "8.9"],
+    library={"name": "tensorrt_rtx", "version": "1.7.1.116"},
+    precision={},
+    io={},
+    kv_cache={"layout": "concat"},
+    attention={},
+    optimization_profiles=[],
+    plan={},
+    build={},
+)
 
 
 @pytest.mark.parametrize("cc", ["8.6", "8.9", (8, 9)])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -13,9 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from kiln.artifacts import sha256_file
 from kiln.engine import build_engine, read_engine
+from kiln.engine.errors import ProfileError
 from kiln.engine.guard import ForeignOpsError, foreign_ops
-from kiln.engine.staging import remove_stale
+from kiln.manifests import ExportManifest, OptimizeManifest
+from kiln.staging import remove_stale
 
 PROFILE = "rtx-ampere-ada-fp16"
 
@@ -33,14 +35,28 @@ def _model(nodes, functions=(), extra_opsets=()):
     return helper.make_model(graph, opset_imports=opsets, functions=list(functions), ir_version=10)
 
 
-def _artifact(tmp_path, model):
+def _artifact(tmp_path, model, min_cc="SM80"):
     """An artifact folder as `kiln optimize --target onnxruntime` would leave it (minimal)."""
     art = tmp_path / "art"
     art.mkdir()
     onnx.save(model, str(art / "model.onnx"))
-    (art / "optimize.json").write_text(
-        json.dumps({"kind": "kiln.optimize", "target": "onnxruntime"})
-    )
+    io = {
+        "inputs": [{"name": "x", "dtype": "float16", "shape": [1, 8]}],
+        "outputs": [{"name": "y", "dtype": "float16", "shape": [1, 8]}],
+    }
+    files = {"model.onnx": {"sha256": sha256_file(art / "model.onnx"), "bytes": 0}}
+    config = {"vocab": 8, "max_positions": 8}
+    ExportManifest(
+        cache_key="", source={"path": str(tmp_path)}, architecture={}, config=config,
+        exporter={"precision": "fp16"}, io=io, dynamic_axes={}, files=files, versions={},
+        kv_cache={"layout": "concat"}, rope={}, weight_bytes=0, parity={}, elapsed_s={},
+    ).write(art)  # fmt: skip
+    OptimizeManifest(
+        cache_key="", source={}, target="onnxruntime", precision="fp16", architecture={},
+        config=config, io=io, contrib_ops={}, passes=[], files=files, versions={}, parity={},
+        engine_hints={"attention_decomposable": False, "min_compute_capability": min_cc},
+        elapsed_s=0.0,
+    ).write(art)  # fmt: skip
     return art
 
 
@@ -71,6 +87,17 @@ def test_contrib_ops_are_refused_before_parsing_with_names_and_fix(tmp_path):
     assert "`kiln optimize --target tensorrt`" in msg and "--target onnxruntime" in msg
     assert "cannot parse" not in msg  # the guard spoke, not TensorRT's parser
     assert list(tmp_path.iterdir()) == [art]  # no engine, no staging folder
+
+
+def test_engine_reads_the_graphs_minimum_compute_capability(tmp_path):
+    """optimize.json engine_hints.min_compute_capability (fp8: SM89) is checked before parsing.
+
+    Its negative control is the test above: SM80 lets the same folder reach the op guard.
+    """
+    art = _artifact(tmp_path, _contrib_graph(), min_cc="SM89")
+    with pytest.raises(ProfileError, match=r"optimize\.json needs compute capability >= 8\.9"):
+        build_engine(art, PROFILE, tmp_path / "eng")
+    assert list(tmp_path.iterdir()) == [art]
 
 
 def test_standard_graph_and_local_functions_pass_the_guard(tmp_path):
@@ -147,7 +174,7 @@ def test_next_build_removes_a_killed_builds_folder(exported, tmp_path):
     _aged(dead)
     build_engine(exported("llama", "fp16", kv="static"), PROFILE, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
-    assert read_engine(out)["kv_cache"]["layout"] == "static"
+    assert read_engine(out).kv_cache["layout"] == "static"
 
 
 def test_onnxruntime_target_output_is_refused(exported, tmp_path):

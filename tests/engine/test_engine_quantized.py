@@ -23,12 +23,12 @@ def test_int8_weight_only_engine(zen_int8, tmp_path):
     m = read_engine(out)
     plan = (out / "engine.plan").read_bytes()
     assert plan[:4] == b"vtrt" and plan[0x20] == 0x04 | 0x08  # SM86 + SM89
-    assert m["source"]["stage"] == "optimize"
-    assert m["precision"]["label"] == "int8"
-    assert m["precision"]["activations"] == "float16"
+    assert m.source["stage"] == "optimize"
+    assert m.precision["label"] == "int8"
+    assert m.precision["activations"] == "float16"
     # Every matrix of the 4-layer model (7 per layer) plus the LM head is stored as int8.
-    assert m["precision"]["quantized"] == {"weights int8": 29}
-    assert m["optimization_profiles"][0]["tensors"]["logits"]["dtype"] == "float16"
+    assert m.precision["quantized"] == {"weights int8": 29}
+    assert m.optimization_profiles[0]["tensors"]["logits"]["dtype"] == "float16"
 
 
 def test_fp16_profile_refuses_the_int8_artifact(zen_int8, tmp_path):

@@ -18,6 +18,7 @@ from kiln.engine.builder import Backend
 from kiln.engine.errors import EngineBuildError, ProfileError
 from kiln.engine.kv_layout import kv_layout
 from kiln.errors import ArtifactError
+from kiln.manifests import newest_manifest
 
 trt = pytest.importorskip("tensorrt_rtx", reason="the engine extra (tensorrt-rtx) is not installed")
 
@@ -77,7 +78,7 @@ def test_static_engine_builds_for_both_rtx_targets(static_engine):
 
 def test_manifest_records_layout_slots_and_aliasing(static_engine):
     m = read_engine(static_engine)
-    kv = m["kv_cache"]
+    kv = m.kv_cache
     assert kv["layout"] == "static" and kv["max_context"] == MAX_CONTEXT
     assert kv["slots"] == {"min": 1, "max": 4}  # smallest max_batch (prefill 4, decode 8)
     assert kv["new_tokens"] == {"prefill": [1, 256], "decode": [1, 1]}  # prefill clipped to M
@@ -87,8 +88,8 @@ def test_manifest_records_layout_slots_and_aliasing(static_engine):
         for i in range(LAYERS)
         for k in ("key", "value")
     }
-    assert m["build"]["layer_types"]["KV_CACHE_UPDATE"] == 2 * LAYERS
-    prefill, decode = m["optimization_profiles"]
+    assert m.build["layer_types"]["KV_CACHE_UPDATE"] == 2 * LAYERS
+    prefill, decode = m.optimization_profiles
     past = prefill["tensors"]["past_key_values.0.key"]
     assert past["min"] == [1, 2, MAX_CONTEXT, 16] and past["max"] == [4, 2, MAX_CONTEXT, 16]
     assert prefill["tensors"]["input_ids"]["max"] == [4, 256]
@@ -98,19 +99,19 @@ def test_manifest_records_layout_slots_and_aliasing(static_engine):
     }  # fmt: skip
     assert decode["tensors"]["present.1.value"]["max"] == [4, 2, MAX_CONTEXT, 16]
     # The runtime reads the slot length here too (runtime/artifact.py).
-    assert all(p["axes"]["total_sequence"][2] == MAX_CONTEXT for p in m["optimization_profiles"])
+    assert all(p["axes"]["total_sequence"][2] == MAX_CONTEXT for p in m.optimization_profiles)
 
 
 def test_fp32_static_engine_builds_with_decomposable_attention(exported, tmp_path):
     m = read_engine(build_engine(exported("llama", "fp32", kv="static"), _fp32_profile(), tmp_path))
-    assert m["precision"]["label"] == "fp32"
-    assert m["attention"] == {
+    assert m.precision["label"] == "fp32"
+    assert m.attention == {
         "layers": LAYERS,
         "decomposable": LAYERS,
         "why": "fp32 attention has no dedicated TensorRT-RTX kernel",
     }
-    assert m["kv_cache"]["layout"] == "static"
-    assert m["build"]["layer_types"]["KV_CACHE_UPDATE"] == 2 * LAYERS
+    assert m.kv_cache["layout"] == "static"
+    assert m.build["layer_types"]["KV_CACHE_UPDATE"] == 2 * LAYERS
 
 
 def test_fp32_attention_without_decomposable_fails_to_build(exported):
@@ -159,10 +160,17 @@ def test_static_graph_without_in_place_update_is_refused(static_fp16, tmp_path):
 
 def test_layout_in_manifest_must_match_the_graph(static_fp16, tmp_path):
     io = json.loads((static_fp16 / "export.json").read_text())["io"]
-    assert kv_layout(static_fp16, {}, io) == {"layout": "static", "max_context": MAX_CONTEXT}
+    source = newest_manifest(static_fp16)
+    assert kv_layout(source, io) == {"layout": "static", "max_context": MAX_CONTEXT}
+
+    def claiming(kv_cache):
+        return dataclasses.replace(
+            source, export=dataclasses.replace(source.export, kv_cache=kv_cache)
+        )
+
     with pytest.raises(ArtifactError, match=r"kv_cache.layout = 'concat', but .* static layout"):
-        kv_layout(tmp_path, {"kv_cache": {"layout": "concat"}}, io)
+        kv_layout(claiming({"layout": "concat"}), io)
     with pytest.raises(
         ArtifactError, match=r"max_context = 512, but the graph's KV buffers hold 256"
     ):
-        kv_layout(tmp_path, {"kv_cache": {"layout": "static", "max_context": 512}}, io)
+        kv_layout(claiming({"layout": "static", "max_context": 512}), io)

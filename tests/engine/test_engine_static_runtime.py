@@ -98,9 +98,9 @@ def test_slot_spec_reads_the_static_engine_manifest(spec):
 def test_slot_spec_refuses_concat_and_unaliased_engines(engine_fp32):
     m = read_engine(engine_fp32)
     with pytest.raises(ArtifactError, match=r"concat-KV engine; the slot backend needs one built"):
-        slot_spec({**m, "kv_cache": {"layout": "concat"}})
+        slot_spec(dataclasses.replace(m, kv_cache={"layout": "concat"}))
     with pytest.raises(ArtifactError, match=r"does not record in-place KV updates"):
-        slot_spec({**m, "kv_cache": {**m["kv_cache"], "aliases": {}}})
+        slot_spec(dataclasses.replace(m, kv_cache={**m.kv_cache, "aliases": {}}))
 
 
 def test_loading_without_a_gpu_or_with_the_wrong_layout_says_what_to_do(engine_fp32):

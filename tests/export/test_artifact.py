@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import onnx
@@ -110,3 +111,27 @@ def test_large_weights_go_to_external_data(tiny_model_dir, tmp_path, monkeypatch
     assert inline == []  # folded constants too, not only the parameters
     assert m["files"]["model.onnx.data"]["bytes"] >= 0.95 * m["weight_bytes"]
     assert m["parity"]["ok"]  # ORT found the weights beside the graph after the rename
+
+
+def test_a_folder_from_an_older_kiln_is_refused_with_the_fix(exported, tmp_path):
+    """export.json without `format` (kiln before typed manifests): every reader names the fix."""
+    from kiln.engine import build_engine
+    from kiln.errors import ArtifactError
+    from kiln.optimize import optimize_model
+    from kiln.runtime.artifact import inspect_artifact
+
+    old = tmp_path / "old"
+    shutil.copytree(exported("llama"), old)
+    assert inspect_artifact(old).kind == "onnx"  # negative control: the copy reads as it is
+    m = json.loads((old / "export.json").read_text())
+    m.pop("format")
+    (old / "export.json").write_text(json.dumps(m))
+    fix = re.escape(
+        f"{old / 'export.json'} has format 1; this kiln reads format 2: re-run `kiln export`"
+    )
+    with pytest.raises(ArtifactError, match=fix):
+        inspect_artifact(old)
+    with pytest.raises(ArtifactError, match=fix):
+        optimize_model(old, tmp_path / "opt")
+    with pytest.raises(ArtifactError, match=fix):
+        build_engine(old, "rtx-ampere-ada-fp16", tmp_path / "eng")

@@ -68,7 +68,7 @@ def test_engine_for_another_gpu(zen_engine):
     from kiln.runtime.trt_backend import select_engine
 
     folder, manifest = select_engine([zen_engine], (8, 9), "tensorrt_rtx", trt.__version__)
-    assert folder == zen_engine and manifest["compute_capabilities"] == ["8.6", "8.9"]
+    assert folder == zen_engine and manifest.compute_capabilities == ["8.6", "8.9"]
     with pytest.raises(
         EngineMismatchError,
         match=r"(?s)compute capability 8\.0.*built for .*8\.6, 8\.9, not this GPU's 8\.0",

@@ -62,7 +62,7 @@ def test_greedy_equals_transformers_generate(name, exported, hf_models):
     got1 = gen.generate(PROMPTS[0], max_new_tokens=new)
     assert got1.token_ids == ref1[0], name
 
-    if gen.info.manifest.get("rope", {}).get("in_graph"):
+    if gen.info.manifest.rope["in_graph"]:
         # Length-dependent RoPE (dynamic, longrope): kiln's graph picks each row's frequencies
         # from its own length, so every row must equal transformers generating it alone (HF's
         # batched generate() switches on the batch-wide maximum instead).
@@ -79,7 +79,7 @@ def test_cache_equals_recompute(name, exported):
     gen = load(exported(name))
     cached = gen.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)
     recomputed = gen.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True, use_cache=False)
-    rope = gen.info.manifest.get("rope", {}).get("type")
+    rope = gen.info.manifest.rope["type"]
     if rope == "dynamic":
         # NTK frequencies change with every token past the trained length: a cache keeps keys
         # rotated with their own step's frequencies (as transformers' cache does), a recompute

@@ -1,8 +1,9 @@
-"""Staging folders that a killed build does not leave behind for good.
+"""Staging folders: every stage builds beside its output and renames the result into place.
 
-A build writes into `.<out>.XXXX.tmp` beside `out` and renames it into place (kiln.manifest
-staging_dir / publish_dir). SIGKILL (or a power cut) leaves that folder, often hundreds of MB,
-and publish_dir's `.<out>.old-PID` if it died between its two renames. Each build holds an
+A build writes into `.<out>.XXXX.tmp` beside `out` (staging_dir) and renames it into place
+(publish_dir), so readers see the old folder or the new one whole. SIGKILL (or a power cut)
+leaves that folder, often hundreds of MB, and publish_dir's `.<out>.old-PID` if it died between
+its two renames. Each build holds an
 exclusive flock on its own staging folder while it runs, so the next build of the same `out`
 can tell a dead build's folder (lock free) from a live one's (lock held) and removes only the
 dead ones. The lock dies with the process, so no stale lock can block anyone.
@@ -16,13 +17,31 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from kiln.manifest import staging_dir
-
 log = logging.getLogger(__name__)
+
+
+def staging_dir(final: Path) -> Path:
+    """A fresh temporary folder beside `final`, on the same filesystem so a rename is atomic."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+
+
+def publish_dir(staged: Path, final: Path) -> None:
+    """Replace `final` with `staged` so readers see either the old folder or the new one whole."""
+    os.chmod(staged, 0o755)  # mkdtemp creates 0700
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
 
 # A folder younger than this may be a concurrent build between mkdtemp and its flock.
 GRACE_S = 5.0
