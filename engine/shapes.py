@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from kiln import graph_io
 from kiln.engine.errors import ProfileError
 from kiln.engine.profiles import ShapeRange
 
@@ -37,22 +38,7 @@ def io_signature(onnx_path: Path, manifest: dict[str, Any]) -> dict[str, list[di
     io = manifest.get("io")
     if io and io.get("inputs") and io.get("outputs"):
         return {"inputs": list(io["inputs"]), "outputs": list(io["outputs"])}
-    import onnx
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-
-    def describe(v: Any) -> dict[str, Any]:
-        t = v.type.tensor_type
-        return {
-            "name": v.name,
-            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-            "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
-        }
-
-    return {
-        "inputs": [describe(v) for v in proto.graph.input],
-        "outputs": [describe(v) for v in proto.graph.output],
-    }
+    return graph_io.io_signature(onnx_path)
 
 
 def fit_to_model(shapes: tuple[ShapeRange, ...], max_positions: int | None) -> list[ShapeRange]:

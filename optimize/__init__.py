@@ -177,12 +177,10 @@ def _check_source(target: str, source_precision: str, tied_embedding: str) -> No
 
 
 def _probe(export: dict[str, Any], precision: str) -> Any:
-    from kiln.optimize.probe import OnnxProbe, StaticProbe
+    from kiln.optimize.probe import OnnxProbe
 
-    vocab = export["config"]["vocab"]
-    if (export.get("kv_cache") or {}).get("layout") == "static":
-        return StaticProbe(vocab=vocab, prepare=_prepare_for_ort(precision))
-    return OnnxProbe(vocab=vocab, prepare=_prepare_for_ort(precision))
+    # The probe feeds the layout of the graph it first sees (the source).
+    return OnnxProbe(vocab=export["config"]["vocab"], prepare=_prepare_for_ort(precision))
 
 
 def _pass_names(
@@ -250,7 +248,8 @@ def _manifest(
     key: str,
     records: list[StepRecord],
 ) -> dict[str, Any]:
-    from kiln.optimize.passes import contrib_op_counts, engine_hints, io_signature
+    from kiln.graph_io import io_signature
+    from kiln.optimize.passes import contrib_op_counts, engine_hints
 
     files = file_records(onnx_path.parent, f"{MODEL_FILE}*")
     return {

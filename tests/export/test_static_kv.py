@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 from kiln.errors import ConfigError
 from kiln.export import export_model
-from kiln.export.check import ort_session
-from kiln.export.static_kv import static_input_names
+from kiln.graph_io import ort_session
+from kiln.layouts import STATIC
 from kiln.models.zen import ZEN_PROMPT, zen_text
 from kiln.parity import TOL
 
@@ -41,7 +41,7 @@ def test_static_export_matches_pytorch(exported, name):
 
 def _run(sess, layers, ids, index, buffers):
     pos = index[:, None] + np.arange(ids.shape[1])[None, :]
-    feeds = dict(zip(static_input_names(layers), [ids, pos, index, *buffers], strict=True))
+    feeds = dict(zip(STATIC.input_names(layers), [ids, pos, index, *buffers], strict=True))
     logits, *present = sess.run(None, feeds)
     return logits, present
 
