@@ -23,7 +23,7 @@ from typing import Any
 
 from kiln.engine.errors import EngineBuildError, ProfileError
 from kiln.engine.profiles import GpuProfile, ShapeRange
-from kiln.errors import ArtifactError
+from kiln.errors import ArtifactError, ConfigError
 from kiln.layouts import CONCAT, LAYOUTS, KVLayout, layout_named, layout_of_inputs
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,10 @@ def kv_layout(artifact: Path, source: dict[str, Any], io: dict[str, list[dict[st
 def _layout_from_io(io: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     names = {v["name"]: v for v in io["inputs"]}
     past = [v for n, v in names.items() if n.startswith("past_key_values.")]
-    layout = layout_of_inputs(list(names))
+    try:
+        layout = layout_of_inputs(list(names))
+    except ConfigError:  # not a kiln graph: no cache to lay out; the op guard and parser judge it
+        layout = CONCAT
     if not layout.has_slots:
         return {"layout": layout.name, "max_context": None}
     lengths = {v["shape"][2] for v in past}
