@@ -35,6 +35,7 @@ from kiln.engine.kv_layout import (
     kv_layout,
     kv_record,
     kv_updates,
+    layout_record,
     static_shapes,
 )
 from kiln.engine.manifest import (
@@ -212,7 +213,7 @@ def _plan_shapes(
     """The graph's I/O, its KV layout and the optimization profiles' shape ranges."""
     io = {"inputs": list(source.io["inputs"]), "outputs": list(source.io["outputs"])}
     layout = kv_layout(source, io)
-    if layout["layout"] == "static":
+    if layout_record(layout).has_slots:
         return io, layout, static_shapes(gpu, layout["max_context"])
     return io, layout, fit_to_model(gpu.shapes, source.config["max_positions"])
 

@@ -22,12 +22,16 @@ from typing import Any
 
 from kiln.engine.errors import EngineBuildError, ProfileError
 from kiln.engine.profiles import GpuProfile, ShapeRange
-from kiln.errors import ArtifactError
+from kiln.errors import ArtifactError, ConfigError
+from kiln.layouts import CONCAT, LAYOUTS, KVLayout, layout_named, layout_of_inputs
 from kiln.manifests import OnnxManifests
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("concat", "static")
+
+def layout_record(layout: dict[str, Any]) -> KVLayout:
+    """The kiln/layouts.py record of a `kv_layout` result."""
+    return layout_named(layout["layout"], where="kv_cache.layout")
 
 
 def kv_layout(source: OnnxManifests, io: dict[str, list[dict[str, Any]]]) -> dict:
@@ -44,7 +48,7 @@ def kv_layout(source: OnnxManifests, io: dict[str, list[dict[str, Any]]]) -> dic
             f"are the {from_io['layout']} layout; the folder was edited by hand or mixed from "
             "two exports: rerun `kiln export` (and `kiln optimize`)."
         )
-    if layout == "static" and record["max_context"] != from_io["max_context"]:
+    if layout_record(from_io).has_slots and record["max_context"] != from_io["max_context"]:
         raise ArtifactError(
             f"{artifact}'s manifest says max_context = {record['max_context']}, but the "
             f"graph's KV buffers hold {from_io['max_context']} positions: rerun `kiln export`."
@@ -55,8 +59,12 @@ def kv_layout(source: OnnxManifests, io: dict[str, list[dict[str, Any]]]) -> dic
 def _layout_from_io(io: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     names = {v["name"]: v for v in io["inputs"]}
     past = [v for n, v in names.items() if n.startswith("past_key_values.")]
-    if "write_index" not in names:
-        return {"layout": "concat", "max_context": None}
+    try:
+        layout = layout_of_inputs(list(names))
+    except ConfigError:  # not a kiln graph: no cache to lay out; the op guard and parser judge it
+        layout = CONCAT
+    if not layout.has_slots:
+        return {"layout": layout.name, "max_context": None}
     lengths = {v["shape"][2] for v in past}
     if len(lengths) != 1 or not all(isinstance(n, int) and n > 0 for n in lengths):
         raise ArtifactError(
@@ -64,7 +72,7 @@ def _layout_from_io(io: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             f"sequence axes are {sorted(map(str, lengths))}, not one fixed length: the static "
             "layout needs [slots, Hkv, max_context, D] buffers; rerun `kiln export --kv static`."
         )
-    return {"layout": "static", "max_context": lengths.pop()}
+    return {"layout": layout.name, "max_context": lengths.pop()}
 
 
 def static_shapes(gpu: GpuProfile, max_context: int) -> list[ShapeRange]:
@@ -135,7 +143,7 @@ def check_kv_updates(
 
     Otherwise present would be a copy, and binding it to past's address would corrupt the cache.
     """
-    if layout["layout"] != "static":
+    if not layout_record(layout).in_place:
         return
     want = {
         v["name"].replace("past_key_values.", "present.", 1): v["name"]
@@ -156,10 +164,11 @@ def kv_record(
     layout: dict[str, Any], shapes: list[ShapeRange], pairs: dict[str, str]
 ) -> dict[str, Any]:
     """engine.json's kv_cache entry: what the runtime must allocate and bind."""
-    if layout["layout"] != "static":
-        return {"layout": "concat", "present_aliases_past": False}
+    record = layout_record(layout)
+    if not record.in_place:
+        return {"layout": record.name, "present_aliases_past": False}
     return {
-        "layout": "static",
+        "layout": record.name,
         "max_context": layout["max_context"],
         "slots": {"min": 1, "max": min(s.max_batch for s in shapes)},
         "new_tokens": {s.name: [1, s.max_sequence] for s in shapes},

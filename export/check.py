@@ -1,22 +1,25 @@
 """Parity of an exported graph against the PyTorch model it came from, run through ONNX Runtime.
 
 The reference is transformers' own forward with its own cache, not the export wrapper, so a
-wrong cache contract in the wrapper shows up as drift. Each check point runs a prefill and then
-continues from the graph's own `present` outputs, as a decode loop would.
+wrong cache contract in the wrapper shows up as drift. A layout's parity plan (export/layouts.py)
+says which graph calls to make and which PyTorch forwards each is compared with; one driver,
+`check_parity`, runs any plan through the layout's stepper (kiln/graph_io.py), continuing from
+the graph's own cache as a decode loop would.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from kiln.export.wrapper import input_names
+from kiln.graph_io import positions, stepper
 from kiln.models.families import ModelShape
 from kiln.parity import TOL, Diff, ParityReport, compare, greedy_agreement
 
@@ -45,20 +48,139 @@ DEFAULT_POINTS = (
 )
 
 
-def ort_session(path: Path) -> Any:
-    """A CPU ONNX Runtime session over `path`."""
-    import onnxruntime as ort
+# Slot schedule for the static layout: per step, per slot, (new tokens, restart the slot first).
+# Ragged prefill, 20 decode steps, and slot 1 refilled with a new prompt mid-run while the
+# others keep decoding: what continuous batching does. Its longest slot (9 + 20 tokens) is why
+# kiln/layouts.py STATIC.min_context is 32.
+STATIC_PLAN: tuple[tuple[tuple[int, bool], ...], ...] = (
+    ((7, False), (4, False), (9, False)),
+    *(((1, False), (5, True) if t == 10 else (1, False), (1, False)) for t in range(20)),
+)
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+@dataclass(frozen=True)
+class RefCall:
+    """One PyTorch forward a graph call is compared with: graph `rows`, one reference sequence.
+
+    `valid_q [b, s]` marks the compared queries (padding attends to nothing: skipped);
+    `valid_kv [b, end]` the compared cache positions, `end` being where the sequence ends in the
+    graph's cache (a sliding-window reference keeps only its tail: that tail is compared).
+    """
+
+    sequence: int  # a number not seen before starts a fresh reference cache
+    rows: slice
+    inputs: dict[str, np.ndarray]  # transformers forward kwargs
+    valid_q: np.ndarray
+    valid_kv: np.ndarray
+    tag: str
 
 
-def _positions(mask: np.ndarray, new: int) -> np.ndarray:
-    """Per-row position ids of the last `new` tokens: count of real tokens before each, HF style."""
-    pos = np.cumsum(mask, axis=1) - 1
-    pos = np.where(mask == 0, 1, pos)  # as transformers' generate() does for padding
-    return pos[:, -new:].astype(np.int64)
+@dataclass(frozen=True)
+class PlannedCall:
+    """One graph call: its leading inputs by name, references, and its manifest figures."""
+
+    inputs: dict[str, np.ndarray]
+    refs: tuple[RefCall, ...]
+    record: dict[str, Any]
+    reset: int | None = None  # start this many fresh rows before the call
+
+
+class ParityPlan(Protocol):
+    """The graph calls of one layout's check, with the PyTorch forwards each is compared with."""
+
+    def describe(self) -> str:
+        """What the plan runs, for the log."""
+        ...
+
+    def calls(self, shape: ModelShape, rng: np.random.Generator) -> Iterator[PlannedCall]:
+        """The calls in order; token ids drawn from `rng`."""
+        ...
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """Concat layout: each point is a batch decoded from an empty cache, one reference for all."""
+
+    points: tuple[CheckPoint, ...] = DEFAULT_POINTS
+
+    def describe(self) -> str:
+        """What the plan runs, for the log."""
+        return f"{len(self.points)} trajectories"
+
+    def calls(self, shape: ModelShape, rng: np.random.Generator) -> Iterator[PlannedCall]:
+        """Per point: a prefill, then each chunk over the graph's own present."""
+        for n, p in enumerate(self.points):
+            ids_all = rng.integers(0, shape.vocab, size=(p.batch, sum(p.chunks)), dtype=np.int64)
+            pad = np.array([*p.left_pad, *[0] * (p.batch - len(p.left_pad))])
+            full_mask = (np.arange(sum(p.chunks))[None, :] >= pad[:, None]).astype(np.int64)
+            done = 0
+            for chunk in p.chunks:
+                mask = full_mask[:, : done + chunk]
+                inputs = {
+                    "input_ids": ids_all[:, done : done + chunk],
+                    "attention_mask": mask,
+                    "position_ids": positions(mask)[:, -chunk:],
+                }
+                ref = RefCall(
+                    sequence=n,
+                    rows=slice(0, p.batch),
+                    inputs=inputs,
+                    valid_q=mask[:, -chunk:].astype(bool),
+                    valid_kv=mask.astype(bool),
+                    tag=f"B{p.batch} S{chunk} P{done}",
+                )
+                record = {"batch": p.batch, "seq": chunk, "past": done}
+                yield PlannedCall(inputs, (ref,), record, reset=p.batch if done == 0 else None)
+                done += chunk
+
+
+@dataclass(frozen=True)
+class SlotSchedule:
+    """Static layout: slots written in place, each slot compared with PyTorch alone (batch 1).
+
+    A write at the wrong position, a mask that leaks between slots, or a stale refill shows up
+    as drift. Rows are right-padded; padding repeats the row's last real position
+    (length-dependent RoPE reads the largest), as runtime/slots.py call_inputs does.
+    """
+
+    steps: tuple[tuple[tuple[int, bool], ...], ...] = STATIC_PLAN
+
+    def describe(self) -> str:
+        """What the plan runs, for the log."""
+        return f"{len(self.steps)} steps over {len(self.steps[0])} slots"
+
+    def calls(self, shape: ModelShape, rng: np.random.Generator) -> Iterator[PlannedCall]:
+        """One call over every slot per step; a restart starts a new reference sequence."""
+        slots = len(self.steps[0])
+        length, sequence = [0] * slots, list(range(slots))
+        for n_step, step in enumerate(self.steps):
+            s = max(n for n, _ in step)
+            ids = np.zeros((slots, s), np.int64)  # right padding: masked until overwritten
+            toks = []
+            for r, (n, restart) in enumerate(step):
+                if restart and n_step > 0:
+                    length[r], sequence[r] = 0, max(sequence) + 1
+                toks.append(rng.integers(0, shape.vocab, size=n, dtype=np.int64))
+                ids[r, :n] = toks[r]
+            index = np.array(length, np.int64)
+            real = np.array([n for n, _ in step])[:, None]
+            pos = index[:, None] + np.minimum(np.arange(s)[None, :], real - 1)
+            refs = tuple(
+                RefCall(
+                    sequence=sequence[r],
+                    rows=slice(r, r + 1),
+                    inputs={"input_ids": toks[r][None], "position_ids": pos[r : r + 1, :n]},
+                    valid_q=np.ones((1, n), bool),
+                    valid_kv=np.ones((1, length[r] + n), bool),
+                    tag=f"step {n_step} slot {r} S{n} at {length[r]}",
+                )
+                for r, (n, _) in enumerate(step)
+            )
+            record = {"step": n_step, "tokens": [n for n, _ in step], "write_index": index.tolist()}
+            inputs = {"input_ids": ids, "position_ids": pos, "write_index": index}
+            yield PlannedCall(inputs, refs, record, reset=slots if n_step == 0 else None)
+            for r, (n, _) in enumerate(step):
+                length[r] += n
 
 
 def check_parity(
@@ -67,166 +189,82 @@ def check_parity(
     shape: ModelShape,
     *,
     precision: str = "fp32",
-    points: tuple[CheckPoint, ...] = DEFAULT_POINTS,
+    plan: ParityPlan | None = None,
     seed: int = 0,
 ) -> tuple[ParityReport, list[dict[str, Any]]]:
-    """Run every check point through ORT and PyTorch; return the report and per-step figures."""
-    sess = ort_session(onnx_path)
-    past_dtype = np.float16 if precision == "fp16" else np.float32
-    rng = np.random.default_rng(seed)
-    diffs: list[Diff] = []
-    agree: list[float] = []
-    steps: list[dict[str, Any]] = []
-    for p in points:
-        ids_all = rng.integers(0, shape.vocab, size=(p.batch, sum(p.chunks)), dtype=np.int64)
-        pad = np.array([*p.left_pad, *[0] * (p.batch - len(p.left_pad))])
-        full_mask = (np.arange(sum(p.chunks))[None, :] >= pad[:, None]).astype(np.int64)
-        past = [np.zeros((p.batch, shape.kv_heads, 0, shape.head_dim), past_dtype)] * (
-            2 * shape.layers
-        )
-        ref_cache = None
-        done = 0
-        for chunk in p.chunks:
-            ids = ids_all[:, done : done + chunk]
-            mask = full_mask[:, : done + chunk]
-            pos = _positions(mask, chunk)
-            feeds = dict(zip(input_names(shape.layers), [ids, mask, pos, *past], strict=True))
-            logits, *present = sess.run(None, feeds)
-            with torch.no_grad():
-                ref = model(
-                    input_ids=torch.from_numpy(ids),
-                    attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(pos),
-                    past_key_values=ref_cache,
-                    use_cache=True,
-                )
-            ref_cache = ref.past_key_values
-            tag = f"B{p.batch} S{chunk} P{done}"
-            valid_q = mask[:, -chunk:].astype(bool)  # padded queries attend to nothing: skip them
-            ref_logits = ref.logits.float().numpy()[valid_q]
-            diffs.append(compare(f"logits[{tag}]", ref_logits, logits[valid_q], TOL[precision]))
-            agree.append(greedy_agreement(ref_logits, logits.astype(np.float32)[valid_q]))
-            valid_kv = mask.astype(bool)
-            for i, layer in enumerate(ref_cache.layers):
-                for kind, ref_kv, got in (
-                    ("key", layer.keys, present[2 * i]),
-                    ("value", layer.values, present[2 * i + 1]),
-                ):
-                    r = ref_kv.float().numpy()
-                    # A sliding-window reference cache keeps only its window: compare that tail.
-                    g, v = got[:, :, -r.shape[2] :], valid_kv[:, -r.shape[2] :]
-                    r, g = r.transpose(0, 2, 1, 3)[v], g.transpose(0, 2, 1, 3)[v]
-                    diffs.append(compare(f"present.{i}.{kind}[{tag}]", r, g, TOL[precision]))
-            step_diffs = diffs[-(1 + 2 * shape.layers) :]
-            steps.append(
-                {
-                    "batch": p.batch,
-                    "seq": chunk,
-                    "past": done,
-                    "logits_max_abs": step_diffs[0].max_abs,
-                    "kv_max_abs": max(d.max_abs for d in step_diffs[1:]),
-                    "greedy_agreement": agree[-1],
-                }
-            )
-            log.debug("parity %s: %s", tag, step_diffs[0].describe())
-            past = present
-            done += chunk
-    report = ParityReport(precision, TOL[precision], diffs, float(np.mean(agree)))
-    return report, steps
+    """Run a parity plan (default: the graph's layout's) through ORT and PyTorch; compare.
 
-
-# Slot plans for the static layout: per step, per slot, (new tokens, restart the slot first).
-# Ragged prefill, 20 decode steps, and slot 1 refilled with a new prompt mid-run while the
-# others keep decoding: what continuous batching does.
-STATIC_PLAN: tuple[tuple[tuple[int, bool], ...], ...] = (
-    ((7, False), (4, False), (9, False)),
-    *(((1, False), (5, True) if t == 10 else (1, False), (1, False)) for t in range(20)),
-)
-STATIC_MIN_CONTEXT = 32  # the plan's longest slot (9 + 20 tokens) must fit
-
-
-def check_static_parity(
-    onnx_path: Path,
-    model: Any,
-    shape: ModelShape,
-    *,
-    max_context: int,
-    precision: str = "fp32",
-    plan: tuple[tuple[tuple[int, bool], ...], ...] = STATIC_PLAN,
-    seed: int = 0,
-) -> tuple[ParityReport, list[dict[str, Any]]]:
-    """Run a slot plan through the static graph and each slot alone through PyTorch; compare.
-
-    Each slot's reference is transformers' forward at batch 1 with its own cache, so a write at
-    the wrong position, a mask that leaks between slots, or a stale refill shows up as drift.
+    Returns the report and per-call figures (the plan's record plus max |diff| of logits and
+    K/V and the greedy agreement of the call).
     """
-    from kiln.export.static_kv import static_input_names
+    run = stepper(onnx_path)
+    if plan is None:
+        from kiln.export.layouts import export_layout
 
-    sess = ort_session(onnx_path)
-    dtype = np.float16 if precision == "fp16" else np.float32
-    slots = len(plan[0])
-    rng = np.random.default_rng(seed)
-    buf = (slots, shape.kv_heads, max_context, shape.head_dim)
-    buffers = [np.zeros(buf, dtype) for _ in range(2 * shape.layers)]
-    length = [0] * slots
-    ref_cache: list[Any] = [None] * slots
+        plan = export_layout(run.layout).parity
+    tol = TOL[precision]
     # Dynamic-NTK RoPE in transformers remembers the longest sequence a module has seen; give
-    # each slot's sequence a fresh module so the reference is "this sequence alone".
+    # each reference sequence a fresh module so the reference is "this sequence alone".
     stateful = any(getattr(m, "rope_type", None) == "dynamic" for m in model.modules())
-    ref_model: list[Any] = [model] * slots
+    refs: dict[int, list[Any]] = {}  # sequence -> [module, cache]
     diffs: list[Diff] = []
     agree: list[float] = []
     steps: list[dict[str, Any]] = []
-    for n_step, step in enumerate(plan):
-        s = max(n for n, _ in step)
-        ids = np.zeros((slots, s), np.int64)  # right padding: masked until overwritten
-        toks = []
-        for r, (n, restart) in enumerate(step):
-            if restart or n_step == 0:
-                length[r], ref_cache[r] = 0, None
-                ref_model[r] = copy.deepcopy(model) if stateful else model
-            toks.append(rng.integers(0, shape.vocab, size=n, dtype=np.int64))
-            ids[r, :n] = toks[r]
-        index = np.array(length, np.int64)
-        # Padding repeats the row's last real position: length-dependent RoPE reads the largest.
-        real = np.array([n for n, _ in step])[:, None]
-        pos = index[:, None] + np.minimum(np.arange(s)[None, :], real - 1)
-        feeds = [ids, pos, index, *buffers]
-        logits, *buffers = sess.run(
-            None, dict(zip(static_input_names(shape.layers), feeds, strict=True))
-        )
-        first = len(diffs)
-        for r, (n, _) in enumerate(step):
+    for call in plan.calls(shape, np.random.default_rng(seed)):
+        if call.reset is not None:
+            run.reset(call.reset)
+        logits = run.feed(call.inputs)
+        cache = run.cache()
+        first, first_agree = len(diffs), len(agree)
+        for ref in call.refs:
+            module, past = refs.setdefault(
+                ref.sequence, [copy.deepcopy(model) if stateful else model, None]
+            )
             with torch.no_grad():
-                ref = ref_model[r](
-                    input_ids=torch.from_numpy(toks[r][None]),
-                    position_ids=torch.from_numpy(pos[r : r + 1, :n]),
-                    past_key_values=ref_cache[r],
+                out = module(
+                    **{k: torch.from_numpy(v) for k, v in ref.inputs.items()},
+                    past_key_values=past,
                     use_cache=True,
                 )
-            ref_cache[r] = ref.past_key_values
-            tag = f"step {n_step} slot {r} S{n} at {length[r]}"
-            ref_logits = ref.logits[0].float().numpy()
-            diffs.append(compare(f"logits[{tag}]", ref_logits, logits[r, :n], TOL[precision]))
-            agree.append(greedy_agreement(ref_logits, logits[r, :n].astype(np.float32)))
-            end = length[r] + n
-            for i, layer in enumerate(ref_cache[r].layers):
-                for kind, ref_kv, got in (
-                    ("key", layer.keys, buffers[2 * i]),
-                    ("value", layer.values, buffers[2 * i + 1]),
-                ):
-                    want = ref_kv[0].float().numpy()  # a sliding window keeps only its tail
-                    have = got[r, :, end - want.shape[1] : end]
-                    diffs.append(compare(f"present.{i}.{kind}[{tag}]", want, have, TOL[precision]))
-            length[r] = end
+            refs[ref.sequence][1] = out.past_key_values
+            s = ref.valid_q.shape[1]
+            ref_logits = out.logits.float().numpy()[ref.valid_q]
+            got_logits = logits[ref.rows, :s][ref.valid_q]
+            diffs.append(compare(f"logits[{ref.tag}]", ref_logits, got_logits, tol))
+            agree.append(greedy_agreement(ref_logits, got_logits))
+            end = ref.valid_kv.shape[1]
+            for i, layer in enumerate(out.past_key_values.layers):
+                for j, (kind, ref_kv) in enumerate((("key", layer.keys), ("value", layer.values))):
+                    r = ref_kv.float().numpy()
+                    kept = r.shape[2]  # a sliding-window reference cache keeps only its window
+                    g = cache[2 * i + j][ref.rows, :, end - kept : end]
+                    v = ref.valid_kv[:, end - kept :]
+                    r, g = r.transpose(0, 2, 1, 3)[v], g.transpose(0, 2, 1, 3)[v]
+                    diffs.append(compare(f"present.{i}.{kind}[{ref.tag}]", r, g, tol))
         step_diffs = diffs[first:]
         steps.append(
             {
-                "step": n_step,
-                "tokens": [n for n, _ in step],
-                "write_index": index.tolist(),
+                **call.record,
                 "logits_max_abs": max(d.max_abs for d in step_diffs if d.name.startswith("logits")),
                 "kv_max_abs": max(d.max_abs for d in step_diffs if d.name.startswith("present")),
+                "greedy_agreement": float(np.mean(agree[first_agree:])),
             }
         )
-    return ParityReport(precision, TOL[precision], diffs, float(np.mean(agree))), steps
+        log.debug("parity %s: %s", call.refs[0].tag, step_diffs[0].describe())
+    return ParityReport(precision, tol, diffs, float(np.mean(agree))), steps
+
+
+def check_against_source(onnx_path: Path, source: Path, *, precision: str) -> ParityReport | None:
+    """Parity of a graph against the PyTorch model folder it came from (None: folder gone).
+
+    The check of `kiln export`, for later stages: the plan of the graph's layout, judged by
+    TOL[precision].
+    """
+    if not (Path(source) / "config.json").is_file():
+        return None
+    from kiln.export.source import describe_source, load_model
+
+    src = describe_source(Path(source))
+    model = load_model(src.path)
+    report, _ = check_parity(onnx_path, model, src.family.shape(model.config), precision=precision)
+    return report

@@ -6,6 +6,7 @@ and values are written with opset-24 `TensorScatter(axis=-2, mode="linear")`, wh
 to IKVCacheUpdateLayer (present aliases past) and ONNX Runtime updates in place when past and
 present share a buffer. Attention reads the whole buffer under a mask built from write_index, so
 each slot has its own length and a finished slot can be refilled while the others decode.
+The graph's names are kiln/layouts.py STATIC's.
 
 A query at slot position q = write_index + i sees keys j <= q (and j > q - window for sliding
 windows); positions past a slot's length are masked until overwritten, so right padding is safe.
@@ -81,12 +82,6 @@ class _SlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         """The buffer's fixed length, max_context."""
         return self.keys.shape[-2]
-
-
-def static_input_names(layers: int) -> list[str]:
-    """Graph inputs of the static layout: ids, positions, write index, then K/V buffers."""
-    kv = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    return ["input_ids", "position_ids", "write_index", *kv]
 
 
 class StaticKVWrapper(torch.nn.Module):

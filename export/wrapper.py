@@ -2,7 +2,7 @@
 
 ONNX graphs take tensors, not Cache objects: the wrapper rebuilds a DynamicCache from flat
 `past_key_values.{i}.key/value` inputs and returns `present.{i}.key/value` outputs, so one graph
-serves prefill (past length 0) and decode.
+serves prefill (past length 0) and decode. The graph's names are kiln/layouts.py CONCAT's.
 """
 
 from __future__ import annotations
@@ -11,18 +11,6 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 # Letters in names: B batch, S new tokens, P past length, T = P + S, Hkv KV heads, D head dim.
-
-
-def input_names(layers: int) -> list[str]:
-    """Graph input names in order: ids, mask, positions, then K and V per layer."""
-    kv = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *kv]
-
-
-def output_names(layers: int) -> list[str]:
-    """Graph output names in order: logits, then present K and V per layer."""
-    kv = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    return ["logits", *kv]
 
 
 class FlatKVWrapper(torch.nn.Module):

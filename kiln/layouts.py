@@ -113,7 +113,7 @@ def layout_named(name: str, *, where: str = "--kv") -> KVLayout:
         return LAYOUTS[name]
     except KeyError:
         raise ConfigError(
-            f"{where} {name!r} is not a KV-cache layout; choose one of {', '.join(LAYOUTS)} "
+            f"{where} {name!r} is not a cache layout; choose one of {', '.join(LAYOUTS)} "
             "(re-export the model with this kiln if a manifest says so)."
         ) from None
 

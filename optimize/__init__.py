@@ -156,12 +156,10 @@ def _check_source(target: str, source_precision: str, tied_embedding: str) -> No
 
 
 def _probe(export: ExportManifest, precision: str) -> Any:
-    from kiln.optimize.probe import OnnxProbe, StaticProbe
+    from kiln.optimize.probe import OnnxProbe
 
-    vocab = export.config["vocab"]
-    if export.kv_cache["layout"] == "static":
-        return StaticProbe(vocab=vocab, prepare=_prepare_for_ort(precision))
-    return OnnxProbe(vocab=vocab, prepare=_prepare_for_ort(precision))
+    # The probe feeds the layout of the graph it first sees (the source).
+    return OnnxProbe(vocab=export.config["vocab"], prepare=_prepare_for_ort(precision))
 
 
 def _pass_names(
@@ -229,7 +227,8 @@ def _manifest(
     key: str,
     facts: dict[str, Any],
 ) -> OptimizeManifest:
-    from kiln.optimize.passes import contrib_op_counts, engine_hints, io_signature
+    from kiln.graph_io import io_signature
+    from kiln.optimize.passes import contrib_op_counts, engine_hints
 
     return OptimizeManifest(
         cache_key=key,

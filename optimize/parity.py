@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from kiln.graph_io import Stepper, stepper
 from kiln.manifests import ExportManifest
 from kiln.parity import TOL, ParityReport
-from kiln.precisions import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -39,73 +39,27 @@ def _runnable_path(onnx_path: Path, precision: str, tmp: Path) -> Path:
     return path
 
 
-def _session(path: Path) -> Any:
-    from kiln.export.check import ort_session
-
-    return ort_session(path)
-
-
-def _past_dtype(sess: Any) -> Any:
-    for i in sess.get_inputs():
-        if i.name.startswith("past_key_values"):
-            return np.float16 if i.type == "tensor(float16)" else np.float32
-    return np.float32
-
-
-def decode_argmax(
-    sess: Any, prompt: list[int], n: int, layers: int, kv: tuple[int, int], forced: list[int] | None
-) -> list[int]:
-    """Argmax after the prompt and after each of `n - 1` decode steps (batch 1, KV fed back).
+def decode_argmax(run: Stepper, prompt: list[int], n: int, forced: list[int] | None) -> list[int]:
+    """Argmax after the prompt and after each of `n - 1` decode steps (one row, cache fed back).
 
     With `forced`, step i feeds forced[i] (teacher forcing along another graph's tokens), so
     both graphs see the same calls: a prefill, then one token at a time. Comparing against a
     single long prefill instead would be wrong for length-dependent RoPE (dynamic, longrope).
     """
-    from kiln.export.wrapper import input_names
-
-    names, dtype = input_names(layers), _past_dtype(sess)
-    past = [np.zeros((1, kv[0], 0, kv[1]), dtype)] * (2 * layers)
+    run.reset(1)
     ids, done, out = np.array([prompt], np.int64), 0, []
     for i in range(n):
-        total = done + ids.shape[1]
-        feeds = [ids, np.ones((1, total), np.int64), np.arange(done, total)[None, :], *past]
-        logits, *past = sess.run(None, dict(zip(names, feeds, strict=True)))
+        logits = run.append(ids, done)
         out.append(int(np.argmax(logits[0, -1])))
         nxt = forced[i] if forced is not None else out[-1]
-        ids, done = np.array([[nxt]], np.int64), total
+        ids, done = np.array([[nxt]], np.int64), done + ids.shape[1]
     return out
 
 
-def decode_argmax_static(
-    sess: Any, prompt: list[int], n: int, forced: list[int] | None
-) -> list[int]:
-    """decode_argmax for a static-KV graph: one slot, buffers fed back, write_index advancing."""
-    names = [i.name for i in sess.get_inputs()]
-    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
-    dtype = _past_dtype(sess)
-    buffers = [np.zeros((1, p.shape[1], p.shape[2], p.shape[3]), dtype) for p in past]
-    ids, done, out = np.array([prompt], np.int64), 0, []
-    for i in range(n):
-        s = ids.shape[1]
-        feeds = [ids, np.arange(done, done + s)[None, :], np.array([done], np.int64), *buffers]
-        logits, *buffers = sess.run(None, dict(zip(names, feeds, strict=True)))
-        out.append(int(np.argmax(logits[0, -1])))
-        nxt = forced[i] if forced is not None else out[-1]
-        ids, done = np.array([[nxt]], np.int64), done + s
-    return out
-
-
-def greedy_agreement_64(
-    ref_path: Path, got_path: Path, cfg: dict[str, Any], prompt: list[int], *, static: bool = False
-) -> float:
+def greedy_agreement_64(ref_path: Path, got_path: Path, prompt: list[int]) -> float:
     """Fraction of the reference's 64 greedy tokens the optimized graph also picks."""
-    if static:
-        ref = decode_argmax_static(_session(ref_path), prompt, GREEDY_TOKENS, forced=None)
-        got = decode_argmax_static(_session(got_path), prompt, GREEDY_TOKENS, forced=ref)
-        return float(np.mean(np.array(got) == np.array(ref)))
-    shape = (cfg["layers"], (cfg["kv_heads"], cfg["head_dim"]))
-    ref = decode_argmax(_session(ref_path), prompt, GREEDY_TOKENS, *shape, forced=None)
-    got = decode_argmax(_session(got_path), prompt, GREEDY_TOKENS, *shape, forced=ref)
+    ref = decode_argmax(stepper(ref_path), prompt, GREEDY_TOKENS, forced=None)
+    got = decode_argmax(stepper(got_path), prompt, GREEDY_TOKENS, forced=ref)
     return float(np.mean(np.array(got) == np.array(ref)))
 
 
@@ -124,27 +78,11 @@ def _prompt(src: Path, export: ExportManifest) -> list[int]:
 
 
 def _torch_parity(path: Path, export: ExportManifest, precision: str) -> dict[str, Any] | None:
-    source = Path(export.source["path"])
-    if not (source / "config.json").is_file():
-        return None
-    from kiln.export.check import check_parity, check_static_parity
-    from kiln.export.source import describe_source, load_model
+    from kiln.export import check_against_source
 
-    src = describe_source(source)
-    model = load_model(source)
-    shape = src.family.shape(model.config)
-    # check_parity feeds fp16 past only for "fp16": quantized graphs have fp16 activations,
-    # except on the onnxruntime target (fp32 activations, MatMulNBits weights).
-    as_run = PRECISIONS[precision].activations
-    if _past_dtype(_session(path)) == np.float32 and as_run == "fp16":
-        as_run = "fp32"
-    kv = export.kv_cache
-    if kv["layout"] == "static":
-        report, _ = check_static_parity(
-            path, model, shape, max_context=int(kv["max_context"]), precision=as_run
-        )
-    else:
-        report, _ = check_parity(path, model, shape, precision=as_run)
+    report = check_against_source(path, Path(export.source["path"]), precision=precision)
+    if report is None:
+        return None
     tol = TOL[precision]
     for d in report.diffs:  # re-judge the worst element of each output by this precision's TOL
         d.ok = d.max_abs <= tol.atol + tol.rtol * abs(d.ref_value)
@@ -158,10 +96,7 @@ def check_against_reference(
     tol = TOL[precision]
     with tempfile.TemporaryDirectory() as tmp:
         path = _runnable_path(onnx_path, precision, Path(tmp))
-        static = export.kv_cache["layout"] == "static"
-        agree = greedy_agreement_64(
-            src / "model.onnx", path, export.config, _prompt(src, export), static=static
-        )
+        agree = greedy_agreement_64(src / "model.onnx", path, _prompt(src, export))
         torch = _torch_parity(path, export, precision) if check_torch else None
     out: dict[str, Any] = {
         "precision": precision,

@@ -87,28 +87,6 @@ def build_passes(
     return steps
 
 
-def io_signature(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Names, dtypes and shapes of the graph's inputs and outputs (as export.json has them)."""
-    import onnx
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-
-    def describe(v: Any) -> dict[str, Any]:
-        t = v.type.tensor_type
-        return {
-            "name": v.name,
-            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-            if t.elem_type != onnx.TensorProto.BFLOAT16
-            else "bfloat16",
-            "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
-        }
-
-    return {
-        "inputs": [describe(v) for v in proto.graph.input],
-        "outputs": [describe(v) for v in proto.graph.output],
-    }
-
-
 def engine_hints(onnx_path: Path, precision: str) -> dict[str, Any]:
     """What the engine stage must know to build this graph (read from the graph itself)."""
     import onnx

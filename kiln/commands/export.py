@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.layouts import CONCAT, LAYOUTS, STATIC
 from kiln.precisions import names_for
 
 
@@ -36,22 +37,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--opset",
         type=int,
         default=None,
-        help="ONNX opset (default 18 for --kv concat: plain ops every runtime runs; 24 for "
-        "--kv static, the first with TensorScatter)",
+        help="ONNX opset (default: "
+        + ", ".join(f"{x.default_opset} for --kv {x.name}" for x in LAYOUTS.values())
+        + "; plain opset-18 ops run everywhere, TensorScatter exists from opset 24)",
     )
     p.add_argument(
         "--kv",
-        choices=["concat", "static"],
-        default="concat",
-        help="KV-cache layout: concat (past in, past+new out, dynamic length) or static "
-        "(preallocated [batch, kv_heads, max_context, head_dim] slot buffers written in place "
-        "at write_index with TensorScatter; TensorRT maps it to IKVCacheUpdateLayer)",
+        choices=list(LAYOUTS),
+        default=CONCAT.name,
+        help="KV-cache layout: "
+        + "; ".join(f"{layout.name} ({layout.help})" for layout in LAYOUTS.values()),
     )
     p.add_argument(
         "--max-context",
         type=int,
         default=None,
-        help="with --kv static: tokens each slot buffer holds (prompt + generated), at least 32",
+        help=f"with --kv {STATIC.name}: tokens each slot buffer holds (prompt + generated), "
+        f"at least {STATIC.min_context}",
     )
     p.add_argument(
         "--allow-drift",

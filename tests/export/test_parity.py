@@ -10,9 +10,10 @@ import pytest
 from tiny_models import TINY_CONFIGS
 
 from kiln.errors import ParityError
-from kiln.export.check import CheckPoint, check_parity, ort_session
+from kiln.export.check import CheckPoint, Trajectories, check_parity
 from kiln.export.source import describe_source, load_model
-from kiln.export.wrapper import input_names
+from kiln.graph_io import ort_session
+from kiln.layouts import CONCAT
 from kiln.parity import TOL
 
 # Shapes the export's own check does not use: batch 4 ragged, a run of single-token decodes,
@@ -39,7 +40,11 @@ def test_export_matches_pytorch(name, exported, tiny_model_dir):
     src = describe_source(tiny_model_dir(name))
     model = load_model(src.path)
     report, steps = check_parity(
-        artifact / "model.onnx", model, src.family.shape(model.config), points=OTHER_POINTS, seed=1
+        artifact / "model.onnx",
+        model,
+        src.family.shape(model.config),
+        plan=Trajectories(OTHER_POINTS),
+        seed=1,
     )
     assert report.ok, report.worst().describe()
     assert max(s["logits_max_abs"] for s in steps) <= 1e-4
@@ -59,7 +64,7 @@ def _prefill(sess, layers, ids, past=None, past_len=0, kv=(2, 16)):
         past = [np.zeros((b, kv[0], 0, kv[1]), np.float32)] * (2 * layers)
     total = past_len + ids.shape[1]
     feeds = [ids, np.ones((b, total), np.int64), np.arange(past_len, total)[None].repeat(b, 0)]
-    return sess.run(None, dict(zip(input_names(layers), [*feeds, *past], strict=True)))
+    return sess.run(None, dict(zip(CONCAT.input_names(layers), [*feeds, *past], strict=True)))
 
 
 def test_kv_cache_consistency(exported):

@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 from kiln.errors import ConfigError
 from kiln.export import export_model
-from kiln.export.check import ort_session
-from kiln.export.static_kv import static_input_names
+from kiln.graph_io import ort_session
+from kiln.layouts import STATIC
 from kiln.models.zen import ZEN_PROMPT, zen_text
 from kiln.parity import TOL
 
@@ -41,7 +41,7 @@ def test_static_export_matches_pytorch(exported, name):
 
 def _run(sess, layers, ids, index, buffers):
     pos = index[:, None] + np.arange(ids.shape[1])[None, :]
-    feeds = dict(zip(static_input_names(layers), [ids, pos, index, *buffers], strict=True))
+    feeds = dict(zip(STATIC.input_names(layers), [ids, pos, index, *buffers], strict=True))
     logits, *present = sess.run(None, feeds)
     return logits, present
 
@@ -109,3 +109,24 @@ def test_static_layout_bad_options(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"exceeds the model's max_position_embeddings 256"):
         export_model(tiny_model_dir("gpt2"), tmp_path / "e", kv="static", max_context=512)
     assert not any(tmp_path.iterdir())
+
+
+def test_static_check_catches_skipped_kv_writes(exported, tiny_model_dir, tmp_path):
+    """Negative control: a graph whose TensorScatter writes are dropped fails the parity check."""
+    import onnx
+
+    from kiln.export.check import check_parity
+    from kiln.export.source import describe_source, load_model
+
+    proto = onnx.load(str(exported("llama", kv="static") / "model.onnx"))
+    writes = [n for n in proto.graph.node if n.op_type == "TensorScatter"]
+    assert writes
+    for node in writes:  # present = past: the new keys and values are never written
+        node.op_type = "Identity"
+        del node.input[1:]
+        del node.attribute[:]
+    onnx.save(proto, str(tmp_path / "unwritten.onnx"))
+    src = describe_source(tiny_model_dir("llama"))
+    model = load_model(src.path)
+    report, _ = check_parity(tmp_path / "unwritten.onnx", model, src.family.shape(model.config))
+    assert not report.ok

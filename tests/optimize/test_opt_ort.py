@@ -100,14 +100,12 @@ def _torch_model(name: str, tiny_model_dir):
 
 
 def test_static_slots_match_pytorch(ort_optimized, tiny_model_dir):
-    """check_static_parity on the fused graph: ragged slots, 20 decode steps, a refill."""
-    from tiny_models import STATIC_MAX_CONTEXT_TINY
-
-    from kiln.export.check import check_static_parity
+    """The static parity check on the fused graph: ragged slots, 20 decode steps, a refill."""
+    from kiln.export.check import check_parity
 
     model, shape = _torch_model("llama", tiny_model_dir)
     path = ort_optimized("llama", "fp32", "static") / "model.onnx"
-    report, steps = check_static_parity(path, model, shape, max_context=STATIC_MAX_CONTEXT_TINY)
+    report, steps = check_parity(path, model, shape)
     assert report.ok, report.worst().describe()
     assert len(steps) == 21 and max(s["logits_max_abs"] for s in steps) <= TOL["fp32"].atol
 
@@ -126,11 +124,12 @@ def test_negative_control_ragged_batch_needs_the_padding_bias(
     ort_optimized, tiny_model_dir, tmp_path
 ):
     """A GQA rewrite that forgot left padding passes batch 1 but fails the ragged batch."""
-    from kiln.export.check import CheckPoint, check_parity
+    from kiln.export.check import CheckPoint, Trajectories, check_parity
 
     model, shape = _torch_model("llama", tiny_model_dir)
     bad = _without_padding_bias(ort_optimized("llama"), tmp_path / "bad.onnx")
-    one, _ = check_parity(bad, model, shape, points=(CheckPoint(batch=1, chunks=(7, 1, 1)),))
+    batch_1 = Trajectories((CheckPoint(batch=1, chunks=(7, 1, 1)),))
+    one, _ = check_parity(bad, model, shape, plan=batch_1)
     assert one.ok
     ragged, _ = check_parity(bad, model, shape)
     assert not ragged.ok
@@ -187,15 +186,15 @@ def test_zen_text_through_the_onnxruntime_target(ort_optimized, precision):
 def test_zen_text_through_the_static_onnxruntime_target(ort_optimized):
     from transformers import AutoTokenizer
 
-    from kiln.export.check import ort_session
+    from kiln.graph_io import stepper
     from kiln.models.zen import ZEN_PROMPT, zen_text
-    from kiln.optimize.parity import decode_argmax_static
+    from kiln.optimize.parity import decode_argmax
 
     artifact = ort_optimized("zen", "fp32", "static")
     tok = AutoTokenizer.from_pretrained(artifact)
     prompt = tok(ZEN_PROMPT)["input_ids"]
     prompt = prompt if prompt[:1] == [tok.bos_token_id] else [tok.bos_token_id, *prompt]
-    ids = decode_argmax_static(ort_session(artifact / "model.onnx"), prompt, 340, None)
+    ids = decode_argmax(stepper(artifact / "model.onnx"), prompt, 340, None)
     ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
     assert ZEN_PROMPT + tok.decode(ids, skip_special_tokens=True) == zen_text()
 
@@ -227,13 +226,25 @@ def test_static_graph_shares_one_buffer_for_past_and_present(ort_optimized):
     """IO binding one OrtValue as past and present: decoding matches the unshared run."""
     import onnxruntime as ort
 
-    from kiln.export.check import ort_session
-    from kiln.optimize.parity import decode_argmax_static
+    from kiln.graph_io import ort_session
 
     path = ort_optimized("llama", "fp32", "static") / "model.onnx"
     sess = ort_session(path)
-    want = decode_argmax_static(sess, [5, 6, 7, 8], 12, None)
     pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    # The unshared run: plain session.run, the presents fed back as the next past.
+    kv = [np.zeros((1, *p.shape[1:]), np.float32) for p in pasts]
+    ids, done, want = [5, 6, 7, 8], 0, []
+    for _ in range(12):
+        feeds = {
+            "input_ids": np.array([ids], np.int64),
+            "position_ids": np.arange(done, done + len(ids))[None],
+            "write_index": np.array([done], np.int64),
+        }
+        logits, *kv = sess.run(
+            None, {**feeds, **{p.name: v for p, v in zip(pasts, kv, strict=True)}}
+        )
+        want.append(int(np.argmax(logits[0, -1])))
+        done, ids = done + len(ids), [want[-1]]
     bufs = [
         ort.OrtValue.ortvalue_from_numpy(np.zeros((1, *p.shape[1:]), np.float32)) for p in pasts
     ]

@@ -7,18 +7,15 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from kiln.export.check import ort_session
+from kiln.graph_io import stepper
 from kiln.models.zen import ZEN_PROMPT, zen_text
 from kiln.optimize.parity import decode_argmax
 
 
 def _generate(artifact, n: int) -> str:
-    manifest = json.loads((artifact / "optimize.json").read_text())
-    cfg = manifest["config"]
     tok = AutoTokenizer.from_pretrained(artifact)  # the artifact carries its tokenizer
     prompt = tok(ZEN_PROMPT)["input_ids"]
-    sess = ort_session(artifact / "model.onnx")
-    ids = decode_argmax(sess, prompt, n, cfg["layers"], (cfg["kv_heads"], cfg["head_dim"]), None)
+    ids = decode_argmax(stepper(artifact / "model.onnx"), prompt, n, None)
     if tok.eos_token_id in ids:
         ids = ids[: ids.index(tok.eos_token_id)]
     return ZEN_PROMPT + tok.decode(ids, skip_special_tokens=True)

@@ -114,7 +114,7 @@ def test_corrupted_cache_is_caught(exported, hf_models, monkeypatch):
         logits = real(ids, mask, pos, cache)
         calls["n"] += 1
         if calls["n"] == 1:  # after prefill: drop every key/value the prompt wrote
-            cache.past = [backend._ortvalue(np.zeros_like(v.numpy())) for v in cache.past]
+            cache.past = [backend.stepper.ortvalue(np.zeros_like(v.numpy())) for v in cache.past]
         return logits
 
     monkeypatch.setattr(backend, "forward", forward)
