@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kiln.errors import ArtifactError, KilnError
+from kiln.errors import ArtifactError
 from kiln.graph_io import StaticStepper, ort_session
 from kiln.layouts import STATIC, layout_of_inputs
-from kiln.runtime.slots import SlotCall, SlotFeed, advance, call_inputs, check_feeds, plan_calls
+from kiln.runtime.slots import SlotCall, SlotRunner
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def scatter_copy_bytes(ort_log: str) -> int:
     return sum(int(n) for n in _COPY_LOG.findall(ort_log))
 
 
-class OrtSlotBackend:
+class OrtSlotBackend(SlotRunner):
     """A static-layout model.onnx with `slots` rows of preallocated, in-place K/V buffers."""
 
     def __init__(
@@ -52,8 +51,6 @@ class OrtSlotBackend:
         log_severity: int = 3,
         spin: bool = True,
     ) -> None:
-        if slots < 1:
-            raise KilnError(f"slots={slots}: a slot backend needs at least 1 slot.")
         # spin=False on a shared host (the server): see kiln/graph_io.py ort_session.
         session = ort_session(
             onnx_path,
@@ -68,18 +65,17 @@ class OrtSlotBackend:
                 f"{onnx_path} is a concat-KV graph (no write_index input); the slot backend needs "
                 "a static one: re-export with `kiln export MODEL --kv static --max-context N`."
             )
-        self.stepper = StaticStepper(session, rows=slots)
+        self.stepper = StaticStepper(session, rows=max(slots, 1))
+        super().__init__(
+            slots=slots, max_context=self.stepper.max_context, vocab=self.stepper.vocab
+        )
         self.session = session
         self.past_names = self.stepper.past_names
         self.present_names = self.stepper.present_names
         self.kv_dtype = self.stepper.kv_dtype
         self.device = self.stepper.device
         self.name = f"onnxruntime-{self.device}-static"
-        self.slots = slots
-        self.max_context = self.stepper.max_context
-        self.vocab = self.stepper.vocab
         self.logits_dtype = self.stepper.logits_dtype  # float16 for an fp16 export
-        self._lengths = [0] * slots
         log.debug(
             "static KV: %d slots x %d positions, %.1f MiB",
             slots,
@@ -97,26 +93,6 @@ class OrtSlotBackend:
         """Bytes held by all K/V buffers (allocated once at load)."""
         return self.stepper.kv_bytes
 
-    def length(self, slot: int) -> int:
-        """Positions this slot's sequence holds now (0 when free or just restarted)."""
-        self._check_slot(slot)
-        return self._lengths[slot]
-
-    def release(self, slot: int) -> None:
-        """Mark a slot free; its rows are overwritten by the next sequence written there."""
-        self._check_slot(slot)
-        self._lengths[slot] = 0
-
-    def step(self, feeds: Sequence[SlotFeed]) -> np.ndarray:
-        """Run the feeds (validated first, buffers untouched on error); logits_NV, feed order."""
-        check_feeds(feeds, self._lengths, vocab=self.vocab, max_context=self.max_context)
-        out = np.empty((len(feeds), self.vocab), np.float32)
-        order = {f.slot: n for n, f in enumerate(feeds)}
-        for call in plan_calls(feeds, self._lengths, self.max_context):
-            for feed, logits_V in zip(call.feeds, self._run(call), strict=True):
-                out[order[feed.slot]] = logits_V
-        return out
-
     def buffer_ptrs(self) -> list[int]:
         """Device addresses of the K/V buffers (the past of every step, by design)."""
         return self.stepper.buffer_ptrs()
@@ -127,7 +103,7 @@ class OrtSlotBackend:
 
     def read_slot(self, slot: int, index: int) -> np.ndarray:
         """Host copy of one slot of K/V buffer `index` [Hkv, M, D] (tests and debugging)."""
-        self._check_slot(slot)
+        self.length(slot)  # range check
         return self.buffers[index].numpy()[slot].copy()
 
     def end_profiling(self) -> str | None:
@@ -135,16 +111,9 @@ class OrtSlotBackend:
         opts = self.session.get_session_options()
         return self.session.end_profiling() if opts.enable_profiling else None
 
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.slots:
-            raise KilnError(
-                f"Slot {slot} is out of range: this backend holds slots 0..{self.slots - 1}; "
-                f"use a slot below {self.slots} or load with more slots."
-            )
-
-    def _run(self, call: SlotCall) -> np.ndarray:
+    def _execute(
+        self, call: SlotCall, ids: np.ndarray, pos: np.ndarray, index: np.ndarray, pick: np.ndarray
+    ) -> np.ndarray:
         """One graph call over slots [lo, hi); logits_NV at each fed slot's last token."""
-        ids, pos, index, pick = call_inputs(call, self._lengths)
         logits_RSV = self.stepper.run(ids, pos, index, lo=call.lo)
-        advance(self._lengths, call)
         return logits_RSV[pick[:, 0], pick[:, 1]].astype(np.float32, copy=False)
