@@ -10,10 +10,7 @@ Letters in names: B batch rows, Hkv KV heads, P cached positions, D head dim.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
-
-import numpy as np
 
 
 @runtime_checkable
@@ -32,19 +29,8 @@ class ConcatKVCache:
     The arrays are whatever the backend feeds its graph (numpy or ONNX Runtime OrtValues).
     """
 
-    def __init__(
-        self,
-        past: list[Any],
-        *,
-        capacity: int,
-        to_host: Callable[[Any], np.ndarray] = np.asarray,
-        from_host: Callable[[np.ndarray], Any] = lambda a: a,
-    ) -> None:
+    def __init__(self, past: list[Any]) -> None:
         self.past = past
-        self.capacity = capacity
-        # Host conversions of the arrays; the cache itself no longer edits rows or columns.
-        self.to_host = to_host
-        self.from_host = from_host
         self._length = 0
 
     @property

@@ -43,7 +43,6 @@ class OrtBackend:
         self.device = self.stepper.device
         self.name = f"onnxruntime-{self.device}"
         self.max_context = max_context
-        self.max_batch: int | None = None
         self.io_binding = io_binding
         self.kv_dtype = self.stepper.kv_dtype
         self.vocab = self.stepper.vocab
@@ -51,14 +50,7 @@ class OrtBackend:
     def new_cache(self, batch: int) -> ConcatKVCache:
         """Zero-length past arrays (prefill reads P = 0)."""
         past = self.stepper.empty_past(batch)
-        if not self.io_binding:
-            return ConcatKVCache(past, capacity=self.max_context)
-        return ConcatKVCache(
-            [self.stepper.ortvalue(p) for p in past],
-            capacity=self.max_context,
-            to_host=lambda v: v.numpy(),
-            from_host=self.stepper.ortvalue,
-        )
+        return ConcatKVCache([self.stepper.ortvalue(p) for p in past] if self.io_binding else past)
 
     def forward(
         self, ids_BS: np.ndarray, mask_BT: np.ndarray, pos_BS: np.ndarray, cache: Any
