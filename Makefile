@@ -9,7 +9,7 @@ NAME    ?= $(notdir $(MODEL))
 OUT     ?= out/$(NAME)
 STAMP   := $(VENV)/.kiln-setup
 
-.PHONY: help setup export optimize engines bench-engine generate bench gpu-check demo test lint fmt tiny-model clean
+.PHONY: help setup export optimize engines bench-engine generate bench gpu-check demo test lint typecheck fmt tiny-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -84,9 +84,17 @@ demo: $(STAMP)  ## the whole pipeline on the bundled model: export, then generat
 test: $(STAMP)  ## the test suite (CPU only; GPU tests skip with a reason)
 	$(PY) -m pytest -q
 
-lint: $(STAMP)  ## ruff check and format check
+lint: $(STAMP) typecheck  ## ruff check, format check and mypy --strict
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# mypy cannot map kiln.export to export/ (the package-dir mapping): lay the tree out as installed.
+TYPECHECK := build/typecheck
+typecheck: $(STAMP)  ## mypy --strict over kiln/ and the stage folders, as the installed package
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/kiln
+	@for f in kiln/*; do ln -s $(CURDIR)/$$f $(TYPECHECK)/kiln/; done
+	@for s in export optimize engine runtime models; do ln -s $(CURDIR)/$$s $(TYPECHECK)/kiln/$$s; done
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache kiln
 
 fmt: $(STAMP)  ## ruff format and autofix
 	$(VENV)/bin/ruff format .
