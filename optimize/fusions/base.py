@@ -1,4 +1,10 @@
-"""What every fusion pass shares: apply an onnxscript rule set, count rewrites, explain misses."""
+"""What every fusion pass shares: apply an onnxscript rule set, count rewrites, explain misses.
+
+kiln's rules (here and in ort/) type their hooks as onnxscript calls them: `pattern(op:
+OpsetPatternBuilder, *Var)`, `check(op: MatchContext, *ir.Value)` and `rewrite(op: TapeBuilder,
+*ir.Value)`. check's context is named `op` because PatternBase.check names it so, and mypy holds
+an override to its base's parameter names.
+"""
 
 from __future__ import annotations
 
