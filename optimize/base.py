@@ -43,13 +43,14 @@ class IrPass(GraphPass):
     Subclasses set `name` and `ir_pass`, a zero-argument factory of the wrapped pass.
     """
 
-    ir_pass: ClassVar[Callable[[], Any]]
+    ir_pass: ClassVar[Callable[[], ir.passes.PassBase]]
 
     def run(self, model: ir.Model) -> Result[ir.Model]:
         """Apply the wrapped pass in place and report the change by op type."""
         before = op_counts(model)
         inits = len(model.graph.initializers)
-        result = self.ir_pass()(model)
+        # Through the class: a factory stored on it is not a method of this instance.
+        result = type(self).ir_pass()(model)
         counts = count_delta(before, op_counts(model))
         removed_inits = inits - len(model.graph.initializers)
         if removed_inits:

@@ -19,15 +19,17 @@ from kiln.optimize.base import GraphPass
 from kiln.steps import Result
 
 
-def _gathered_tables(graph: ir.Graph) -> list[ir.Value]:
-    tables = []
+def _gathered_tables(graph: ir.Graph) -> dict[ir.Value, ir.TensorProtocol]:
+    """Constant 2-D tables read by Gather along axis 0, each with its data."""
+    tables: dict[ir.Value, ir.TensorProtocol] = {}
     for node in graph:
         axis = node.attributes.get("axis")
         if node.op_type == "Gather" and (axis is None or axis.as_int() == 0):
             w = node.inputs[0]
-            if w is not None and w.const_value is not None and len(w.shape or ()) == 2:
-                tables.append(w)
-    return list(dict.fromkeys(tables))
+            data = w.const_value if w is not None else None
+            if w is not None and data is not None and len(w.shape or ()) == 2:
+                tables[w] = data
+    return tables
 
 
 class TiedEmbeddingPass(GraphPass):
@@ -39,16 +41,16 @@ class TiedEmbeddingPass(GraphPass):
         """Find and remove W^T copies of gathered tables; note tables already stored once."""
         graph = model.graph
         removed, notes = 0, []
-        for w in _gathered_tables(graph):
-            rows, cols = w.shape  # type: ignore[misc]
+        for w, table in _gathered_tables(graph).items():
+            rows, cols = table.shape.numpy()
             arr = None
             for name, other in list(graph.initializers.items()):
                 if other is w or other.shape is None or list(other.shape) != [cols, rows]:
                     continue
-                if other.dtype != w.dtype:
+                if other.dtype != w.dtype or other.const_value is None:
                     continue
-                arr = w.const_value.numpy() if arr is None else arr  # type: ignore[union-attr]
-                if not np.array_equal(other.const_value.numpy(), arr.T):  # type: ignore[union-attr]
+                arr = table.numpy() if arr is None else arr
+                if not np.array_equal(other.const_value.numpy(), arr.T):
                     continue
                 t = ir.node("Transpose", [w], attributes={"perm": [1, 0]})
                 t.outputs[0].name = f"{name}_from_{w.name}"
@@ -94,20 +96,19 @@ class OneHotTiedEmbeddingPass(GraphPass):
             if node.op_type != "Gather" or (axis is not None and axis.as_int() != 0):
                 continue
             w, ids = node.inputs[0], node.inputs[1]
-            if w is None or ids is None or w.const_value is None or len(w.shape or ()) != 2:
+            table = w.const_value if w is not None else None
+            if w is None or ids is None or table is None or len(w.shape or ()) != 2:
                 continue
             if not TiedEmbeddingPass._feeds_matmul_transposed(w):
                 continue
-            np_dtype = w.const_value.numpy().dtype  # type: ignore[union-attr]
-            depth = ir.Value(
-                name=f"{w.name}_depth",
-                const_value=ir.tensor(np.array(w.shape[0], np.int64)),  # type: ignore[index]
+            np_dtype = table.numpy().dtype
+            depth = ir.val(
+                f"{w.name}_depth", const_value=ir.tensor(np.array(table.shape.numpy()[0], np.int64))
             )
-            values = ir.Value(
-                name=f"{w.name}_onehot_values", const_value=ir.tensor(np.array([0, 1], np_dtype))
+            values = ir.val(
+                f"{w.name}_onehot_values", const_value=ir.tensor(np.array([0, 1], np_dtype))
             )
             for v in (depth, values):
-                v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)  # type: ignore[union-attr]
                 graph.register_initializer(v)
             onehot = ir.node("OneHot", [ids, depth, values], attributes={"axis": -1})
             matmul = ir.node("MatMul", [onehot.outputs[0], w])

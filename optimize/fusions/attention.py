@@ -21,12 +21,19 @@ from typing import Any
 
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
+from onnxscript.rewriter._basics import MatchContext
+from onnxscript.rewriter._context import TapeBuilder
+from onnxscript.rewriter._pattern_ir import ValuePattern
+from onnxscript.rewriter.pattern import MatchResult, OpsetPatternBuilder, Var
 
 from kiln.optimize.fusions.base import FusionPass, has_ops
 
 
-def _repeat_kv(op, kv, axis, shape5, shape4):
-    return op.Reshape(op.Expand(op.Unsqueeze(kv, axis), shape5), shape4)
+def _repeat_kv(
+    op: OpsetPatternBuilder, kv: Var, axis: Var, shape5: ValuePattern, shape4: ValuePattern
+) -> ValuePattern:
+    repeated: ValuePattern = op.Reshape(op.Expand(op.Unsqueeze(kv, axis), shape5), shape4)
+    return repeated
 
 
 class SdpaAttentionFusion(pattern.RewriteRuleClassBase):
@@ -38,8 +45,25 @@ class SdpaAttentionFusion(pattern.RewriteRuleClassBase):
         super().__init__(name=name, remove_nodes=False)
         self._gqa = gqa
 
-    def pattern(self, op, q, key, value, mask, qs, ks, zero, fill, nan_zero, s3, s4, rep):
+    def pattern(
+        self,
+        op: OpsetPatternBuilder,
+        q: Var,
+        key: Var,
+        value: Var,
+        mask: Var,
+        qs: Var,
+        ks: Var,
+        zero: Var,
+        fill: Var,
+        nan_zero: Var,
+        s3: Var,
+        s4: Var,
+        rep: Var,
+    ) -> ValuePattern:
         """The exporter's sdpa lowering, names as in the module docstring."""
+        k: ValuePattern
+        v: ValuePattern
         if self._gqa:
             k = _repeat_kv(op, key, rep, pattern.ANY_VALUE, pattern.ANY_VALUE)
             v = _repeat_kv(op, value, rep, pattern.ANY_VALUE, pattern.ANY_VALUE)
@@ -49,30 +73,47 @@ class SdpaAttentionFusion(pattern.RewriteRuleClassBase):
         scores = op.MatMul(op.Mul(q, qs), op.Mul(kt, ks))
         probs = op.Softmax(op.Add(scores, op.Where(mask, zero, fill)), axis=-1)
         probs = op.Where(op.IsNaN(probs), nan_zero, probs)
-        return op.MatMul(probs, v)
+        out: ValuePattern = op.MatMul(probs, v)
+        return out
 
-    def check(self, context, q, key, value, mask, qs, ks, zero, **_) -> pattern.MatchResult:
+    def check(
+        self,
+        op: MatchContext,
+        q: ir.Value,
+        key: ir.Value,
+        value: ir.Value,
+        mask: ir.Value,
+        qs: ir.Value,
+        ks: ir.Value,
+        zero: ir.Value,
+        **_: Any,
+    ) -> MatchResult:
         """4-D q/k/v with heads divisible by KV heads, scalar scales, a bool mask."""
-        result = pattern.MatchResult()
+        result = MatchResult()
         for name, t in (("q", q), ("key", key), ("value", value)):
             if t.shape is None or len(t.shape) != 4:
                 return result.fail(f"{name} is not known to be 4-D (BHSD)", t)
+        assert q.shape is not None and key.shape is not None  # the loop returned otherwise
         h, hkv = q.shape[1], key.shape[1]
         if not isinstance(h, int) or not isinstance(hkv, int) or h % hkv:
             return result.fail(f"query heads {h} not a static multiple of KV heads {hkv}", key)
         if mask.dtype != ir.DataType.BOOL:
             return result.fail("the mask is not boolean", mask)
-        scales = [_ir_utils.get_singleton_value(s) for s in (qs, ks)]
-        if not all(isinstance(s, float) for s in scales):
+        q_scale = _ir_utils.get_singleton_value(qs)
+        k_scale = _ir_utils.get_singleton_value(ks)
+        if not isinstance(q_scale, float) or not isinstance(k_scale, float):
             return result.fail("q/k scales are not constant scalars")
         if _ir_utils.get_singleton_value(zero) != 0:
             return result.fail("the mask's pass value is not 0", zero)
-        self._scale = float(scales[0] * scales[1])  # type: ignore[operator]
+        self._scale = q_scale * k_scale
         return result
 
-    def rewrite(self, op, q, key, value, mask, **_):
+    def rewrite(
+        self, op: TapeBuilder, q: ir.Value, key: ir.Value, value: ir.Value, mask: ir.Value, **_: Any
+    ) -> ir.Value:
         """One Attention node over the un-repeated KV heads."""
-        return op.Attention(q, key, value, mask, scale=self._scale)
+        attention: ir.Value = op.Attention(q, key, value, mask, scale=self._scale)
+        return attention
 
 
 class GroupedAttentionFusion(pattern.RewriteRuleClassBase):
@@ -88,7 +129,21 @@ class GroupedAttentionFusion(pattern.RewriteRuleClassBase):
         self._cast = cast
         self._grouped = grouped  # False: one query head per KV head, the Reshapes fold away
 
-    def pattern(self, op, q, key, value, mask, qshape, scale, axis, s5, s4, fill, oshape):
+    def pattern(
+        self,
+        op: OpsetPatternBuilder,
+        q: Var,
+        key: Var,
+        value: Var,
+        mask: Var,
+        qshape: Var,
+        scale: Var,
+        axis: Var,
+        s5: Var,
+        s4: Var,
+        fill: Var,
+        oshape: Var,
+    ) -> ValuePattern:
         """The grouped lowering, names as in the class docstring."""
         rows_q = op.Reshape(q, qshape) if self._grouped else q
         scores = op.Mul(op.MatMul(rows_q, op.Transpose(key, perm=[0, 1, 3, 2])), scale)
@@ -98,15 +153,26 @@ class GroupedAttentionFusion(pattern.RewriteRuleClassBase):
             probs = op.Cast(op.Softmax(op.Cast(filled, to=ir.DataType.FLOAT), axis=-1))
         else:
             probs = op.Softmax(filled, axis=-1)
-        out = op.MatMul(probs, value)
+        out: ValuePattern = op.MatMul(probs, value)
         return op.Reshape(out, oshape) if self._grouped else out
 
-    def check(self, context, q, key, value, mask, scale, **_) -> pattern.MatchResult:
+    def check(
+        self,
+        op: MatchContext,
+        q: ir.Value,
+        key: ir.Value,
+        value: ir.Value,
+        mask: ir.Value,
+        scale: ir.Value,
+        **_: Any,
+    ) -> MatchResult:
         """4-D q/k/v with heads divisible by KV heads, a constant scale, a 4-D bool mask."""
-        result = pattern.MatchResult()
+        result = MatchResult()
         for name, t in (("q", q), ("key", key), ("value", value), ("mask", mask)):
             if t.shape is None or len(t.shape) != 4:
                 return result.fail(f"{name} is not known to be 4-D", t)
+        # The loop returned unless every shape is known.
+        assert q.shape is not None and key.shape is not None and mask.shape is not None
         h, hkv = q.shape[1], key.shape[1]
         if not isinstance(h, int) or not isinstance(hkv, int) or h % hkv:
             return result.fail(f"query heads {h} not a static multiple of KV heads {hkv}", key)
@@ -122,9 +188,12 @@ class GroupedAttentionFusion(pattern.RewriteRuleClassBase):
         self._scale = float(value_s)
         return result
 
-    def rewrite(self, op, q, key, value, mask, **_):
+    def rewrite(
+        self, op: TapeBuilder, q: ir.Value, key: ir.Value, value: ir.Value, mask: ir.Value, **_: Any
+    ) -> ir.Value:
         """One Attention node over the un-repeated KV heads, output [B, H, S, D]."""
-        return op.Attention(q, key, value, mask, scale=self._scale)
+        attention: ir.Value = op.Attention(q, key, value, mask, scale=self._scale)
+        return attention
 
 
 ATTENTION_RULES = pattern.RewriteRuleSet(
@@ -150,7 +219,7 @@ class AttentionFusionPass(FusionPass):
     opset = 23
     needs_attention_kernel = True  # TensorRT-RTX has no fp32 IAttention kernel
 
-    def rules(self, model: ir.Model) -> Any:
+    def rules(self, model: ir.Model) -> pattern.RewriteRuleSet:
         """Return the GQA and plain rules."""
         return ATTENTION_RULES
 

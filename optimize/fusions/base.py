@@ -1,8 +1,14 @@
-"""What every fusion pass shares: apply an onnxscript rule set, count rewrites, explain misses."""
+"""What every fusion pass shares: apply an onnxscript rule set, count rewrites, explain misses.
+
+kiln's rules (here and in ort/) type their hooks as onnxscript calls them: `pattern(op:
+OpsetPatternBuilder, *Var)`, `check(op: MatchContext, *ir.Value)` and `rewrite(op: TapeBuilder,
+*ir.Value)`. check's context is named `op` because PatternBase.check names it so, and mypy holds
+an override to its base's parameter names.
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
@@ -10,8 +16,11 @@ from onnx_ir.passes import common as common_passes
 from kiln.optimize.base import GraphPass, set_opset
 from kiln.steps import Result
 
+if TYPE_CHECKING:
+    from onnxscript.rewriter.pattern import RewriteRuleSet
 
-def closest_miss(rules: Any, model: ir.Model) -> str:
+
+def closest_miss(rules: RewriteRuleSet, model: ir.Model) -> str:
     """Why the rule set's best partial match failed, from onnxscript's MatchingTracer."""
     from onnxscript.rewriter import MatchingTracer
 
@@ -40,7 +49,7 @@ class FusionPass(GraphPass):
     # Run only where the activations have a fused attention kernel (Precision.attention_kernel).
     needs_attention_kernel: ClassVar[bool] = False
 
-    def rules(self, model: ir.Model) -> Any:
+    def rules(self, model: ir.Model) -> RewriteRuleSet:
         """The onnxscript RewriteRuleSet to apply."""
         raise NotImplementedError
 

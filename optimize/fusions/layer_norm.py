@@ -6,11 +6,14 @@ mostly reports those; onnxscript's rule catches hand-written LayerNorms (fp32 co
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
 from kiln.optimize.fusions.base import FusionPass, has_ops
+
+if TYPE_CHECKING:
+    from onnxscript.rewriter.pattern import RewriteRuleSet
 
 
 class LayerNormFusionPass(FusionPass):
@@ -20,7 +23,7 @@ class LayerNormFusionPass(FusionPass):
     produces = "LayerNormalization"
     opset = 18
 
-    def rules(self, model: ir.Model) -> Any:
+    def rules(self, model: ir.Model) -> RewriteRuleSet:
         """Return onnxscript's LayerNormalization rules (with and without bias)."""
         from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_ruleset
 

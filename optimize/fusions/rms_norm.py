@@ -8,11 +8,14 @@ is a smaller graph and fp32 statistics that survive precision passes, not a fuse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
 from kiln.optimize.fusions.base import FusionPass, has_ops
+
+if TYPE_CHECKING:
+    from onnxscript.rewriter.pattern import RewriteRuleSet
 
 
 class RmsNormFusionPass(FusionPass):
@@ -22,7 +25,7 @@ class RmsNormFusionPass(FusionPass):
     produces = "RMSNormalization"
     opset = 23
 
-    def rules(self, model: ir.Model) -> Any:
+    def rules(self, model: ir.Model) -> RewriteRuleSet:
         """Return onnxscript's RMSNormalization rules."""
         from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_ruleset
 

@@ -12,11 +12,17 @@ from typing import Any
 
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
+from onnxscript.rewriter._basics import MatchContext
+from onnxscript.rewriter._context import TapeBuilder
+from onnxscript.rewriter._pattern_ir import OpPatternBuilder, ValuePattern
+from onnxscript.rewriter.pattern import MatchResult, OpsetPatternBuilder, Var
 
 from kiln.optimize.fusions.base import FusionPass, has_ops
 
 
-def _table(op, trig, freqs, scale, dtype):
+def _table(
+    op: OpsetPatternBuilder, trig: OpPatternBuilder, freqs: Var, scale: Var, dtype: Var
+) -> ValuePattern:
     t = trig(op.Concat(freqs, freqs, axis=-1))
     t = pattern.OrValue([op.Mul(t, scale), t])
     return pattern.OrValue([op.Cast(t, to=dtype), t])
@@ -28,18 +34,45 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
     def __init__(self) -> None:
         super().__init__(name="RotaryEmbedding23", remove_nodes=False)
 
-    def pattern(self, op, x, freqs, s1, e1, s2, e2, ax1, ax2, cscale, sscale, cdt, sdt):
+    def pattern(
+        self,
+        op: OpsetPatternBuilder,
+        x: Var,
+        freqs: Var,
+        s1: Var,
+        e1: Var,
+        s2: Var,
+        e2: Var,
+        ax1: Var,
+        ax2: Var,
+        cscale: Var,
+        sscale: Var,
+        cdt: Var,
+        sdt: Var,
+    ) -> ValuePattern:
         """q_embed = q * cos + rotate_half(q) * sin (HF modeling_llama)."""
         cos = op.Unsqueeze(_table(op, op.Cos, freqs, cscale, cdt), ax1)
         sin = op.Unsqueeze(_table(op, op.Sin, freqs, sscale, sdt), ax2)
         x1 = op.Slice(x, s1, e1, [3], [1])
         x2 = op.Slice(x, s2, e2, [3], [1])
         rotated = op.Concat(op.Neg(x2), x1, axis=-1)
-        return x * cos + rotated * sin
+        embedded: ValuePattern = x * cos + rotated * sin
+        return embedded
 
-    def check(self, context, x, s1, e1, s2, e2, ax1, ax2, **_) -> pattern.MatchResult:
+    def check(
+        self,
+        op: MatchContext,
+        x: ir.Value,
+        s1: ir.Value,
+        e1: ir.Value,
+        s2: ir.Value,
+        e2: ir.Value,
+        ax1: ir.Value,
+        ax2: ir.Value,
+        **_: Any,
+    ) -> MatchResult:
         """4-D x with static heads and head size, split in equal halves, tables unsqueezed at 1."""
-        result = pattern.MatchResult()
+        result = MatchResult()
         if not (_ir_utils.is_singleton_value(ax1, 1) and _ir_utils.is_singleton_value(ax2, 1)):
             return result.fail("cos/sin are not unsqueezed at axis 1 (BHSD layout)")
         if x is None or x.shape is None or len(x.shape) != 4:
@@ -57,7 +90,15 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
             return result.fail("x is not split into two halves of head_size/2 (partial rotary?)")
         return result
 
-    def rewrite(self, op, x, freqs, cscale, sscale, cdt, sdt, **_):
+    def rewrite(
+        self,
+        op: TapeBuilder,
+        x: ir.Value,
+        freqs: ir.Value,
+        cscale: ir.Value | None,
+        sscale: ir.Value | None,
+        **_: Any,
+    ) -> ir.Value:
         """RotaryEmbedding(x, cos[B,S,D/2], sin[B,S,D/2]) in x's dtype."""
         cos, sin = op.Cos(freqs), op.Sin(freqs)
         if cscale is not None:
@@ -66,7 +107,8 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
             sin = op.Mul(sin, sscale)
         if x.dtype != freqs.dtype:  # tables are computed in fp32; the op wants x's dtype
             cos, sin = op.Cast(cos, to=x.dtype), op.Cast(sin, to=x.dtype)
-        return op.RotaryEmbedding(x, cos, sin, interleaved=0)
+        embedded: ir.Value = op.RotaryEmbedding(x, cos, sin, interleaved=0)
+        return embedded
 
 
 ROTARY_RULES = pattern.RewriteRuleSet([RotaryFusion.rule()])
@@ -79,7 +121,7 @@ class RotaryEmbeddingFusionPass(FusionPass):
     produces = "RotaryEmbedding"
     opset = 23
 
-    def rules(self, model: ir.Model) -> Any:
+    def rules(self, model: ir.Model) -> pattern.RewriteRuleSet:
         """Return the rotary rule."""
         return ROTARY_RULES
 

@@ -27,6 +27,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
+from onnxscript.rewriter._basics import MatchContext
+from onnxscript.rewriter._context import TapeBuilder
+from onnxscript.rewriter._pattern_ir import ValuePattern
+from onnxscript.rewriter.pattern import MatchResult, OpsetPatternBuilder, Var
 
 _MS = "com.microsoft"
 _LOWEST = float(np.finfo(np.float32).min)
@@ -34,12 +38,13 @@ _LOWEST = float(np.finfo(np.float32).min)
 
 def _dim(value: ir.Value, axis: int) -> int | None:
     shape = value.shape
-    if shape is None or len(shape) <= axis or not isinstance(shape[axis], int):
+    if shape is None or len(shape) <= axis:
         return None
-    return int(shape[axis])
+    dim = shape[axis]
+    return dim if isinstance(dim, int) else None
 
 
-def _bsd(op: Any, x: ir.Value) -> ir.Value:
+def _bsd(op: TapeBuilder, x: ir.Value) -> ir.Value:
     """[B, H, S, D] -> [B, S, H*D], reusing the exporter's own BSD/BSHD tensors where there are.
 
     RoPE applied to Transpose(X_BSHD) moves onto the [B, S, H*D] tensor as a 3-D
@@ -48,18 +53,21 @@ def _bsd(op: Any, x: ir.Value) -> ir.Value:
     node = x.producer()
     if node is not None and node.op_type == "RotaryEmbedding" and node.domain == _MS:
         inner = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if _is_bhsd_transpose(inner):
-            x3 = _flat(op, inner.inputs[0])  # type: ignore[union-attr]
+        src = _bshd_source(inner)
+        if src is not None:
+            x3 = _flat(op, src)
             heads = _dim(x, 1)
-            return op.RotaryEmbedding(
+            rotated: ir.Value = op.RotaryEmbedding(
                 x3, *node.inputs[1:4], interleaved=0, num_heads=heads, _domain=_MS
             )
-    if _is_bhsd_transpose(node):
-        return _flat(op, node.inputs[0])  # type: ignore[union-attr, arg-type]
+            return rotated
+    src = _bshd_source(node)
+    if src is not None:
+        return _flat(op, src)
     return _flat(op, op.Transpose(x, perm=[0, 2, 1, 3]))
 
 
-def _flat(op: Any, x_BSHD: ir.Value) -> ir.Value:
+def _flat(op: TapeBuilder, x_BSHD: ir.Value) -> ir.Value:
     """[B, S, H, D] -> [B, S, H*D]; the projection's own output when X is Reshape(it)."""
     node = x_BSHD.producer()
     if node is not None and node.op_type == "Reshape" and node.inputs[0] is not None:
@@ -67,24 +75,29 @@ def _flat(op: Any, x_BSHD: ir.Value) -> ir.Value:
         h, d = _dim(x_BSHD, 2), _dim(x_BSHD, 3)
         if src.shape is not None and len(src.shape) == 3 and h and d and _dim(src, 2) == h * d:
             return src
-    return op.Reshape(x_BSHD, op.Constant(value_ints=[0, 0, -1]))
+    flat: ir.Value = op.Reshape(x_BSHD, op.Constant(value_ints=[0, 0, -1]))
+    return flat
 
 
-def _is_bhsd_transpose(node: ir.Node | None) -> bool:
+def _bshd_source(node: ir.Node | None) -> ir.Value | None:
+    """X_BSHD where `node` is Transpose(X_BSHD, perm=[0, 2, 1, 3]), else None."""
     if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
-        return False
+        return None
     perm = node.attributes.get("perm")
-    return perm is not None and list(perm.as_ints()) == [0, 2, 1, 3]
+    return node.inputs[0] if perm is not None and list(perm.as_ints()) == [0, 2, 1, 3] else None
 
 
-def _to_shape(op: Any, out_BSX: ir.Value, shape: ir.Value, was: ir.Value, q: ir.Value) -> ir.Value:
+def _to_shape(
+    op: TapeBuilder, out_BSX: ir.Value, shape: ir.Value, was: ir.Value, q: ir.Value
+) -> ir.Value:
     """The exporter's final Reshape, dropped where it already gives [B, S, H*D] (GQA's output)."""
     h, d = _dim(q, 1), _dim(q, 3)
     dims = was.shape
     same_batch = q.shape is not None and dims is not None and dims[0] == q.shape[0]
     if dims is not None and len(dims) == 3 and h and d and dims[2] == h * d and same_batch:
         return out_BSX
-    return op.Reshape(out_BSX, shape)
+    reshaped: ir.Value = op.Reshape(out_BSX, shape)
+    return reshaped
 
 
 def _heads(q: ir.Value, k: ir.Value) -> tuple[int, int] | str:
@@ -94,6 +107,13 @@ def _heads(q: ir.Value, k: ir.Value) -> tuple[int, int] | str:
     if h % hkv:
         return f"query heads {h} not a multiple of KV heads {hkv}"
     return h, hkv
+
+
+def _attention_node(att: ir.Value) -> ir.Node:
+    """The Attention node the pattern matched, from its output `att`."""
+    node = att.producer()
+    assert node is not None  # `att` is a matched node's output
+    return node
 
 
 class _SharedValuesRule(pattern.RewriteRuleClassBase):
@@ -114,7 +134,19 @@ class ConcatGqaRule(_SharedValuesRule):
     def __init__(self) -> None:
         super().__init__("gqa-concat")
 
-    def pattern(self, op, q, k, v, past_k, past_v, masked_out, fill, scale, out_shape):
+    def pattern(
+        self,
+        op: OpsetPatternBuilder,
+        q: Var,
+        k: Var,
+        v: Var,
+        past_k: Var,
+        past_v: Var,
+        masked_out: Var,
+        fill: Var,
+        scale: Var,
+        out_shape: Var,
+    ) -> tuple[ValuePattern, ValuePattern, ValuePattern]:
         """Concat past, (grouped) Q K^T * scale, Where(!mask, fill), Softmax, @ V, to BSD."""
         present_k = op.Concat(past_k, k, axis=-2)
         present_v = op.Concat(past_v, v, axis=-2)
@@ -127,9 +159,18 @@ class ConcatGqaRule(_SharedValuesRule):
         out = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), out_shape, _outputs=["attn_out"])
         return out, present_k, present_v
 
-    def check(self, context, q, k, past_k, masked_out, fill, scale, **_):
+    def check(
+        self,
+        op: MatchContext,
+        q: ir.Value,
+        past_k: ir.Value,
+        masked_out: ir.Value,
+        fill: ir.Value,
+        scale: ir.Value,
+        **_: Any,
+    ) -> MatchResult:
         """Static heads, constant scale, a large negative fill, an attention_mask input."""
-        result = pattern.MatchResult()
+        result = MatchResult()
         producer = masked_out.producer()
         if producer is None or producer.op_type != "Not":
             return result.fail("scores are not filled where Not(mask)", masked_out)
@@ -141,12 +182,12 @@ class ConcatGqaRule(_SharedValuesRule):
         fill_value = _ir_utils.get_singleton_value(fill)
         if fill_value is None or fill_value > -1e30:
             return result.fail("masked scores are not filled with a large negative", fill)
-        if "attention_mask" not in {v.name for v in context.model.graph.inputs}:
+        if "attention_mask" not in {v.name for v in op.model.graph.inputs}:
             return result.fail("graph has no attention_mask input", q)
-        self._model = context.model
+        self._model = op.model
         return result
 
-    def _mask(self, op: Any, model: ir.Model, q: ir.Value) -> dict[str, ir.Value]:
+    def _mask(self, op: TapeBuilder, model: ir.Model) -> dict[str, ir.Value]:
         if not self._shared:
             am = next(v for v in model.graph.inputs if v.name == "attention_mask")
             batch = op.Shape(am, start=0, end=1)
@@ -167,10 +208,24 @@ class ConcatGqaRule(_SharedValuesRule):
             }
         return self._shared
 
-    def rewrite(self, op, q, k, v, past_k, past_v, scale, out_shape, attn_out, **_):
+    def rewrite(
+        self,
+        op: TapeBuilder,
+        q: ir.Value,
+        k: ir.Value,
+        v: ir.Value,
+        past_k: ir.Value,
+        past_v: ir.Value,
+        scale: ir.Value,
+        out_shape: ir.Value,
+        attn_out: ir.Value,
+        **_: Any,
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
         """GroupQueryAttention over the same past; the padding mask as attention_bias."""
-        h, hkv = _heads(q, past_k)  # type: ignore[misc]
-        shared = self._mask(op, self._model, q)
+        heads = _heads(q, past_k)
+        assert not isinstance(heads, str), heads  # check() refused the match otherwise
+        h, hkv = heads
+        shared = self._mask(op, self._model)
         out, pk, pv = op.GroupQueryAttention(
             _bsd(op, q),
             _bsd(op, k),
@@ -204,7 +259,18 @@ class StaticGqaRule(_SharedValuesRule):
     def __init__(self) -> None:
         super().__init__("gqa-static")
 
-    def pattern(self, op, q, k, v, past_k, past_v, write_index, mask, out_shape):
+    def pattern(
+        self,
+        op: OpsetPatternBuilder,
+        q: Var,
+        k: Var,
+        v: Var,
+        past_k: Var,
+        past_v: Var,
+        write_index: Var,
+        mask: Var,
+        out_shape: Var,
+    ) -> tuple[ValuePattern, ValuePattern, ValuePattern]:
         """TensorScatter K/V at write_index, opset-24 Attention over the buffers, to BSD."""
         present_k = op.TensorScatter(past_k, k, write_index, axis=-2, mode="linear")
         present_v = op.TensorScatter(past_v, v, write_index, axis=-2, mode="linear")
@@ -214,16 +280,25 @@ class StaticGqaRule(_SharedValuesRule):
         out = op.Reshape(op.Transpose(att, perm=[0, 2, 1, 3]), out_shape, _outputs=["attn_out"])
         return out, present_k, present_v
 
-    def check(self, context, q, past_k, write_index, mask, att, **_):
+    def check(
+        self,
+        op: MatchContext,
+        q: ir.Value,
+        past_k: ir.Value,
+        write_index: ir.Value,
+        mask: ir.Value,
+        att: ir.Value,
+        **_: Any,
+    ) -> MatchResult:
         """Static heads, write_index input, plain Attention, the plain causal slot mask."""
-        result = pattern.MatchResult()
+        result = MatchResult()
         heads = _heads(q, past_k)
         if isinstance(heads, str):
             return result.fail(heads, q)
-        if write_index not in context.model.graph.inputs:
+        if write_index not in op.model.graph.inputs:
             return result.fail("write index is not the graph input write_index", write_index)
-        self._model = context.model
-        node = att.producer()
+        self._model = op.model
+        node = _attention_node(att)
         attrs = node.attributes
         for name in ("is_causal", "qk_matmul_output_mode"):
             if attrs.get_int(name, 0):
@@ -237,9 +312,24 @@ class StaticGqaRule(_SharedValuesRule):
             return result.fail("mask is not the plain causal slot mask", mask)
         return result
 
-    def rewrite(self, op, q, k, v, past_k, past_v, write_index, att, out_shape, attn_out, **_):
+    def rewrite(
+        self,
+        op: TapeBuilder,
+        q: ir.Value,
+        k: ir.Value,
+        v: ir.Value,
+        past_k: ir.Value,
+        past_v: ir.Value,
+        write_index: ir.Value,
+        att: ir.Value,
+        out_shape: ir.Value,
+        attn_out: ir.Value,
+        **_: Any,
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
         """GroupQueryAttention over the shared buffer, seqlens_k = write_index + S - 1."""
-        h, hkv = _heads(q, past_k)  # type: ignore[misc]
+        heads = _heads(q, past_k)
+        assert not isinstance(heads, str), heads  # check() refused the match otherwise
+        h, hkv = heads
         if not self._shared:
             ids = next(v for v in self._model.graph.inputs if v.name == "input_ids")
             seq = op.Shape(ids, start=1, end=2)
@@ -252,7 +342,7 @@ class StaticGqaRule(_SharedValuesRule):
                 "total": op.Cast(total, to=ir.DataType.INT32),
                 "query_seqlens": op.Cast(op.Expand(seq, batch), to=ir.DataType.INT32),
             }
-        scale = att.producer().attributes.get_float("scale", None)
+        scale = _attention_node(att).attributes.get_float("scale", None)
         extra = {"scale": scale} if scale else {}
         out, pk, pv = op.GroupQueryAttention(
             _bsd(op, q),

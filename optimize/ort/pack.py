@@ -35,14 +35,11 @@ def pack_sibling_matmuls(model: ir.Model) -> int:
         group.sort(key=lambda nw: _order(graph, nw[0]))
         first = group[0][0]
         arr = np.concatenate([w for _, w in group], axis=1)
-        name = f"{first.inputs[1].name}_packed"  # type: ignore[union-attr]
-        wv = ir.Value(name=name, const_value=ir.tensor(arr))
-        wv.shape, wv.type = ir.Shape(arr.shape), ir.TensorType(wv.const_value.dtype)  # type: ignore[union-attr]
+        name = f"{_weight_name(first)}_packed"
+        wv = ir.val(name, const_value=ir.tensor(arr))
         graph.register_initializer(wv)
-        sizes = ir.Value(
-            name=f"{name}_split", const_value=ir.tensor(np.array([w.shape[1] for _, w in group]))
-        )
-        sizes.shape, sizes.type = ir.Shape([len(group)]), ir.TensorType(ir.DataType.INT64)
+        widths = np.array([w.shape[1] for _, w in group], np.int64)
+        sizes = ir.val(f"{name}_split", const_value=ir.tensor(widths))
         graph.register_initializer(sizes)
         mm = ir.node("MatMul", [x, wv])
         split = ir.node(
@@ -51,12 +48,18 @@ def pack_sibling_matmuls(model: ir.Model) -> int:
         graph.insert_before(first, [mm, split])
         for (node, _), out in zip(group, split.outputs, strict=True):
             old = node.outputs[0]
-            name, out.shape, out.type = old.name, old.shape, old.type
+            out_name, out.shape, out.type = old.name, old.shape, old.type
             old.replace_all_uses_with(out, replace_graph_outputs=True)
             graph.remove(node, safe=True)
-            out.name = name
+            out.name = out_name
         packed += 1
     return packed
+
+
+def _weight_name(node: ir.Node) -> str | None:
+    weight = node.inputs[1]
+    assert weight is not None  # _const_weight kept only MatMuls with a constant weight
+    return weight.name
 
 
 def _inputs_with_siblings(graph: ir.Graph) -> list[ir.Value]:
@@ -90,22 +93,23 @@ def fold_rotary_into_gqa(model: ir.Model) -> int:
         if gqa.op_type != "GroupQueryAttention" or gqa.domain != _MS:
             continue
         q, k, v = (gqa.inputs[i] for i in range(3))
-        ropes = [x.producer() if x is not None else None for x in (q, k)]
-        if not all(r is not None and r.op_type == "RotaryEmbedding" for r in ropes):
+        ropes = [r for x in (q, k) if x is not None and (r := x.producer()) is not None]
+        if len(ropes) != 2 or any(r.op_type != "RotaryEmbedding" for r in ropes):
             continue
-        if any(r.attributes.get_int("interleaved", 0) for r in ropes):  # type: ignore[union-attr]
+        if any(r.attributes.get_int("interleaved", 0) for r in ropes):
             continue
-        split = ropes[0].inputs[0].producer()  # type: ignore[union-attr]
+        q_rope_in = ropes[0].inputs[0]
+        split = q_rope_in.producer() if q_rope_in is not None else None
         if (
             split is None
             or split.op_type != "Split"
             or len(split.outputs) != 3
-            or [ropes[0].inputs[0], ropes[1].inputs[0], v] != list(split.outputs)  # type: ignore[union-attr]
-            or ropes[0].inputs[2:4] != ropes[1].inputs[2:4]  # type: ignore[union-attr]
+            or [q_rope_in, ropes[1].inputs[0], v] != list(split.outputs)
+            or ropes[0].inputs[2:4] != ropes[1].inputs[2:4]
             or any(len(o.uses()) != 1 for o in split.outputs)
         ):
             continue
-        cos, sin = ropes[0].inputs[2], ropes[0].inputs[3]  # type: ignore[union-attr]
+        cos, sin = ropes[0].inputs[2], ropes[0].inputs[3]
         gqa.replace_input_with(0, split.inputs[0])
         gqa.replace_input_with(1, None)
         gqa.replace_input_with(2, None)
@@ -113,7 +117,7 @@ def fold_rotary_into_gqa(model: ir.Model) -> int:
         gqa.replace_input_with(8, sin)
         gqa.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
         for node in (*ropes, split):
-            if all(not o.uses() for o in node.outputs):  # type: ignore[union-attr]
+            if all(not o.uses() for o in node.outputs):
                 model.graph.remove(node, safe=True)
         folded += 1
     return folded

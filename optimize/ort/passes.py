@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
@@ -12,6 +12,9 @@ from onnx_ir.passes import common as common_passes
 from kiln.optimize.base import GraphPass, count_delta, op_counts
 from kiln.optimize.fusions.base import closest_miss
 from kiln.steps import Result
+
+if TYPE_CHECKING:
+    from onnxscript.rewriter.pattern import RewriteRuleSet
 
 # ORT's SimplifiedLayerNormalization sits in the default domain without an ONNX schema; the
 # unused-node pass logs a stack trace at INFO for each one. Nothing is wrong: keep it quiet.
@@ -57,7 +60,7 @@ class _RulePass(GraphPass):
 
     produces: str = ""
 
-    def rules(self) -> Any:
+    def rules(self) -> RewriteRuleSet:
         """The RewriteRuleSet."""
         raise NotImplementedError
 
@@ -94,7 +97,7 @@ class OrtRotaryPass(_RulePass):
         """The cos/sin cache spans the model's positions (4096 when the config has none)."""
         return cls(int(config.get("max_positions") or 4096))
 
-    def rules(self) -> Any:  # noqa: D102
+    def rules(self) -> RewriteRuleSet:  # noqa: D102
         from onnxscript.rewriter import pattern
 
         from kiln.optimize.ort.rotary import RotaryCacheRule
@@ -119,7 +122,7 @@ class OrtGqaPass(_RulePass):
         """A sliding-window model is refused at run time (see run)."""
         return cls(config.get("sliding_window"))
 
-    def rules(self) -> Any:  # noqa: D102
+    def rules(self) -> RewriteRuleSet:  # noqa: D102
         from onnxscript.rewriter import pattern
 
         from kiln.optimize.ort.gqa import ConcatGqaRule, StaticGqaRule
@@ -168,8 +171,7 @@ class UntieHeadPass(GraphPass):
             if perm is not None and list(perm.as_ints()) != [1, 0]:
                 continue
             arr = np.ascontiguousarray(w.const_value.numpy().T)
-            head = ir.Value(name=f"{w.name}_T", const_value=ir.tensor(arr))
-            head.shape, head.type = ir.Shape(arr.shape), ir.TensorType(head.const_value.dtype)
+            head = ir.val(f"{w.name}_T", const_value=ir.tensor(arr))
             model.graph.register_initializer(head)
             node.replace_input_with(1, head)
             count += 1

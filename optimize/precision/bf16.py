@@ -33,8 +33,8 @@ def bf16_emulation(model: ir.Model) -> ir.Model:
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     g = copy.graph
     for name, v in list(g.initializers.items()):
-        if v.dtype == BF16:
-            arr = v.const_value.numpy().astype(np.float32)  # type: ignore[union-attr]
+        if v.dtype == BF16 and v.const_value is not None:
+            arr = v.const_value.numpy().astype(np.float32)
             v.const_value = ir.tensor(arr, name=name)
             v.type = ir.TensorType(ir.DataType.FLOAT)
     for v in g.inputs:
@@ -53,7 +53,7 @@ def bf16_emulation(model: ir.Model) -> ir.Model:
             down.replace_input_with(0, out)
             g.insert_after(node, [down, up])
             if up.outputs[0].is_graph_output():
-                name = out.name
-                out.name = f"{name}_pre_bf16"
-                up.outputs[0].name = name
+                out_name = out.name
+                out.name = f"{out_name}_pre_bf16"
+                up.outputs[0].name = out_name
     return copy

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from kiln.errors import KilnError
 from kiln.optimize.base import GraphPass, set_opset
 from kiln.optimize.precision.weight_only import _weights
 from kiln.optimize.typecheck import check_types
@@ -30,7 +31,7 @@ CALIBRATION_BATCHES = 4
 FP8 = ir.DataType.FLOAT8E4M3FN
 
 
-def calibration_amax(model: ir.Model, values: list[ir.Value], vocab: int) -> dict[str, float]:
+def calibration_amax(model: ir.Model, values: list[ir.Value], vocab: int) -> dict[ir.Value, float]:
     """Max |v| for each of `values` over seeded random-token prefill batches (ORT CPU)."""
     from kiln.optimize.probe import ort_session_from_ir
 
@@ -43,7 +44,7 @@ def calibration_amax(model: ir.Model, values: list[ir.Value], vocab: int) -> dic
     sess = ort_session_from_ir(probe)
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(1234)
-    amax = {v.name: 0.0 for v in values}
+    amax = dict.fromkeys(values, 0.0)
     for _ in range(CALIBRATION_BATCHES):
         ids = rng.integers(3, vocab, size=(2, 16), dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -53,14 +54,26 @@ def calibration_amax(model: ir.Model, values: list[ir.Value], vocab: int) -> dic
                 dtype = np.float16 if i.type == "tensor(float16)" else np.float32
                 feeds[i.name] = np.zeros((2, i.shape[1], 0, i.shape[3]), dtype)
         outs = dict(zip(names, sess.run(None, feeds), strict=True))
-        for name in amax:
-            amax[name] = max(amax[name], float(np.abs(outs[name].astype(np.float32)).max()))
+        for v in amax:
+            amax[v] = max(amax[v], float(np.abs(outs[v.name].astype(np.float32)).max()))
     return amax
 
 
 def _const(name: str, arr: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-    t = ir.tensor(arr, dtype=dtype, name=name)
-    return ir.Value(name=name, shape=t.shape, type=ir.TensorType(t.dtype), const_value=t)
+    return ir.val(name, const_value=ir.tensor(arr, dtype=dtype, name=name))
+
+
+def _vocab(graph: ir.Graph) -> int:
+    """The vocabulary size: the last dim of the logits, the graph's first output."""
+    logits = graph.outputs[0]
+    vocab = logits.shape[-1] if logits.shape is not None and len(logits.shape) else None
+    if not isinstance(vocab, int):
+        raise KilnError(
+            f"fp8-qdq draws calibration token ids below the vocabulary size, but the graph's "
+            f"first output {logits.name!r} has shape {logits.shape}, no static last dim; "
+            "export the model with kiln export (its logits end in the vocabulary size)."
+        )
+    return vocab
 
 
 class Fp8QdqPass(GraphPass):
@@ -75,18 +88,15 @@ class Fp8QdqPass(GraphPass):
         """Calibrate activation scales, then insert Q/DQ; counts say what was quantized."""
         graph = model.graph
         pairs = _weights(graph)
-        vocab = self.vocab or int(graph.outputs[0].shape[-1])  # type: ignore[index]  # logits
-        acts = list(dict.fromkeys(n.inputs[0] for n, _ in pairs))
-        amax = calibration_amax(model, acts, vocab)  # type: ignore[arg-type]
+        vocab = self.vocab or _vocab(graph)
+        acts = list(dict.fromkeys(p.x for p in pairs))
+        amax = calibration_amax(model, acts, vocab)
         qdq: dict[ir.Value, ir.Value] = {}
         deq: dict[ir.Value, ir.Value] = {}
-        for node, w in pairs:
-            x = node.inputs[0]
+        for node, x, w, data in pairs:
             act_np = np.float16 if w.dtype == ir.DataType.FLOAT16 else np.float32
             if x not in qdq:
-                s = _const(
-                    f"{x.name}_fp8_scale", np.array(max(amax[x.name], 1e-6) / E4M3_MAX, act_np)
-                )
+                s = _const(f"{x.name}_fp8_scale", np.array(max(amax[x], 1e-6) / E4M3_MAX, act_np))
                 z = _const(f"{x.name}_fp8_zero", np.zeros((), ml_dtypes.float8_e4m3fn), FP8)
                 q = ir.node("QuantizeLinear", [x, s, z])
                 q.outputs[0].type, q.outputs[0].shape = ir.TensorType(FP8), x.shape
@@ -97,7 +107,7 @@ class Fp8QdqPass(GraphPass):
                 graph.insert_before(node, [q, dq])
                 qdq[x] = dq.outputs[0]
             if w not in deq:
-                arr = w.const_value.numpy().astype(np.float32)  # type: ignore[union-attr]
+                arr = data.numpy().astype(np.float32)
                 scale = np.abs(arr).max(axis=0) / E4M3_MAX
                 scale = np.where(scale == 0, 1.0, scale)
                 wq = np.clip(arr / scale, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
@@ -112,8 +122,8 @@ class Fp8QdqPass(GraphPass):
             node.replace_input_with(0, qdq[x])
             node.replace_input_with(1, deq[w])
         for w in deq:
-            if not w.uses() and w.name in graph.initializers:
-                del graph.initializers[w.name]  # type: ignore[arg-type]
+            if not w.uses() and w.name is not None and w.name in graph.initializers:
+                del graph.initializers[w.name]
         if pairs:
             set_opset(model, 21)
         counts = {"weights": len(deq), "activations": len(qdq)}

@@ -13,6 +13,8 @@ and Softmax. Fused RMSNormalization / LayerNormalization keep fp32 statistics vi
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
@@ -23,7 +25,7 @@ ISLAND_OPS = frozenset({"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "C
 _SMALL = 1 << 16  # constants up to this many elements may join a positional island
 
 
-def _is_float(v: ir.Value | None) -> bool:
+def _is_float(v: ir.Value | None) -> TypeGuard[ir.Value]:
     return v is not None and v.dtype == FLOAT
 
 
@@ -51,8 +53,8 @@ def _islands(graph: ir.Graph) -> set[ir.Node]:
     return island
 
 
-def _low_tensor(value: ir.Value, low: ir.DataType, name: str) -> ir.Value:
-    arr = value.const_value.numpy()  # type: ignore[union-attr]
+def _low_tensor(value: ir.Value, data: ir.TensorProtocol, low: ir.DataType, name: str) -> ir.Value:
+    arr = data.numpy()
     if low == ir.DataType.FLOAT16:  # saturate finite values (e.g. finfo(fp32).min mask fill)
         arr = np.where(np.isfinite(arr), np.clip(arr, -65504.0, 65504.0), arr)
     arr = arr.astype(_NUMPY[low])
@@ -67,10 +69,10 @@ def lower_floats(model: ir.Model, low: ir.DataType) -> dict[str, int]:
     island = _islands(graph)
     counts = {"initializers": 0, "casts_retyped": 0, "casts_inserted": 0, "fp32_nodes": len(island)}
     low_values: set[ir.Value] = set()
-    for v in graph.inputs:
-        if _is_float(v):
-            v.type = ir.TensorType(low)
-            low_values.add(v)
+    for x in graph.inputs:
+        if _is_float(x):
+            x.type = ir.TensorType(low)
+            low_values.add(x)
     converted: dict[ir.Value, ir.Value] = {}  # fp32 initializer -> its low copy
     casts: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
 
@@ -92,9 +94,10 @@ def lower_floats(model: ir.Model, low: ir.DataType) -> dict[str, int]:
             have = low if v in low_values else FLOAT
             if have == want:
                 continue
-            if want == low and v.const_value is not None and not v.is_graph_input():
+            data = v.const_value
+            if want == low and data is not None and not v.is_graph_input():
                 if v not in converted:
-                    converted[v] = _low_tensor(v, low, f"{v.name}_{low.name.lower()}")
+                    converted[v] = _low_tensor(v, data, low, f"{v.name}_{low.name.lower()}")
                     graph.register_initializer(converted[v])
                     low_values.add(converted[v])
                     counts["initializers"] += 1

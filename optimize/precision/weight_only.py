@@ -9,8 +9,11 @@ into a weight-only GEMM; ONNX Runtime CPU runs it as written, which is how drift
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx_ir as ir
+from numpy.typing import DTypeLike
 
 from kiln.optimize.base import set_opset
 
@@ -18,19 +21,31 @@ FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _BITS = {8: (ir.DataType.INT8, 127), 4: (ir.DataType.INT4, 7)}
 
 
-def _weights(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value]]:
-    """(MatMul/Gemm node, constant 2-D weight input) pairs; Gemm only without transB."""
+class _Weighted(NamedTuple):
+    """A MatMul/Gemm `node` computing x @ w, with w a constant 2-D float weight."""
+
+    node: ir.Node
+    x: ir.Value
+    w: ir.Value
+    data: ir.TensorProtocol  # w's constant value
+
+
+def _weights(graph: ir.Graph) -> list[_Weighted]:
+    """MatMul/Gemm nodes with a constant 2-D weight input; Gemm only without transB."""
     found = []
     for node in graph:
         if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
-        w = node.inputs[1]
-        if w is None or w.const_value is None or w.dtype not in FLOATS or len(w.shape or ()) != 2:
+        x, w = node.inputs[0], node.inputs[1]
+        data = w.const_value if w is not None else None
+        if x is None or w is None or data is None:
+            continue
+        if w.dtype not in FLOATS or len(w.shape or ()) != 2:
             continue
         trans_b = node.attributes.get("transB")
         if node.op_type == "Gemm" and trans_b is not None and trans_b.as_int():
             continue
-        found.append((node, w))
+        found.append(_Weighted(node, x, w, data))
     return found
 
 
@@ -62,22 +77,24 @@ def quantize_weights(model: ir.Model, *, bits: int, block: int) -> tuple[dict[st
     counts = {"weights": 0, "skipped": 0, "bytes_before": 0, "bytes_after": 0}
     notes: list[str] = []
     done: dict[ir.Value, ir.Value] = {}
-    for node, w in _weights(graph):
+    for node, _, w, data in _weights(graph):
         if w not in done:
-            k, n = w.shape  # type: ignore[misc]
+            k, n = data.shape.numpy()
             b = pick_block(k, block)
             if b is None:
                 counts["skipped"] += 1
                 notes.append(f"{w.name} [{k},{n}]: K not divisible by 32; left unquantized")
                 continue
-            q, scale = quantize_block(w.const_value.numpy(), bits, b)  # type: ignore[union-attr]
-            np_scale = {ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
-            scale = scale.astype(np_scale.get(w.dtype, np.float32))  # type: ignore[arg-type]
+            q, scale = quantize_block(data.numpy(), bits, b)
+            np_scale: dict[ir.DataType, DTypeLike] = {
+                ir.DataType.FLOAT16: np.float16,
+                ir.DataType.BFLOAT16: ml_dtypes.bfloat16,
+            }
+            scale = scale.astype(np_scale.get(data.dtype, np.float32))
             q_arr = q.astype(ml_dtypes.int4) if bits == 4 else q
-            qv = ir.Value(name=f"{w.name}_q{bits}", const_value=ir.tensor(q_arr, dtype=qtype))
-            sv = ir.Value(name=f"{w.name}_scale", const_value=ir.tensor(scale))
+            qv = ir.val(f"{w.name}_q{bits}", const_value=ir.tensor(q_arr, dtype=qtype))
+            sv = ir.val(f"{w.name}_scale", const_value=ir.tensor(scale))
             for v in (qv, sv):
-                v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)  # type: ignore[union-attr]
                 graph.register_initializer(v)
             dq = ir.node("DequantizeLinear", [qv, sv], attributes={"axis": 0, "block_size": b})
             dq.outputs[0].name = f"{w.name}_dq"
@@ -85,12 +102,12 @@ def quantize_weights(model: ir.Model, *, bits: int, block: int) -> tuple[dict[st
             graph.insert_before(node, dq)
             done[w] = dq.outputs[0]
             counts["weights"] += 1
-            counts["bytes_before"] += w.const_value.nbytes  # type: ignore[union-attr]
+            counts["bytes_before"] += data.nbytes
             counts["bytes_after"] += q.size * bits // 8 + scale.nbytes
         node.replace_input_with(1, done[w])
     for w in done:
-        if not w.uses() and w.name in graph.initializers:
-            del graph.initializers[w.name]  # type: ignore[arg-type]
+        if not w.uses() and w.name is not None and w.name in graph.initializers:
+            del graph.initializers[w.name]
     if done:
         set_opset(model, 21)  # DequantizeLinear block_size and int4: opset 21
     return counts, notes
