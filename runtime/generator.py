@@ -90,7 +90,7 @@ class Generator:
             )
             for s in rows
         ]
-        return done if _is_batch(prompts) else done[0]
+        return done if _batch(prompts)[1] else done[0]
 
     def _run(self, rows: list[decode.Sequence], use_cache: bool) -> Iterator[list[Event]]:
         return decode.generate(
@@ -98,10 +98,13 @@ class Generator:
         )
 
     def _sequences(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None, overrides: dict
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None,
+        overrides: dict[str, Any],
     ) -> list[decode.Sequence]:
         base = replace(params or SamplingParams(), **_as_tuples(overrides))
-        batch = list(prompts) if _is_batch(prompts) else [prompts]  # type: ignore[arg-type]
+        batch, _ = _batch(prompts)
         if not batch:
             raise KilnError("No prompts given; pass one prompt or a non-empty list of prompts.")
         rows = []
@@ -119,12 +122,21 @@ class Generator:
         return rows
 
 
-def _is_batch(prompts: object) -> bool:
-    """A list of prompts (strings or id lists), as opposed to one string or one id list."""
+def _batch(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
+    """The prompts as a list, and whether they came as a list of prompts (strings or id lists)
+    rather than as one string or one id list."""
     if isinstance(prompts, str):
-        return False
-    items = list(prompts)  # type: ignore[call-overload]
-    return bool(items) and not isinstance(items[0], int)
+        return [prompts], False
+    items = list(prompts)
+    ids = [p for p in items if isinstance(p, int)]
+    if len(ids) == len(items):  # one id list
+        return [ids], False
+    if ids:
+        raise KilnError(
+            f"Prompt list {items[:4]!r} mixes token ids with prompts; pass one list of ids or a "
+            "list of prompts (strings or id lists)."
+        )
+    return [p for p in items if not isinstance(p, int)], True
 
 
 def _as_tuples(overrides: dict[str, Any]) -> dict[str, Any]:
