@@ -123,8 +123,7 @@ class Generator:
 
 
 def _batch(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
-    """The prompts as a list, and whether they came as a list of prompts (strings or id lists)
-    rather than as one string or one id list."""
+    """The prompts as a list; True when given as a list of prompts, not one string or id list."""
     if isinstance(prompts, str):
         return [prompts], False
     items = list(prompts)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `kiln generate`."""
     p = sub.add_parser(
         "generate",
@@ -100,9 +100,10 @@ def _run(args: argparse.Namespace) -> int:
         n = len(ids)
     else:
         done = gen.generate(list(args.prompt), params)
+        completions = done if isinstance(done, list) else [done]
         n = 0
-        for prompt, c in zip(args.prompt, done, strict=True):  # type: ignore[arg-type]
-            if len(done) > 1:  # type: ignore[arg-type]
+        for prompt, c in zip(args.prompt, completions, strict=True):
+            if len(completions) > 1:
                 print(f"--- [{c.index}] {c.finish_reason}, {len(c.token_ids)} tokens")
             print((echo if echo is not None else prompt) + (c.text or ""))
             n += len(c.token_ids)
