@@ -34,7 +34,6 @@ def _generate(artifact: Path) -> tuple[str, float, int]:
     t0 = time.perf_counter()
     done = gen.generate(ZEN_PROMPT, max_new_tokens=400)
     elapsed = time.perf_counter() - t0
-    assert not isinstance(done, list), "one prompt gives one Completion"
     return ZEN_PROMPT + (done.text or ""), elapsed, len(done.token_ids)
 
 

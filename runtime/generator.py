@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from kiln.errors import KilnError
 from kiln.layouts import layout_named
@@ -67,6 +67,26 @@ class Generator:
         rows = self._sequences(prompts, params, overrides)
         for events in self._run(rows, use_cache):
             yield from events
+
+    @overload
+    def generate(
+        self,
+        prompts: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        use_cache: bool = True,
+        **overrides: Any,
+    ) -> Completion: ...
+
+    @overload
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        use_cache: bool = True,
+        **overrides: Any,
+    ) -> list[Completion]: ...
 
     def generate(
         self,

@@ -99,11 +99,11 @@ def _run(args: argparse.Namespace) -> int:
         print()
         n = len(ids)
     else:
-        done = gen.generate(list(args.prompt), params)
-        completions = done if isinstance(done, list) else [done]
+        prompts: list[str] = list(args.prompt)
+        done = gen.generate(prompts, params)
         n = 0
-        for prompt, c in zip(args.prompt, completions, strict=True):
-            if len(completions) > 1:
+        for prompt, c in zip(prompts, done, strict=True):
+            if len(done) > 1:
                 print(f"--- [{c.index}] {c.finish_reason}, {len(c.token_ids)} tokens")
             print((echo if echo is not None else prompt) + (c.text or ""))
             n += len(c.token_ids)
