@@ -85,7 +85,8 @@ def build_engine(
     artifact, out = Path(artifact), Path(out)
     gpu = profile if isinstance(profile, GpuProfile) else load_profile(profile)
     source = newest_manifest(artifact)
-    t0, times = time.perf_counter(), {}
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
     onnx_files = {p.name: p for p in sorted(artifact.glob(f"{MODEL_FILE}*")) if p.is_file()}
     backend = Backend(gpu)
     with ThreadPoolExecutor(1, thread_name_prefix="kiln-hash") as pool:

@@ -25,6 +25,7 @@ from typing import Any
 from kiln.engine.errors import EngineBuildError, ParseError
 from kiln.engine.hints import parse_hint
 from kiln.engine.profiles import GpuProfile
+from kiln.engine.shapes import Range
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Backend:
         self,
         net: Network,
         profile: GpuProfile,
-        shapes: list[dict[str, tuple[tuple[int, ...], ...]]],
+        shapes: list[dict[str, Range]],
         *,
         monitor: Any = None,
         timing_cache: bytes | None = None,
@@ -168,7 +169,8 @@ _DTYPES = {
 def _capturing_logger(trt: Any) -> Any:
     """A TensorRT logger that forwards to `logging` and keeps errors for the failure message."""
 
-    class _Logger(trt.ILogger):
+    # tensorrt ships no type stubs: ILogger is Any to mypy, so subclassing it is "subclassing Any".
+    class _Logger(trt.ILogger):  # type: ignore[misc]
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []

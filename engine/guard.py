@@ -63,7 +63,7 @@ def check_standard_ops(onnx_path: Path) -> None:
     if not found:
         return
     counts = Counter((d, op) for d, op, _ in found)
-    first = {}
+    first: dict[tuple[str, str], str] = {}
     for d, op, name in found:
         first.setdefault((d, op), name)
     summary = ", ".join(f"{d}.{op} x{n}" for (d, op), n in sorted(counts.items()))

@@ -34,7 +34,7 @@ def layout_record(layout: dict[str, Any]) -> KVLayout:
     return layout_named(layout["layout"], where="kv_cache.layout")
 
 
-def kv_layout(source: OnnxManifests, io: dict[str, list[dict[str, Any]]]) -> dict:
+def kv_layout(source: OnnxManifests, io: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """{"layout", "max_context"} from export.json's kv_cache, checked against the graph's I/O.
 
     A static graph has `write_index` and past buffers with a fixed sequence axis.

@@ -253,9 +253,10 @@ class _Where:
     def choice(self, raw: dict[str, Any], key: str, table: str, allowed: tuple[str, ...]) -> str:
         if key not in raw:
             raise self.error(table, key, None, f"missing; one of {', '.join(allowed)}")
-        if raw[key] not in allowed:
-            raise self.error(table, key, raw[key], f"must be one of {', '.join(allowed)}")
-        return raw[key]
+        value = raw[key]
+        if not isinstance(value, str) or value not in allowed:
+            raise self.error(table, key, value, f"must be one of {', '.join(allowed)}")
+        return value
 
     def str_list(self, raw: dict[str, Any], key: str, table: str) -> list[str]:
         v = raw.get(key)

@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 
 def progress_monitor(trt: Any, what: str, every_s: float = 5.0) -> Any | None:
     """An IProgressMonitor logging `what`'s phases, or None when the library has none."""
-    base = getattr(trt, "IProgressMonitor", None)
-    if base is None:
+    if getattr(trt, "IProgressMonitor", None) is None:
         return None
 
-    class _Monitor(base):  # type: ignore[misc, valid-type]
+    # tensorrt ships no type stubs: IProgressMonitor is Any to mypy ("subclassing Any").
+    class _Monitor(trt.IProgressMonitor):  # type: ignore[misc]
         def __init__(self) -> None:
-            base.__init__(self)
+            super().__init__()  # pybind11 classes need their own __init__ run
             self.t0 = time.perf_counter()
             self.last = self.t0
             self.steps: dict[str, int] = {}

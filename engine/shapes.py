@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import logging
 import operator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +25,11 @@ log = logging.getLogger(__name__)
 Dim = int | str
 Range = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+_OPS: dict[type[ast.operator], Callable[[int, int], int]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+}
 
 
 def fit_to_model(shapes: tuple[ShapeRange, ...], max_positions: int | None) -> list[ShapeRange]:
@@ -88,14 +93,16 @@ def _resolve(v: dict[str, Any], axes: dict[str, tuple[int, int, int]], shape: Sh
             dims.append((d, d, d))
             continue
         try:
-            dims.append(tuple(_eval(str(d), axes, i) for i in range(3)))  # type: ignore[arg-type]
+            expr = str(d)
+            dims.append((_eval(expr, axes, 0), _eval(expr, axes, 1), _eval(expr, axes, 2)))
         except (KeyError, SyntaxError, ValueError) as e:
             raise ProfileError(
                 f"ONNX tensor {v['name']!r} has axis {d!r}, which GPU profile shape "
                 f"{shape.name!r} cannot size (it sizes {', '.join(axes)}): export with kiln, "
                 "whose axes carry those names."
             ) from e
-    return tuple(tuple(x[i] for x in dims) for i in range(3))  # type: ignore[return-value]
+    lo, opt, hi = (tuple(x[i] for x in dims) for i in range(3))
+    return lo, opt, hi
 
 
 def _eval(expr: str, axes: dict[str, tuple[int, int, int]], which: int) -> int:

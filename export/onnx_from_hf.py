@@ -77,7 +77,7 @@ def onnx_from_hf(
     wrapper = how.wrapper(traced, shape.layers).eval()
     args = how.example_inputs(shape, dtype, max_context)
     # Count each storage once: a tied LM head shares the embedding's tensor.
-    unique = {t.data_ptr(): t for t in traced.state_dict().values()}
+    unique: dict[int, torch.Tensor] = {t.data_ptr(): t for t in traced.state_dict().values()}
     weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     chatter = io.StringIO()  # the exporter prints its progress; keep it for -v and for errors
@@ -111,6 +111,7 @@ def onnx_from_hf(
             f"{str(e).splitlines()[0] if str(e) else ''}\nRun with -v for the exporter's log."
         ) from e
     log.debug("exporter output:\n%s", chatter.getvalue())
+    assert program is not None, "torch.onnx.export(dynamo=True) returns an ONNXProgram"
     program.save(str(path), external_data=external)
     proto = onnx.load(str(path))
     _rename_total_axis(proto)

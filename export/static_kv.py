@@ -54,6 +54,9 @@ class _SlotLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
+    # Allocated from the start (the mixin's are None until its lazy_initialization).
+    keys: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
         super().__init__()
@@ -118,7 +121,7 @@ class StaticKVWrapper(torch.nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """Run the model over the slots, writing this step's K/V at each slot's write index."""
         layers = [_SlotLayer(past[2 * i], past[2 * i + 1], write_index) for i in range(self.layers)]
-        cache = Cache(layers=layers)
+        cache = Cache(layers=[*layers])  # its own list of the same layers (Cache's is invariant)
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,

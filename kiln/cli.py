@@ -28,7 +28,7 @@ COMMANDS = (
 )
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="the whole pipeline on the bundled model; prints the text each artifact generates",

@@ -7,7 +7,9 @@ model intact: the text generated greedily from each artifact must equal the trai
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 ENGINE_PROFILES = ("rtx-ampere-ada-fp16", "rtx-ampere-ada-int8wo")
@@ -32,7 +34,7 @@ def _generate(artifact: Path) -> tuple[str, float, int]:
     t0 = time.perf_counter()
     done = gen.generate(ZEN_PROMPT, max_new_tokens=400)
     elapsed = time.perf_counter() - t0
-    return ZEN_PROMPT + (done.text or ""), elapsed, len(done.token_ids)  # type: ignore[union-attr]
+    return ZEN_PROMPT + (done.text or ""), elapsed, len(done.token_ids)
 
 
 def _check_text(stage: str, artifact: Path, expected: str) -> tuple[bool, str]:
@@ -65,9 +67,9 @@ def run_demo(out: Path, *, model: Path | None = None) -> int:
     expected = zen_text()
     rows: list[_Row] = []
 
-    def timed_stage(stage: str, make: object) -> Path:
+    def timed_stage(stage: str, make: Callable[[], Path]) -> Path:
         t0 = time.perf_counter()
-        artifact = make()  # type: ignore[operator]
+        artifact = make()
         rows.append(_Row(stage, artifact, time.perf_counter() - t0, "", True))
         return artifact
 
@@ -77,7 +79,8 @@ def run_demo(out: Path, *, model: Path | None = None) -> int:
     for precision in ("fp16", "int8"):
         stage = f"optimize {precision}"
         optimized[precision] = timed_stage(
-            stage, lambda p=precision: optimize_model(onnx, out / f"optimized-{p}", precision=p)
+            stage,
+            partial(optimize_model, onnx, out / f"optimized-{precision}", precision=precision),
         )
         rows[-1].ok, rows[-1].result = _check_text(stage, optimized[precision], expected)
     stage = "optimize onnxruntime int4"
@@ -94,10 +97,11 @@ def run_demo(out: Path, *, model: Path | None = None) -> int:
         stage = f"export static {precision}"
         static[precision] = timed_stage(
             stage,
-            lambda p=precision: export_model(
+            partial(
+                export_model,
                 source,
-                out / f"onnx-static-{p}",
-                precision=p,
+                out / f"onnx-static-{precision}",
+                precision=precision,
                 kv="static",
                 max_context=STATIC_MAX_CONTEXT,
             ),
@@ -129,7 +133,7 @@ def run_demo(out: Path, *, model: Path | None = None) -> int:
         for name, artifact, folder in builds:
             layout = "static" if "static" in folder.parent.name else "concat"
             stage = f"engine {name} ({layout})"
-            timed_stage(stage, lambda n=name, a=artifact, f=folder: build_engine(a, n, f))
+            timed_stage(stage, partial(build_engine, artifact, name, folder))
             m = read_engine(folder)
             targets = "+".join(m.compute_capabilities)
             library = f"{m.library['name']} {m.library['version']}"

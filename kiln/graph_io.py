@@ -25,7 +25,7 @@ from kiln.errors import ArtifactError
 from kiln.layouts import CONCAT, STATIC, KVLayout, layout_of_inputs
 
 # ONNX Runtime's type strings for the tensors kiln graphs exchange with the host.
-NP_DTYPES: dict[str, Any] = {
+NP_DTYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(int64)": np.int64,
@@ -40,7 +40,7 @@ def positions(mask_BT: np.ndarray) -> np.ndarray:
     return np.where(mask_BT == 0, 1, pos).astype(np.int64)
 
 
-def np_dtype(ort_type: str) -> Any:
+def np_dtype(ort_type: str) -> type[np.generic]:
     """The numpy dtype of an ONNX Runtime tensor type string ('tensor(float16)' -> float16)."""
     try:
         return NP_DTYPES[ort_type]
@@ -247,8 +247,8 @@ class ConcatStepper(_Graph):
 
     def feed(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """One call on the leading inputs by name; the presents become the cache. logits_BSV."""
-        args = [inputs[name] for name in self.layout.leading_inputs]
-        logits, self.past = self.run(*args, self.past)
+        ids, mask, pos = (inputs[name] for name in self.layout.leading_inputs)
+        logits, self.past = self.run(ids, mask, pos, self.past)
         return logits.astype(np.float32)
 
     def append(self, ids_BS: np.ndarray, start: int) -> np.ndarray:
@@ -365,8 +365,8 @@ class StaticStepper(_Graph):
 
     def feed(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """One call over every slot on the leading inputs by name; logits_BSV (float32 copy)."""
-        args = [np.ascontiguousarray(inputs[name]) for name in self.layout.leading_inputs]
-        return self.run(*args).astype(np.float32)
+        ids, pos, index = (np.ascontiguousarray(inputs[n]) for n in self.layout.leading_inputs)
+        return self.run(ids, pos, index).astype(np.float32)
 
     def append(self, ids_BS: np.ndarray, start: int) -> np.ndarray:
         """Feed unpadded rows that each hold `start` positions; logits_BSV."""

@@ -18,11 +18,13 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import numpy as np
 
 from kiln.errors import KilnError, ParityError
-from kiln.parity import Tol, compare, greedy_agreement
+from kiln.parity import compare, greedy_agreement
+from kiln.precisions import Tol
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)  # a probe only reads its value
 
 
 @dataclass
@@ -72,10 +74,10 @@ class Drift:
         }
 
 
-class Probe(Protocol[T]):
+class Probe(Protocol[T_contra]):
     """Runs fixed inputs through a value and returns its logits, one array per probe call."""
 
-    def logits(self, value: T) -> list[np.ndarray]:
+    def logits(self, value: T_contra) -> list[np.ndarray]:
         """Logits of every probe call, float32."""
         ...
 
@@ -193,11 +195,15 @@ def run_steps(
         if on_record:
             on_record(record)
         if not record.within_budget:
-            tol = tolerances[step.tolerance]  # type: ignore[index]
+            # Only a step judged above (drift measured against a tolerance) is out of budget.
+            assert (
+                record.drift is not None and step.tolerance is not None and tolerances is not None
+            )
+            tol = tolerances[step.tolerance]
             msg = (
                 f"pass {step.name!r} drifted past the {step.tolerance} budget (atol {tol.atol:g}, "
-                f"rtol {tol.rtol:g}, agreement >= {tol.agree:g}): {record.drift.worst}; "  # type: ignore[union-attr]
-                f"greedy agreement {record.drift.agreement:.3f}."  # type: ignore[union-attr]
+                f"rtol {tol.rtol:g}, agreement >= {tol.agree:g}): {record.drift.worst}; "
+                f"greedy agreement {record.drift.agreement:.3f}."
             )
             if not allow_drift:
                 raise ParityError(

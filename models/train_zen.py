@@ -126,11 +126,14 @@ def greedy_text(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompt: s
     """Greedy-decode from BOS + `prompt` until EOS; return prompt and continuation as text."""
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, do_sample=False, max_length=MAX_POSITIONS)
-    new = out[0, ids.shape[1] :].tolist()
-    if not new or new[-1] != tok.eos_token_id:
-        return prompt + tok.decode(new) + " [no EOS]"
-    return prompt + tok.decode(new[:-1])
+        # transformers annotates generate's self as a Protocol (written for the `ty` checker)
+        # that mypy does not match against its own model classes.
+        out = model.generate(ids, do_sample=False, max_length=MAX_POSITIONS)  # type: ignore[misc]
+    new: list[int] = out[0, ids.shape[1] :].tolist()
+    eos = bool(new) and new[-1] == tok.eos_token_id
+    text = tok.decode(new[:-1] if eos else new)
+    assert isinstance(text, str), "one id list decodes to one string"
+    return prompt + text + ("" if eos else " [no EOS]")
 
 
 def _min_margin(logits_SV: torch.Tensor, targets_S: torch.Tensor) -> float:

@@ -98,9 +98,14 @@ def _engine_dirs(path: Path) -> list[Path]:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild the artifact.") from e
+    if not isinstance(data, dict):
+        raise ArtifactError(
+            f"{path} holds a JSON {type(data).__name__}, not an object; rebuild the artifact."
+        )
+    return data
 
 
 def source_dirs(path: Path, manifest: Manifest) -> list[Path]:

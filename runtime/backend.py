@@ -8,26 +8,29 @@ Letters in names: B batch rows, S new tokens, T = P + S attention length, V voca
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from kiln.runtime.kv_cache import KVCache
 
+# Each backend's own cache type: `forward` takes only caches its `new_cache` made.
+CacheT = TypeVar("CacheT", bound=KVCache)
 
-class Backend(Protocol):
+
+class Backend(Protocol[CacheT]):
     """One loaded concat-KV graph (or engine) ready to run prefill and decode calls."""
 
     name: str
     max_context: int  # positions (prompt + generated) the graph or engine profile accepts
     vocab: int
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int) -> CacheT:
         """An empty cache for `batch` rows."""
         ...
 
     def forward(
-        self, ids_BS: np.ndarray, mask_BT: np.ndarray, pos_BS: np.ndarray, cache: KVCache
+        self, ids_BS: np.ndarray, mask_BT: np.ndarray, pos_BS: np.ndarray, cache: CacheT
     ) -> np.ndarray:
         """Run S new tokens per row over the cache, append their KV; return logits_BV (last S)."""
         ...

@@ -12,22 +12,22 @@ Letters in names: S new tokens, T = P + S attention length, V vocab.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Generic
 
 import numpy as np
 
-from kiln.runtime.backend import Backend
-from kiln.runtime.kv_cache import KVCache
+from kiln.runtime.backend import Backend, CacheT
 from kiln.runtime.slots import SlotCall, SlotFeed, SlotRunner
 
 
-class ConcatSlotBackend(SlotRunner):
+class ConcatSlotBackend(SlotRunner, Generic[CacheT]):
     """`slots` sequences over one concat-KV `Backend`, one cache and one call per fed slot."""
 
-    def __init__(self, concat: Backend, *, slots: int = 4) -> None:
+    def __init__(self, concat: Backend[CacheT], *, slots: int = 4) -> None:
         super().__init__(slots=slots, max_context=concat.max_context, vocab=concat.vocab)
         self.concat = concat
         self.name = f"{concat.name}-concat"
-        self._caches: list[KVCache | None] = [None] * slots
+        self._caches: list[CacheT | None] = [None] * slots
 
     def plan(self, feeds: Sequence[SlotFeed]) -> list[SlotCall]:
         """One batch-1 call per feed: each slot's past is its own cache."""

@@ -29,7 +29,8 @@ class IncrementalDetokenizer:
         self._read = 0  # end of the tokens whose text has been emitted
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return text
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new complete text ('' while a character is unfinished)."""

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from kiln.errors import KilnError
 from kiln.layouts import layout_named
@@ -68,6 +68,26 @@ class Generator:
         for events in self._run(rows, use_cache):
             yield from events
 
+    @overload
+    def generate(
+        self,
+        prompts: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        use_cache: bool = True,
+        **overrides: Any,
+    ) -> Completion: ...
+
+    @overload
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        use_cache: bool = True,
+        **overrides: Any,
+    ) -> list[Completion]: ...
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -90,7 +110,7 @@ class Generator:
             )
             for s in rows
         ]
-        return done if _is_batch(prompts) else done[0]
+        return done if _batch(prompts)[1] else done[0]
 
     def _run(self, rows: list[decode.Sequence], use_cache: bool) -> Iterator[list[Event]]:
         return decode.generate(
@@ -98,10 +118,13 @@ class Generator:
         )
 
     def _sequences(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None, overrides: dict
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None,
+        overrides: dict[str, Any],
     ) -> list[decode.Sequence]:
         base = replace(params or SamplingParams(), **_as_tuples(overrides))
-        batch = list(prompts) if _is_batch(prompts) else [prompts]  # type: ignore[arg-type]
+        batch, _ = _batch(prompts)
         if not batch:
             raise KilnError("No prompts given; pass one prompt or a non-empty list of prompts.")
         rows = []
@@ -119,12 +142,20 @@ class Generator:
         return rows
 
 
-def _is_batch(prompts: object) -> bool:
-    """A list of prompts (strings or id lists), as opposed to one string or one id list."""
+def _batch(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
+    """The prompts as a list; True when given as a list of prompts, not one string or id list."""
     if isinstance(prompts, str):
-        return False
-    items = list(prompts)  # type: ignore[call-overload]
-    return bool(items) and not isinstance(items[0], int)
+        return [prompts], False
+    items = list(prompts)
+    ids = [p for p in items if isinstance(p, int)]
+    if len(ids) == len(items):  # one id list
+        return [ids], False
+    if ids:
+        raise KilnError(
+            f"Prompt list {items[:4]!r} mixes token ids with prompts; pass one list of ids or a "
+            "list of prompts (strings or id lists)."
+        )
+    return [p for p in items if not isinstance(p, int)], True
 
 
 def _as_tuples(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -21,5 +21,5 @@ def greedy_from_onnx(
         ignore_eos=True,
         stop_token_ids=() if eos_id is None else (eos_id,),
     )
-    ids = list(done.token_ids)  # type: ignore[union-attr]
-    return ids[:-1] if done.finish_reason == "stop" else ids  # type: ignore[union-attr]
+    ids = list(done.token_ids)
+    return ids[:-1] if done.finish_reason == "stop" else ids

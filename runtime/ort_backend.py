@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -53,7 +52,7 @@ class OrtBackend:
         return ConcatKVCache([self.stepper.ortvalue(p) for p in past] if self.io_binding else past)
 
     def forward(
-        self, ids_BS: np.ndarray, mask_BT: np.ndarray, pos_BS: np.ndarray, cache: Any
+        self, ids_BS: np.ndarray, mask_BT: np.ndarray, pos_BS: np.ndarray, cache: ConcatKVCache
     ) -> np.ndarray:
         """One graph call; the presents replace the cache's past."""
         run = self.stepper.run_bound if self.io_binding else self.stepper.run

@@ -104,7 +104,7 @@ class OrtSlotBackend(SlotRunner):
     def read_slot(self, slot: int, index: int) -> np.ndarray:
         """Host copy of one slot of K/V buffer `index` [Hkv, M, D] (tests and debugging)."""
         self.length(slot)  # range check
-        return self.buffers[index].numpy()[slot].copy()
+        return np.array(self.buffers[index].numpy()[slot])  # a copy
 
     def end_profiling(self) -> str | None:
         """Stop ORT's profiler (when enabled) and return the JSON trace path."""
@@ -116,4 +116,5 @@ class OrtSlotBackend(SlotRunner):
     ) -> np.ndarray:
         """One graph call over slots [lo, hi); logits_NV at each fed slot's last token."""
         logits_RSV = self.stepper.run(ids, pos, index, lo=call.lo)
-        return logits_RSV[pick[:, 0], pick[:, 1]].astype(np.float32, copy=False)
+        logits_NV: np.ndarray = logits_RSV[pick[:, 0], pick[:, 1]]  # numpy types fancy indexing Any
+        return logits_NV.astype(np.float32, copy=False)

@@ -116,4 +116,5 @@ def suppress(logits_V: np.ndarray, token_ids: Iterable[int]) -> np.ndarray:
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - np.max(x))
-    return e / e.sum()
+    probs: np.ndarray = e / e.sum()  # numpy types the 0-d sum, and so the quotient, as Any
+    return probs

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from kiln.layouts import CONCAT, STATIC
 from kiln.manifests import EngineManifest
 from kiln.runtime.artifact import ArtifactInfo
 from kiln.runtime.cuda_mem import DeviceBuffer, Stream, gpu_compute_capability
+
+if TYPE_CHECKING:  # trt_slots imports this module
+    from kiln.runtime.trt_slots import TrtSlotBackend
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def backend_from_engines(info: ArtifactInfo, *, cuda_graph: bool = False) -> Trt
 
 def slot_backend_from_engines(
     info: ArtifactInfo, *, slots: int = 4, cuda_graph: bool = False
-) -> Any:
+) -> TrtSlotBackend:
     """The static-KV engine for this GPU and library as a SlotBackend with `slots` rows."""
     from kiln.runtime.trt_slots import TrtSlotBackend
 
@@ -223,7 +226,7 @@ class TrtBackend:
         self.name = f"{trt.__name__}-{manifest.profile_name}"
         self.is_rtx = trt.__name__ == "tensorrt_rtx"
         self._runtime, self.engine = deserialize_plan(trt, folder)
-        self.profiles = manifest["optimization_profiles"]
+        self.profiles = manifest.optimization_profiles
         self.max_context = min(p["axes"]["total_sequence"][2] for p in self.profiles)
         io = {v["name"]: v for v in manifest.io["inputs"] + manifest.io["outputs"]}
         self.past_names = [n for n in io if n.startswith("past_key_values.")]
@@ -278,7 +281,7 @@ class TrtBackend:
     @property
     def max_batch_any(self) -> int:
         """Largest batch of any profile (buffers are sized for it)."""
-        return max(p["axes"]["batch"][2] for p in self.profiles)
+        return max(int(p["axes"]["batch"][2]) for p in self.profiles)
 
     def new_cache(self, batch: int) -> DeviceKVCache:
         """An empty cache of `batch` rows with its own device buffers."""

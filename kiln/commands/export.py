@@ -9,7 +9,7 @@ from kiln.layouts import CONCAT, LAYOUTS, STATIC
 from kiln.precisions import names_for
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `kiln export`."""
     p = sub.add_parser(
         "export",

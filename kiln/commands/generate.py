@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `kiln generate`."""
     p = sub.add_parser(
         "generate",
@@ -99,10 +99,11 @@ def _run(args: argparse.Namespace) -> int:
         print()
         n = len(ids)
     else:
-        done = gen.generate(list(args.prompt), params)
+        prompts: list[str] = list(args.prompt)
+        done = gen.generate(prompts, params)
         n = 0
-        for prompt, c in zip(args.prompt, done, strict=True):  # type: ignore[arg-type]
-            if len(done) > 1:  # type: ignore[arg-type]
+        for prompt, c in zip(prompts, done, strict=True):
+            if len(done) > 1:
                 print(f"--- [{c.index}] {c.finish_reason}, {len(c.token_ids)} tokens")
             print((echo if echo is not None else prompt) + (c.text or ""))
             n += len(c.token_ids)

@@ -224,6 +224,7 @@ async def _pieces(
 ) -> AsyncIterator[Event]:
     """The job's pieces until it finishes; cancels the job if the consumer stops early."""
     checked = time.monotonic()
+    item: Event | BaseException | None
     try:
         while True:
             if request is None:
@@ -238,8 +239,8 @@ async def _pieces(
                     if await request.is_disconnected():
                         log.info("client went away; cancelling its request")
                         return
-                if item is None:
-                    continue
+            if item is None:  # no piece within the poll interval
+                continue
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -318,13 +319,13 @@ class _CountRequests:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"] if scope["path"] in _ENDPOINTS else "other"
 
-        async def counting_send(message: dict) -> None:
+        async def counting_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.requests.labels(path, str(message["status"])).inc()
             await send(message)
