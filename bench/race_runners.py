@@ -150,7 +150,7 @@ def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> di
     from kiln.runtime.artifact import inspect_artifact
 
     work.mkdir(parents=True, exist_ok=True)
-    if inspect_artifact(artifact).kv_layout == "static":
+    if inspect_artifact(artifact).layout.has_slots:
         return _profile_static(artifact, ids_BS[:1], new, work)
     run = _kiln(artifact, profile_dir=work)
     gen = run.gen  # type: ignore[attr-defined]

@@ -2,43 +2,78 @@
 
 The bundled model has memorised the Zen of Python, so a human can read whether a stage kept the
 model intact: the text generated greedily from each artifact must equal the training text.
+The stages are a table (`ONNX_STAGES`, `ENGINE_STAGES`): what each makes, from which row.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+from typing import Any
 
-ENGINE_PROFILES = ("rtx-ampere-ada-fp16", "rtx-ampere-ada-int8wo")
+from kiln.layouts import STATIC
+
 STATIC_MAX_CONTEXT = 384  # the prompt and the whole text fit; the engine profile allows it
+_STATIC = {"kv": STATIC.name, "max_context": STATIC_MAX_CONTEXT}
+
+
+@dataclass(frozen=True)
+class OnnxStage:
+    """One ONNX artifact: `kiln export` of the model, or `kiln optimize` of an earlier row."""
+
+    name: str
+    folder: str
+    options: dict[str, Any]
+    source: str | None = None  # the row it optimizes; None: an export of the model
+
+
+ONNX_STAGES = (
+    OnnxStage("export fp32", "onnx", {}),
+    OnnxStage("optimize fp16", "optimized-fp16", {"precision": "fp16"}, "export fp32"),
+    OnnxStage("optimize int8", "optimized-int8", {"precision": "int8"}, "export fp32"),
+    OnnxStage(
+        "optimize onnxruntime int4",
+        "optimized-ort-int4",
+        {"target": "onnxruntime", "precision": "int4"},
+        "export fp32",
+    ),
+    # The static layout: preallocated per-slot KV buffers written in place (what serving uses).
+    OnnxStage("export static fp32", "onnx-static-fp32", {"precision": "fp32", **_STATIC}),
+    OnnxStage("export static fp16", "onnx-static-fp16", {"precision": "fp16", **_STATIC}),
+    OnnxStage(
+        "optimize static onnxruntime fp32",
+        "optimized-static-ort-fp32",
+        {"target": "onnxruntime", "precision": "fp32"},
+        "export static fp32",
+    ),
+)
+# TensorRT-RTX engines: (GPU profile, the ONNX row it builds, folder).
+ENGINE_STAGES = (
+    ("rtx-ampere-ada-fp16", "optimize fp16", "engines/rtx-ampere-ada-fp16"),
+    ("rtx-ampere-ada-int8wo", "optimize int8", "engines/rtx-ampere-ada-int8wo"),
+    ("rtx-ampere-ada-fp16", "export static fp16", "engines-static/rtx-ampere-ada-fp16"),
+)
 
 
 @dataclass
 class _Row:
     stage: str
-    artifact: Path
     seconds: float
     result: str
     ok: bool
 
 
-def _generate(artifact: Path) -> tuple[str, float, int]:
-    """Greedy text from `artifact` through the runtime (ONNX Runtime, CPU), time and tokens."""
+def _check_text(stage: str, artifact: Path, expected: str) -> tuple[bool, str]:
+    """Greedy text from `artifact` through the runtime (ONNX Runtime, CPU), printed and judged."""
     from kiln.models.zen import ZEN_PROMPT
     from kiln.runtime import load
 
     gen = load(artifact, backend="onnxruntime", device="cpu")
     t0 = time.perf_counter()
     done = gen.generate(ZEN_PROMPT, max_new_tokens=400)
-    elapsed = time.perf_counter() - t0
-    return ZEN_PROMPT + (done.text or ""), elapsed, len(done.token_ids)
-
-
-def _check_text(stage: str, artifact: Path, expected: str) -> tuple[bool, str]:
-    text, secs, tokens = _generate(artifact)
+    secs = time.perf_counter() - t0
+    text, tokens = ZEN_PROMPT + (done.text or ""), len(done.token_ids)
     ok = text == expected
     print(f"\n=== {stage}: generated greedily through {artifact / 'model.onnx'} ===")
     print(text)
@@ -50,96 +85,53 @@ def _check_text(stage: str, artifact: Path, expected: str) -> tuple[bool, str]:
     return ok, f"text {'ok' if ok else 'WRONG'}, {tokens / secs:.0f} tok/s"
 
 
-def run_demo(out: Path, *, model: Path | None = None) -> int:
-    """Run every stage on the bundled model and generate its text from each ONNX artifact.
-
-    Export (concat and static KV), optimize (TensorRT and ONNX Runtime targets), and build
-    TensorRT-RTX engines.
-
-    Returns 0 when every ONNX artifact reproduces the text and every engine built.
-    """
-    from kiln.engine import build_engine, read_engine
+def _make(stage: OnnxStage, made: dict[str, Path], source: Path, out: Path) -> Path:
     from kiln.export import export_model
-    from kiln.models.zen import ZEN_DIR, zen_text
     from kiln.optimize import optimize_model
 
-    source = model or ZEN_DIR
+    if stage.source is None:
+        return export_model(source, out / stage.folder, **stage.options)
+    return optimize_model(made[stage.source], out / stage.folder, **stage.options)
+
+
+def _build(profile: str, artifact: Path, folder: Path) -> str:
+    """Build one engine; its size, targets and library as the row's result."""
+    from kiln.engine import build_engine, read_engine
+
+    build_engine(artifact, profile, folder)
+    m = read_engine(folder)
+    targets = "+".join(m.compute_capabilities)
+    library = f"{m.library['name']} {m.library['version']}"
+    return (
+        f"{m.plan['bytes'] / 1e6:.1f} MB plan for SM {targets} ({library}); runs on a matching GPU"
+    )
+
+
+def run_demo(out: Path, *, model: Path | None = None) -> int:
+    """Run every stage of the tables on the bundled model; 0 when every text and engine is right."""
+    from kiln.manifests import newest_manifest
+    from kiln.models.zen import ZEN_DIR, zen_text
+
     expected = zen_text()
+    made: dict[str, Path] = {}
     rows: list[_Row] = []
-
-    def timed_stage(stage: str, make: Callable[[], Path]) -> Path:
+    for stage in ONNX_STAGES:
         t0 = time.perf_counter()
-        artifact = make()
-        rows.append(_Row(stage, artifact, time.perf_counter() - t0, "", True))
-        return artifact
-
-    onnx = timed_stage("export fp32", lambda: export_model(source, out / "onnx"))
-    rows[-1].ok, rows[-1].result = _check_text("export fp32", onnx, expected)
-    optimized = {}
-    for precision in ("fp16", "int8"):
-        stage = f"optimize {precision}"
-        optimized[precision] = timed_stage(
-            stage,
-            partial(optimize_model, onnx, out / f"optimized-{precision}", precision=precision),
-        )
-        rows[-1].ok, rows[-1].result = _check_text(stage, optimized[precision], expected)
-    stage = "optimize onnxruntime int4"
-    ort_int4 = timed_stage(
-        stage,
-        lambda: optimize_model(
-            onnx, out / "optimized-ort-int4", target="onnxruntime", precision="int4"
-        ),
-    )
-    rows[-1].ok, rows[-1].result = _check_text(stage, ort_int4, expected)
-    # The static layout: preallocated per-slot KV buffers written in place (what serving uses).
-    static = {}
-    for precision in ("fp32", "fp16"):
-        stage = f"export static {precision}"
-        static[precision] = timed_stage(
-            stage,
-            partial(
-                export_model,
-                source,
-                out / f"onnx-static-{precision}",
-                precision=precision,
-                kv="static",
-                max_context=STATIC_MAX_CONTEXT,
-            ),
-        )
-        rows[-1].ok, rows[-1].result = _check_text(stage, static[precision], expected)
-    stage = "optimize static onnxruntime fp32"
-    static_ort = timed_stage(
-        stage,
-        lambda: optimize_model(
-            static["fp32"],
-            out / "optimized-static-ort-fp32",
-            target="onnxruntime",
-            precision="fp32",
-        ),
-    )
-    rows[-1].ok, rows[-1].result = _check_text(stage, static_ort, expected)
+        made[stage.name] = _make(stage, made, model or ZEN_DIR, out)
+        seconds = time.perf_counter() - t0
+        ok, result = _check_text(stage.name, made[stage.name], expected)
+        rows.append(_Row(stage.name, seconds, result, ok))
     try:
         import tensorrt_rtx  # noqa: F401
     except ImportError:
         print("\n(no tensorrt_rtx: install the engine extra to build engines)")
     else:
-        builds = [
-            (name, optimized[p], out / "engines" / name)
-            for name, p in zip(ENGINE_PROFILES, ("fp16", "int8"), strict=True)
-        ]
-        builds.append(
-            (ENGINE_PROFILES[0], static["fp16"], out / "engines-static" / ENGINE_PROFILES[0])
-        )
-        for name, artifact, folder in builds:
-            layout = "static" if "static" in folder.parent.name else "concat"
-            stage = f"engine {name} ({layout})"
-            timed_stage(stage, partial(build_engine, artifact, name, folder))
-            m = read_engine(folder)
-            targets = "+".join(m.compute_capabilities)
-            library = f"{m.library['name']} {m.library['version']}"
-            rows[-1].result = (
-                f"{m.plan['bytes'] / 1e6:.1f} MB plan for SM {targets} ({library}); "
-                "runs on a matching GPU"
+        for profile, source, folder in ENGINE_STAGES:
+            layout = newest_manifest(made[source]).export.layout.name
+            t0 = time.perf_counter()
+            result = _build(profile, made[source], out / folder)
+            rows.append(
+                _Row(f"engine {profile} ({layout})", time.perf_counter() - t0, result, True)
             )
     print(f"\n{'stage':<38} {'time':>7}  result")
     for r in rows:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ArtifactError
+from kiln.layouts import CONCAT, KVLayout
 from kiln.manifests import (
     EngineManifest,
     ExportManifest,
@@ -39,9 +40,9 @@ class ArtifactInfo:
     # context; transformers' Phi3 generate() then drops the cache and re-prefills once
     # (Phi3ForCausalLM.prepare_inputs_for_generation). The loop does the same at this position.
     reprefill_at: int | None = None
-    # "static": per-slot preallocated KV buffers written in place (a SlotBackend runs it);
-    # "concat": past in, past + new out (a Backend runs it). From the manifest's kv_cache.
-    kv_layout: str = "concat"
+    # The KV layout from the manifest's kv_cache (kiln/layouts.py): static runs natively over
+    # slots, concat through runtime/concat_slots.py.
+    layout: KVLayout = CONCAT
 
     @property
     def onnx_path(self) -> Path:
@@ -68,7 +69,7 @@ def inspect_artifact(path: Path) -> ArtifactInfo:
             static_ctx or _engine_max_context(engine),
             *_special_ids(path, engine),
             engines=tuple(engines),
-            kv_layout=engine.layout.name,
+            layout=engine.layout,
         )
     if (path / "model.onnx").is_file() and any(
         (path / m.FILE).is_file() for m in (OptimizeManifest, ExportManifest)
@@ -81,7 +82,7 @@ def inspect_artifact(path: Path) -> ArtifactInfo:
             onnx.export.max_context or _onnx_max_context(path, onnx.newest),
             *_special_ids(path, onnx.newest),
             reprefill_at=_reprefill_at(path, onnx.newest),
-            kv_layout=onnx.layout.name,
+            layout=onnx.layout,
         )
     raise ArtifactError(
         f"{path} holds neither model.onnx with a manifest (optimize.json, export.json) nor "

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, overload
 
 from kiln.errors import KilnError
-from kiln.layouts import layout_named
 from kiln.runtime import decode
 from kiln.runtime.artifact import ArtifactInfo, inspect_artifact, source_dirs
 from kiln.runtime.decode import Event
@@ -238,7 +237,7 @@ def _ort_backend(
     spin: bool,
 ) -> SlotBackend:
     """OrtSlotBackend for a static graph; the concat adapter over OrtBackend otherwise."""
-    if layout_named(info.kv_layout).has_slots:
+    if info.layout.has_slots:
         from kiln.runtime.ort_slots import OrtSlotBackend
 
         return OrtSlotBackend(
@@ -266,7 +265,7 @@ def _ort_backend(
 
 def _trt_backend(info: ArtifactInfo, *, slots: int, cuda_graph: bool) -> SlotBackend:
     """TrtSlotBackend for a static engine; the concat adapter over TrtBackend otherwise."""
-    if layout_named(info.kv_layout).has_slots:
+    if info.layout.has_slots:
         from kiln.runtime.trt_backend import slot_backend_from_engines
 
         return slot_backend_from_engines(info, slots=slots, cuda_graph=cuda_graph)

@@ -75,9 +75,9 @@ class SlotSpec:
 def slot_spec(manifest: EngineManifest, where: Path | str = "engine.json") -> SlotSpec:
     """Read a static engine's SlotSpec; refuse concat engines and manifests without aliasing."""
     kv = manifest.kv_cache
-    if kv["layout"] != "static":
+    if not manifest.layout.has_slots:
         raise ArtifactError(
-            f"{where} is a {kv['layout']}-KV engine; the slot backend needs one "
+            f"{where} is a {manifest.layout.name}-KV engine; the slot backend needs one "
             "built from a static export (`kiln export MODEL --kv static --max-context N`, then "
             "`kiln build`). Load a concat engine with kiln.runtime.load instead."
         )

@@ -68,10 +68,9 @@ def check_static(artifact: Path) -> None:
     from kiln.runtime.artifact import inspect_artifact
 
     info = inspect_artifact(artifact)
-    layout = info.kv_layout
-    if layout != "static":
+    if not info.layout.has_slots:
         raise ArtifactError(
-            f"{artifact} has a {layout} KV cache; the server batches requests over "
+            f"{artifact} has a {info.layout.name} KV cache; the server batches requests over "
             "static KV slots. Re-export with `kiln export MODEL --kv static --max-context N` "
             "(and optimize/build from that folder)."
         )

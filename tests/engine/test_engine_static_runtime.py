@@ -107,7 +107,7 @@ def test_loading_without_a_gpu_or_with_the_wrong_layout_says_what_to_do(engine_f
     from kiln.runtime.trt_backend import backend_from_engines, slot_backend_from_engines
 
     info = inspect_artifact(engine_fp32)
-    assert info.kv_layout == "static" and info.max_context == M
+    assert info.layout.name == "static" and info.max_context == M
     with pytest.raises(KilnError, match=r"holds only static-KV engines, not concat ones"):
         backend_from_engines(info)
     if gpu_compute_capability() is None:

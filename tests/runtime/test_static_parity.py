@@ -77,6 +77,6 @@ def test_negative_control_lost_cache_fails_the_comparison(exported, tiny_model_d
 def test_load_routes_static_artifacts_to_slots(exported):
     gen = load(exported("llama", "fp32", kv="static"), tokenizer=False, slots=2)
     assert type(gen.backend).__name__ == "OrtSlotBackend"
-    assert gen.info.kv_layout == "static"
+    assert gen.info.layout.name == "static"
     assert gen.backend.slots == 2
     assert gen.info.max_context == gen.backend.max_context == 256
