@@ -55,7 +55,7 @@ ARTIFACT ?= $(OUT)/onnx
 generate: $(OUT)/onnx/export.json  ## text from an artifact (ARTIFACT=folder PROMPT="..." GENERATE_FLAGS="--stream --temperature 0.7")
 	$(KILN) generate $(ARTIFACT) --prompt "$(PROMPT)" $(GENERATE_FLAGS)
 
-bench: $(STAMP)  ## the race: kiln concat/static fp32/static int4 vs HF eager vs ort-genai fp32/int4 (TTFT, tok/s b1/b4, memory, roofline, issue 7 ratios); BENCH_FLAGS="--models smollm --runners kiln-static,genai"
+bench: $(STAMP)  ## the race: kiln concat/static fp32/static int4 vs HF eager vs ort-genai fp32/int4 (TTFT, tok/s b1/b4, memory, roofline, target ratios); BENCH_FLAGS="--models smollm --runners kiln-static,genai"
 	$(PY) -m bench.race --out out/bench $(BENCH_FLAGS)
 
 # Serving: the bundled model exported with static KV slots, unless ARTIFACT= names a static folder.

@@ -1,4 +1,4 @@
-"""What `make bench` prints and draws: the runner table, issue 7's ratios, the profile, a chart.
+"""What `make bench` prints and draws: the runner table, the target ratios, the profile, a chart.
 
 Everything here reads the results dict that bench/race.py collects (one entry per model, one
 per runner inside); nothing is measured here.
@@ -43,8 +43,8 @@ BARS = (
     Bar("b4 int4 static vs genai int4", "kiln-static-int4", "genai-int4", "b4", 1.0),
     Bar("TTFT fp32 static vs genai fp32", "kiln-static", "genai", "ttft", 1.0),
     Bar("TTFT int4 static vs genai int4", "kiln-static-int4", "genai-int4", "ttft", 1.0),
-    Bar("b1 fp32 concat vs eager (issue 6)", "kiln", "hf", "b1", 2.5),
-    Bar("b1 fp32 concat, ORT target, vs eager (issue 6)", "kiln-ort", "hf", "b1", 2.5),
+    Bar("b1 fp32 concat vs eager", "kiln", "hf", "b1", 2.5),
+    Bar("b1 fp32 concat, ORT target, vs eager", "kiln-ort", "hf", "b1", 2.5),
 )
 
 
@@ -64,7 +64,7 @@ def _figure(d: dict[str, Any], metric: str) -> float | None:
 
 
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each bar of issue 7 per model: the ratio and met / not met (or why it has no figure)."""
+    """Each target ratio per model: the ratio and met / not met (or why it has no figure)."""
     out = []
     for model, res in results.items():
         runners = res["runners"]

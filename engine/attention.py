@@ -3,7 +3,7 @@
 TensorRT-RTX 1.7 has no dedicated fp32 kernel for IAttention; the build fails with "Attention
 operation was not supported by a dedicated kernel ... may be marked as decomposable" unless
 `IAttention.decomposable = True`, which lets it lower the op to MatMul/Softmax layers
-(../shared/research/tensorrt-rtx/README.md, "build failures and their fixes"). fp16/bf16
+(docs/tensorrt-rtx/README.md, "build failures and their fixes"). fp16/bf16
 attention keeps the fused kernel. `kiln optimize` records the need as
 `engine_hints.attention_decomposable`; export folders carry no hints (their opset-24 static
 graphs hold Attention too), so the parsed network's attention output types decide as well.

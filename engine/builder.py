@@ -2,7 +2,7 @@
 
 The two share the API (OnnxParser, optimization profiles, memory pools,
 build_serialized_network); they differ in five places, and only here
-(../shared/research/tensorrt-rtx/README.md, "API differences"):
+(docs/tensorrt-rtx/README.md, "API differences"):
 1. the module to import;
 2. the STRONGLY_TYPED network flag: only TensorRT < 11 needs it (RTX and TRT 11 always are);
 3. target selection: RTX compiles ahead of time for listed compute capabilities; full TensorRT

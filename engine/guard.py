@@ -4,7 +4,7 @@
 GroupQueryAttention, SkipSimplifiedLayerNormalization, RotaryEmbedding, MatMulNBits, ...).
 TensorRT-RTX's parser claims some of them (`supports_operator` is True) but the wheel ships no
 plugins for them: GroupQueryAttention fails with "failed to load GroupQueryAttention plugin"
-(../shared/research/tensorrt-rtx/README.md, "Fused ops"). Reading the node domains names every
+(docs/tensorrt-rtx/README.md, "Fused ops"). Reading the node domains names every
 offending op at once, in milliseconds, instead of one parser error after a slow parse.
 """
 

@@ -1,6 +1,6 @@
 """What to do about a TensorRT parse error: the optimize pass or profile change that fixes it.
 
-Each rule was seen on TensorRT-RTX 1.7 (../shared/research/tensorrt-rtx/README.md, "build
+Each rule was seen on TensorRT-RTX 1.7 (docs/tensorrt-rtx/README.md, "build
 failures and their fixes" and "Fused ops"); the first matching rule wins.
 """
 

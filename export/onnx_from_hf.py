@@ -1,6 +1,6 @@
 """Trace a transformers model into one ONNX graph with a KV cache, via torch's dynamo exporter.
 
-Why dynamo at opset 18 (evidence: ../shared/research/tensorrt-rtx/README.md, re-checked here):
+Why dynamo at opset 18 (evidence: docs/tensorrt-rtx/README.md, re-checked here):
 - dynamo emits about half the nodes of the TorchScript exporter (470 vs 965 TensorRT layers on a
   tiny GPT-2) and no TracerWarnings, whose Python-bool branches can bake shapes into the graph;
 - named `Dim`s give the graph readable dynamic axes (batch, sequence, past_sequence);

@@ -110,8 +110,8 @@ class Precision:
         return " or ".join(ways)
 
 
-# Tolerances: calibrated on the bundled model and tiny random models of every family (see the
-# export note); fp32 is the issue's bound: max abs logit error <= 1e-4 against PyTorch.
+# Tolerances: calibrated on the bundled model and tiny random models of every family
+# (optimize/NOTES.md has the per-model figures); fp32: max abs logit error <= 1e-4 against PyTorch.
 FP32 = Precision(
     "fp32",
     activations="fp32",

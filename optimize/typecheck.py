@@ -11,7 +11,7 @@ def check_types(model: ir.Model, *, what: str) -> None:
     """Run onnx's shape inference in strict mode with type checks; raise naming the first error.
 
     TensorRT-RTX networks are always strongly typed, so a graph that fails here fails there
-    (research README: strict inference caught the exact mismatch TensorRT rejected).
+    (docs/tensorrt-rtx/README.md: strict inference caught the exact mismatch TensorRT rejected).
     """
     import onnx
 

@@ -242,7 +242,7 @@ class TrtBackend:
         self._runtime_cache = None
         if cuda_graph and not self.is_rtx:
             # A hand-made capture would be re-recorded every step: concat-KV shapes grow by one
-            # position per step. The static in-place cache (next issue) makes that worthwhile.
+            # position per step; static-KV engines (runtime/trt_slots.py) keep their shapes fixed.
             log.warning("cuda_graph: only TensorRT-RTX's runtime capture is wired; ignored here")
         self.contexts = [
             self._context(p, cuda_graph and p["name"] == "decode") for p in self.profiles

@@ -6,7 +6,8 @@ with K^T built by Reshape/Transpose/Reshape and, for GQA, K and V repeated per q
 Unsqueeze/Expand/Reshape (HF repeat_kv). This rule replaces all of it with one
   Attention(q[B,H,S,D], present_key[B,Hkv,T,D], present_value[B,Hkv,T,D], mask[B,1,S,T], scale=s)
 so the KV repeat disappears (opset-23 Attention broadcasts KV heads) while the KV Concat with the
-past stays outside the op: TensorRT rejects Attention nodes with past/present (research README).
+past stays outside the op: TensorRT rejects Attention nodes with past/present
+(docs/tensorrt-rtx/README.md).
 
 Fully masked query rows (left padding): the exporter's fill is finfo.min, not -inf, so Softmax
 gives a uniform row rather than NaN, and the Where(IsNaN) guard the rule drops never fires.

@@ -1,8 +1,8 @@
 """Gelu (opset 20) from the exported tanh or erf formula (GPT-2's gelu_new, BERT-style gelu).
 
 onnxscript's own Gelu rules emit com.microsoft FastGelu/Gelu, which TensorRT-RTX does not parse
-(research README: FastGelu unsupported), and its tanh pattern associates 0.5*x differently
-from the dynamo export, so kiln states the two patterns here and emits the standard op.
+(docs/tensorrt-rtx/README.md: FastGelu unsupported), and its tanh pattern associates 0.5*x
+differently from the dynamo export, so kiln states the two patterns here and emits the standard op.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Weights are quantized per output channel, the input activation per tensor. Engin
 build only for SM89 and newer (TensorRT-RTX rejects SM80/SM86 targets: "HW-specific
 datatypes: fp8_e4m3").
 
-Scales, stated as the issue asks:
+Scales:
 - weight W[K,N]: one scale per output channel, s_w[n] = max_k |W[k,n]| / 448 (E4M3's largest
   finite value), applied by DequantizeLinear(axis=1) on the stored float8e4m3fn weight;
 - activation x feeding that MatMul: one static scale, s_x = max |x| / 448, where max |x| is

@@ -2,7 +2,8 @@
 
 Why not onnxruntime.transformers.float16 (onnxconverter-common's converter): it has no
 bfloat16, and it leaves the model's own Cast(to=FLOAT) nodes behind, which produces Float x Half
-ops that TensorRT-RTX rejects (research README, "llama fp32->fp16 via onnxconverter-common").
+ops that TensorRT-RTX rejects (docs/tensorrt-rtx/README.md, "llama fp32->fp16 via
+onnxconverter-common").
 This pass decides per node whether it computes in fp32 (an island) or in the low precision,
 then inserts one Cast wherever a value crosses between the two.
 

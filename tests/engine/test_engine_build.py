@@ -23,7 +23,8 @@ from kiln.errors import ArtifactError
 trt = pytest.importorskip("tensorrt_rtx", reason="the engine extra (tensorrt-rtx) is not installed")
 
 PROFILE = "rtx-ampere-ada-fp16"
-SM86, SM89 = 0x04, 0x08  # target bits at header offset 0x20 (research README, "Engine inspection")
+# Target bits at header offset 0x20 (docs/tensorrt-rtx/README.md, "Engine inspection").
+SM86, SM89 = 0x04, 0x08
 
 
 @pytest.fixture(scope="module")

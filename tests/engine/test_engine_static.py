@@ -24,7 +24,7 @@ trt = pytest.importorskip("tensorrt_rtx", reason="the engine extra (tensorrt-rtx
 
 PROFILE = "rtx-ampere-ada-fp16"
 LAYERS, MAX_CONTEXT = 2, 256  # the tiny Llama; STATIC_MAX_CONTEXT_TINY
-SM86, SM89 = 0x04, 0x08  # target bits at header offset 0x20 (research README)
+SM86, SM89 = 0x04, 0x08  # target bits at header offset 0x20 (docs/tensorrt-rtx/README.md)
 
 
 def _fp32_profile():
