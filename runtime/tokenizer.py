@@ -3,8 +3,8 @@
 transformers' AutoTokenizer imports torch (seconds and ~300 MB in a serving process that needs
 neither). This module reads the same files (tokenizer.json, tokenizer_config.json,
 chat_template.jinja) and does what transformers' TokenizersBackend does with them: the named
-special tokens of tokenizer_config.json, BOS/EOS added when the config asks
-(`add_bos_token`/`add_eos_token`) or the file has no post-processor, decode with
+special tokens of tokenizer_config.json, BOS/EOS as tokenizer.json's post-processor adds them
+(transformers ignores the config's `add_bos_token` when tokenizer.json exists), decode with
 `clean_up_tokenization_spaces` (never on BPE), and chat templates rendered in transformers'
 jinja2 environment. tests/runtime/test_tokenizer.py checks every path against transformers.
 """
@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
 
 from kiln.errors import ArtifactError
@@ -62,11 +62,6 @@ class Tokenizer:
         if missing:  # transformers adds named special tokens the file lacks
             backend.add_special_tokens(
                 [AddedToken(t, special=True, normalized=False) for t in missing]
-            )
-        explicit = "add_bos_token" in config or "add_eos_token" in config
-        if explicit or backend.post_processor is None:
-            self._set_post_processor(
-                bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
             )
         self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and (
             type(backend.model).__name__ != "BPE"  # transformers skips the cleanup for BPE
@@ -136,19 +131,6 @@ class Tokenizer:
     def _id_of(self, name: str) -> int | None:
         text = self.special_tokens.get(name)
         return None if text is None else self.backend.token_to_id(text)
-
-    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
-        """BOS/EOS around each sequence, as configured (transformers' update_post_processor)."""
-        bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
-        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-        single = f"{f'{bos}:0 ' if add_bos else ''}$A:0{f' {eos}:0' if add_eos else ''}"
-        pair = f"{single}{f' {bos}:1' if add_bos else ''} $B:1{f' {eos}:1' if add_eos else ''}"
-        specials = [
-            (t, self.backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on
-        ]
-        self.backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=specials
-        )
 
 
 def load_tokenizer(folders: Sequence[Path]) -> Tokenizer | None:
