@@ -47,6 +47,7 @@ step "(b) kiln[serve] only, in a fresh venv"
 runtime/bin/pip install -q -c "$C" "$WHEEL[serve]"
 runtime/bin/pip check
 du -sh full runtime > sizes.txt  # before the client below joins the runtime venv
+runtime/bin/kiln --help > /dev/null
 runtime/bin/pip install -q -c "$C" openai  # the official client, for the request below only
 runtime/bin/pip check
 for heavy in torch transformers; do

@@ -18,8 +18,10 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
 
-from kiln.errors import ArtifactError
+from kiln.errors import ArtifactError, RequestError
 from kiln.models.zen import ZEN_DIR, zen_text
+from kiln.runtime.server.prepare import ModelView, prepare_chat
+from kiln.runtime.server.schemas import ChatRequest
 from kiln.runtime.tokenizer import Tokenizer, load_tokenizer
 
 TEXTS = [
@@ -181,6 +183,17 @@ def test_template_raise_exception_is_a_template_error(tmp_path):
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(jinja2.TemplateError, match="roles must alternate"):
         ours.render_chat(bad)
+
+
+def test_server_answers_a_refused_conversation_with_400(tmp_path):
+    ours = Tokenizer.from_folder(_save_family("llama2", tmp_path / "llama2"))
+    model = ModelView("m", max_context=512, vocab=400, eos_ids=(1,), tokenizer=ours)
+    twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(RequestError, match="roles must alternate") as e:
+        prepare_chat(ChatRequest.model_validate({"messages": twice}), model)
+    assert (e.value.status, e.value.param) == (400, "messages")
+    ok = prepare_chat(ChatRequest.model_validate({"messages": twice[:1]}), model)
+    assert ok.prompt_ids == ours.encode_chat(twice[:1])
 
 
 def test_config_without_tokenizer_json_is_named(tmp_path):
