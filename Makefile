@@ -14,14 +14,14 @@ STAMP   := $(VENV)/.kiln-setup
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(STAMP)  ## a .venv with every pinned dependency (torch 2.13.0 CPU) and kiln installed editable
+setup: $(STAMP)  ## a .venv with every extra at the tested versions (constraints.txt; torch 2.13.0 CPU) and kiln installed editable
 
 # torch goes first and alone: the pinned 2.13.0 CPU wheel installs from local disk in seconds, and
-# once it is there no other package can pull a different torch.
-$(STAMP): pyproject.toml
+# once it is there no other package can pull a different torch. constraints.txt pins the rest.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[engine,serve,dev]"
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[export,engine,serve,dev]"
 	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	@touch $@
 

@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import cache_key, copy_carried_files, sha256_file
+from kiln.artifacts import cache_key, copy_carried_files, sha256_file, tool_versions
 from kiln.engine.attention import mark_decomposable
 from kiln.engine.builder import Backend
 from kiln.engine.errors import EngineBuildError, EngineMismatchError, ParseError, ProfileError
@@ -105,6 +105,7 @@ def build_engine(
             facts = _build_plan(backend, gpu, source, stage.dir / PLAN, times)
             times["total"] = round(time.perf_counter() - t0, 3)
             facts["build"]["elapsed_s"] = times
+            facts["build"]["versions"] = tool_versions("kiln")  # the tool record, as export.json
             # Config and tokenizer travel with the plan: a serving host may not have the ONNX.
             copy_carried_files(artifact, stage.dir)
             stage.finish(_manifest(source, hashing.result(), gpu, backend, stage.key, facts))

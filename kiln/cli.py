@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.extras import kiln_version, require_extra
 from kiln.log import setup_logging
 
 log = logging.getLogger("kiln")
@@ -43,6 +44,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    require_extra("export", "kiln demo")
     from kiln.demo import run_demo
 
     return run_demo(args.out, model=args.model)
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kiln",
         description="Hugging Face causal LMs in; verified ONNX and TensorRT engines per GPU out.",
     )
+    parser.add_argument("--version", action="version", version=f"kiln {kiln_version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -10,7 +10,8 @@ so the joined pieces equal `tokenizer.decode(all_ids)`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+
+from kiln.runtime.tokenizer import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     """Turn a growing list of token ids into text pieces, one call per new token."""
 
-    def __init__(self, tokenizer: Any, *, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Decoder, *, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []

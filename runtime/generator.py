@@ -14,6 +14,7 @@ from kiln.runtime.artifact import ArtifactInfo, inspect_artifact, source_dirs
 from kiln.runtime.decode import Event
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.slots import SlotBackend
+from kiln.runtime.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ class Completion:
 class Generator:
     """A loaded artifact: its slot backend, tokenizer (when it has one) and stop ids."""
 
-    def __init__(self, backend: SlotBackend, info: ArtifactInfo, tokenizer: Any = None) -> None:
+    def __init__(
+        self, backend: SlotBackend, info: ArtifactInfo, tokenizer: Tokenizer | None = None
+    ) -> None:
         self.backend = backend
         self.info = info
         self.tokenizer = tokenizer
@@ -47,7 +50,7 @@ class Generator:
                     f"{self.info.path} has no tokenizer files, so text prompts cannot be encoded; "
                     "pass token ids, or export from a model folder that has a tokenizer."
                 )
-            return list(self.tokenizer(prompt)["input_ids"])
+            return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
     def stream(
@@ -192,8 +195,7 @@ def load(
     keeps ONNX Runtime's intra-op threads spinning between ops (faster on an idle host, much
     slower on a shared one).
     cuda_graph: TensorRT-RTX whole-graph capture for decode steps.
-    tokenizer: False skips the tokenizer (token-id prompts only): transformers' AutoTokenizer
-    imports torch, which costs seconds and ~300 MB in a process that needs neither.
+    tokenizer: False skips the tokenizer (token-id prompts only).
     """
     info = inspect_artifact(Path(artifact))
     if backend == "auto":
@@ -275,14 +277,9 @@ def _trt_backend(info: ArtifactInfo, *, slots: int, cuda_graph: bool) -> SlotBac
     return ConcatSlotBackend(backend_from_engines(info, cuda_graph=cuda_graph), slots=slots)
 
 
-def tokenizer_of(info: ArtifactInfo) -> Any:
-    """The artifact's tokenizer, or None when it carries no tokenizer files."""
+def tokenizer_of(info: ArtifactInfo) -> Tokenizer | None:
+    """The artifact's tokenizer (runtime/tokenizer.py); None when it carries no tokenizer files."""
     folders = [info.path, *info.engines]
     for engine in info.engines:
         folders += source_dirs(engine, info.manifest)
-    for folder in folders:
-        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(folder)
-    return None
+    return load_tokenizer(folders)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.extras import require_extra
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `kiln build`."""
@@ -49,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
+    require_extra("engine", "kiln build")
     from kiln.engine.matrix import build_matrix, format_table, resolve_profiles
 
     profiles = resolve_profiles(args.profile)

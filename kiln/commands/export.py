@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.extras import require_extra
 from kiln.layouts import CONCAT, LAYOUTS, STATIC
 from kiln.precisions import names_for
 
@@ -67,6 +68,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
+    require_extra("export", "kiln export")
     from kiln.export import export_model
 
     out = args.out or Path("out") / args.model.resolve().name / "onnx"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.extras import require_extra
 from kiln.precisions import OPTIMIZE_TARGETS, names_for
 
 
@@ -88,6 +89,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
+    require_extra("export", "kiln optimize")
     from kiln.optimize import default_passes, optimize_model
 
     if args.list_passes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.extras import require_extra
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `kiln serve`."""
@@ -42,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
+    require_extra("serve", "kiln serve")
     from kiln.errors import ConfigError
     from kiln.runtime.server import ServerState, serve
     from kiln.runtime.server.serve import check_static, slots_loader

@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 from kiln.errors import ConfigError, RequestError
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.server.schemas import ChatRequest, CompletionRequest, SamplingFields
+from kiln.runtime.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
 
@@ -25,7 +28,7 @@ class ModelView:
     max_context: int
     vocab: int
     eos_ids: tuple[int, ...]
-    tokenizer: Any  # None when the artifact carries no tokenizer files
+    tokenizer: Tokenizer | None  # None when the artifact carries no tokenizer files
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def prepare_chat(req: ChatRequest, model: ModelView) -> Prepared:
     """Prompt ids of a conversation (the tokenizer's chat template) and its sampling params."""
     _check_common(req, model)
     tok = model.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
+    if tok is None or not tok.chat_template:
         raise RequestError(
             f"Model '{model.name}' has no chat template (chat_template.jinja or "
             "tokenizer_config.json); use POST /v1/completions with a plain prompt instead.",
@@ -76,11 +79,16 @@ def prepare_chat(req: ChatRequest, model: ModelView) -> Prepared:
             code="no_chat_template",
         )
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-        ids = ids["input_ids"]
+    try:
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
+    except TemplateError as e:  # the template's raise_exception: e.g. roles must alternate
+        raise RequestError(
+            f"The chat template of model '{model.name}' refuses these messages: {e}; change the "
+            "conversation to the form the template accepts.",
+            param="messages",
+        ) from None
     max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
-    return _prepared(req, [int(t) for t in ids], max_tokens, model)
+    return _prepared(req, ids, max_tokens, model)
 
 
 def _check_common(req: SamplingFields, model: ModelView) -> None:
@@ -108,7 +116,7 @@ def _encode(text: str, model: ModelView) -> list[int]:
             param="prompt",
             code="no_tokenizer",
         )
-    return list(model.tokenizer(text)["input_ids"])
+    return model.tokenizer.encode(text)
 
 
 def _prepared(

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 
 import onnx
 import pytest
@@ -60,6 +61,7 @@ def test_manifest_describes_the_engine(zen_engine, zen_fp16):
     assert m.plan["sha256"] == hashlib.sha256(plan).hexdigest()
     times = m.build["elapsed_s"]
     assert 0 < times["build"] <= times["total"]
+    assert m.build["versions"]["kiln"] == metadata.version("kiln")
 
     graph = onnx.load(str(zen_fp16 / "model.onnx"), load_external_data=False).graph
     names = [v.name for v in (*graph.input, *graph.output)]
