@@ -9,6 +9,7 @@ different answer. `parse_request` turns every failure into a RequestError naming
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kiln.errors import RequestError
 
 T = TypeVar("T", bound=BaseModel)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Fields of the OpenAI API that this server does not implement, with their neutral values.
 _UNSUPPORTED = {
@@ -117,18 +120,63 @@ def parse_request(body: bytes, schema: type[T]) -> T:
             "send one JSON object, with double-quoted keys and no trailing commas.",
             code="invalid_json",
         ) from None
+    except RecursionError:  # the parser recurses once per nested array or object
+        raise RequestError(
+            "Request body nests arrays or objects too deeply to parse; send the request "
+            "fields, which nest at most three levels.",
+            code="invalid_json",
+        ) from None
     if not isinstance(data, dict):
         raise RequestError(
             f"Request body is a JSON {type(data).__name__}, not an object; send a JSON object "
             "with the request fields.",
             code="invalid_json",
         )
+    _refuse_lone_surrogates(data)
     try:
         req = schema.model_validate_json(text)
     except ValidationError as e:
         raise _request_error(e) from None
     _refuse_unsupported(data)
     return req
+
+
+def _refuse_lone_surrogates(data: dict[str, Any]) -> None:
+    r"""Refuse a string holding half of a UTF-16 surrogate pair (JSON `"\ud800"`), naming it.
+
+    JSON's grammar lets such escapes through, but they are no Unicode characters: the tokenizer
+    cannot encode them and no answer could carry them back as UTF-8. The walk is iterative, so
+    a body nested as deeply as the JSON parser allows cannot exhaust the stack here.
+    """
+    todo: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    raise _surrogate_error((*path, key), key, "Key")
+                todo.append(((*path, key), item))
+        elif isinstance(value, list):
+            todo.extend(((*path, str(i)), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            raise _surrogate_error(path, value, "Field")
+
+
+def _surrogate_error(path: tuple[str, ...], text: str, what: str) -> RequestError:
+    """The error of a lone surrogate in `text`, the key or field (`what`) at `path`."""
+    where = _escaped(".".join(path))
+    bad = _escaped(_SURROGATE.findall(text)[0])
+    return RequestError(
+        f"{what} '{where}' holds the lone UTF-16 surrogate {bad}, which is not a Unicode "
+        "character; send the character itself or its complete surrogate pair.",
+        param=where,
+        code="invalid_unicode",
+    )
+
+
+def _escaped(text: str) -> str:
+    """`text` with each lone surrogate written as a backslash escape, safe to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _request_error(e: ValidationError) -> RequestError:
