@@ -19,6 +19,7 @@ from kiln.errors import RequestError
 T = TypeVar("T", bound=BaseModel)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_DEPTH = 32  # arrays and objects in a request (the request types nest 5 deep)
 
 # Fields of the OpenAI API that this server does not implement, with their neutral values.
 _UNSUPPORTED = {
@@ -132,7 +133,7 @@ def parse_request(body: bytes, schema: type[T]) -> T:
             "with the request fields.",
             code="invalid_json",
         )
-    _refuse_lone_surrogates(data)
+    _check_structure(data)
     try:
         req = schema.model_validate_json(text)
     except ValidationError as e:
@@ -141,16 +142,26 @@ def parse_request(body: bytes, schema: type[T]) -> T:
     return req
 
 
-def _refuse_lone_surrogates(data: dict[str, Any]) -> None:
-    r"""Refuse a string holding half of a UTF-16 surrogate pair (JSON `"\ud800"`), naming it.
+def _check_structure(data: dict[str, Any]) -> None:
+    r"""Refuse what JSON lets through but no request holds, naming the field.
 
-    JSON's grammar lets such escapes through, but they are no Unicode characters: the tokenizer
-    cannot encode them and no answer could carry them back as UTF-8. The walk is iterative, so
-    a body nested as deeply as the JSON parser allows cannot exhaust the stack here.
+    That is a string with half of a UTF-16 surrogate pair (`"\ud800"`), or arrays and objects
+    nested deeper than MAX_DEPTH. Lone surrogates are no Unicode characters: the tokenizer cannot
+    encode them and no answer could carry them back as UTF-8. The request types nest 5 levels
+    (messages.0.content.0.text); pydantic's JSON parser gives up on deeper nesting without saying
+    where. The walk is iterative, so a body nested as deeply as the JSON parser allows cannot
+    exhaust the stack here.
     """
     todo: list[tuple[tuple[str, ...], Any]] = [((), data)]
     while todo:
         path, value = todo.pop()
+        if len(path) > MAX_DEPTH:
+            raise RequestError(
+                f"Field '{_escaped(path[0])}' nests arrays or objects more than {MAX_DEPTH} "
+                "levels deep; the request fields nest at most 5 levels: flatten it.",
+                param=_escaped(path[0]),
+                code="invalid_value",
+            )
         if isinstance(value, dict):
             for key, item in value.items():
                 if _SURROGATE.search(key):

@@ -31,7 +31,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from server_helpers import metric
 
-EXAMPLES = int(os.environ.get("KILN_FUZZ_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("KILN_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(
     derandomize=True,
     max_examples=EXAMPLES,
@@ -58,7 +58,8 @@ EDGE_FLOATS = [
     -1.0, math.nan, math.inf, -math.inf,
 ]  # fmt: skip
 
-texts = st.lists(st.characters() | st.sampled_from(EDGE_TEXT), max_size=10).map("".join)
+_piece = st.one_of(st.characters(), st.characters(), st.characters(), st.sampled_from(EDGE_TEXT))
+texts = st.one_of(st.text(max_size=10), st.lists(_piece, max_size=10).map("".join))
 ints = st.one_of(st.sampled_from(EDGE_INTS), st.integers(-5, 400), st.integers())
 floats = st.one_of(st.sampled_from(EDGE_FLOATS), st.floats(), st.floats(0, 2))
 scalars = st.one_of(st.none(), st.booleans(), ints, floats, texts)
@@ -77,25 +78,27 @@ short_or_invalid = st.one_of(
 
 
 def _field(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """A field's value: usually a right one, else anything (wrong types, edge values)."""
-    return st.one_of(good, good, good, junk)
+    """A field's value: 9 in 10 a right one, else anything (wrong types, edge values)."""
+    return st.integers(0, 9).flatmap(lambda i: good if i else junk)
 
 
 prompts = st.one_of(
     texts.filter(bool),
-    st.lists(st.integers(0, 400), max_size=6),
-    st.lists(texts, max_size=2),
-    st.lists(st.lists(st.integers(-1, 400), max_size=4), max_size=2),
-    st.sampled_from(["Beautiful is", "x" * 2000]),  # the second: past the 384-token context
+    st.lists(st.integers(0, 383), min_size=1, max_size=6),  # token ids within the vocabulary
+    st.sampled_from(["Beautiful is", ["Flat is"], [[1, 5, 9]]]),
+    st.one_of(  # wrong: ids past the vocab, two prompts, empty ones, past the 384-token context
+        st.lists(st.integers(-1, 400), max_size=6),
+        st.lists(texts, max_size=2),
+        st.lists(st.lists(st.integers(-1, 400), max_size=4), max_size=2),
+        st.just("x" * 2000),
+    ),
 )
 parts = st.fixed_dictionaries({"type": _field(st.just("text")), "text": _field(texts)})
-messages = st.lists(
-    st.fixed_dictionaries(
-        {"role": _field(st.sampled_from(["user", "system", "assistant", "tool"]) | texts)},
-        optional={"content": _field(texts | st.lists(parts, max_size=2) | st.none()), "name": junk},
-    ),
-    max_size=3,
+message = st.fixed_dictionaries(
+    {"role": _field(st.sampled_from(["user", "system", "assistant", "tool"]) | texts)},
+    optional={"content": _field(texts | st.lists(parts, max_size=2) | st.none()), "name": junk},
 )
+messages = st.lists(message, min_size=1, max_size=3)  # [] comes from the wrong values
 stops = st.one_of(st.none(), texts, st.lists(texts, max_size=5))
 FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "model": _field(st.sampled_from([MODEL, MODEL, "gpt-4o", ""]) | st.none()),
@@ -129,7 +132,9 @@ def bodies(draw: st.DrawFn, chat: bool) -> dict[str, Any]:
     main = "messages" if chat else "prompt"
     if draw(st.integers(0, 19)):  # 1 in 20 leaves the required field out
         body[main] = draw(_field(messages if chat else prompts))
-    names = draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=8, unique=True))
+    if draw(st.booleans()):  # streamed or not: half the bodies say which
+        body["stream"] = draw(_field(st.booleans()))
+    names = draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=6, unique=True))
     for name in names:
         body[name] = draw(FIELDS[name])
     # A short answer: max_tokens small (or invalid); chat falls back to max_completion_tokens
@@ -189,14 +194,15 @@ class Fuzzer:
         self.url = url
         self.client = httpx.Client(base_url=url, timeout=60)
         self.local_addr: tuple[str, int] | None = None
-        self.statuses: dict[int, int] = {}
+        self.answers: dict[str, int] = {}  # by status and content type, for `pytest -s`
 
     def post(self, endpoint: str, raw: bytes) -> httpx.Response:
         """POST raw bytes; the answer must come over the same connection as every other."""
         r = self.client.post(
             ENDPOINTS[endpoint], content=raw, headers={"content-type": "application/json"}
         )
-        self.statuses[r.status_code] = self.statuses.get(r.status_code, 0) + 1
+        kind = f"{r.status_code} {r.headers.get('content-type', '').split(';')[0]}"
+        self.answers[kind] = self.answers.get(kind, 0) + 1
         addr = r.extensions["network_stream"].get_extra_info("client_addr")
         self.local_addr = self.local_addr or addr
         assert addr == self.local_addr, f"the connection was dropped before {raw[:200]!r}"
@@ -306,7 +312,7 @@ def fuzzer(zen_server) -> Iterator[Fuzzer]:
 def _run(fuzzer: Fuzzer, test: Callable[[], None]) -> None:
     test()
     fuzzer.assert_healthy()
-    print(f"statuses: {dict(sorted(fuzzer.statuses.items()))}")
+    print(f"answers so far: {fuzzer.answers}")
 
 
 def test_completions_bodies(fuzzer):
