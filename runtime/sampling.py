@@ -146,4 +146,5 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     """
     top = np.max(x)
     e = np.exp(x - top) if np.isfinite(top) else (x == top).astype(x.dtype)
-    return e / e.sum()
+    probs: np.ndarray = e / e.sum()
+    return probs

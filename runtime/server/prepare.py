@@ -79,10 +79,9 @@ def prepare_chat(req: ChatRequest, model: ModelView) -> Prepared:
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
         ids = ids["input_ids"]
+    length: tuple[str, int | None] = ("max_tokens", req.max_tokens)
     if req.max_tokens is None and req.max_completion_tokens is not None:
         length = ("max_completion_tokens", req.max_completion_tokens)
-    else:
-        length = ("max_tokens", req.max_tokens)
     return _prepared(req, [int(t) for t in ids], length, model)
 
 

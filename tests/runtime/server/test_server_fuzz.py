@@ -8,10 +8,12 @@ JSON that is no object. Each goes over ONE keep-alive connection to a live serve
 bundled model. Property: every answer is a 200 that the openai package's types accept (every
 SSE event of a stream) or a 4xx in the OpenAI error shape naming the field at fault; never a
 5xx, and the connection stays open. After each run the server is healthy and holds no sequence.
+`Fuzzer` needs only a base URL, so the same checks can drive another deployment of the API.
 
-Examples per test: KILN_FUZZ_EXAMPLES (default 80: 240 bodies over three tests, ~20 s on 2
-cores); `KILN_FUZZ_EXAMPLES=20000` is the long local run. Derandomized: the same bodies every
-run, so a failure reproduces.
+Examples per test: KILN_FUZZ_EXAMPLES, default 100 (300 bodies over the three fuzz tests, ~6 s
+of requests on 2 cores besides the server's start); the long local run is
+`KILN_FUZZ_EXAMPLES=7000` (21,000 bodies, ~10 min). Derandomized: the same bodies every run, so
+a failure reproduces.
 """
 
 from __future__ import annotations
