@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -64,10 +64,11 @@ _piece = st.one_of(st.characters(), st.characters(), st.characters(), st.sampled
 texts = st.one_of(st.text(max_size=10), st.lists(_piece, max_size=10).map("".join))
 ints = st.one_of(st.sampled_from(EDGE_INTS), st.integers(-5, 400), st.integers())
 floats = st.one_of(st.sampled_from(EDGE_FLOATS), st.floats(), st.floats(0, 2))
+keys = st.one_of(st.text(max_size=8), st.text(max_size=8), texts)  # fewer lone surrogates
 scalars = st.one_of(st.none(), st.booleans(), ints, floats, texts)
 junk = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
     max_leaves=6,
 )
 # Integers a length field may take without a long decode: small valid ones or invalid ones.
@@ -134,8 +135,8 @@ def bodies(draw: st.DrawFn, chat: bool) -> dict[str, Any]:
     main = "messages" if chat else "prompt"
     if draw(st.integers(0, 19)):  # 1 in 20 leaves the required field out
         body[main] = draw(_field(messages if chat else prompts))
-    if draw(st.booleans()):  # streamed or not: half the bodies say which
-        body["stream"] = draw(_field(st.booleans()))
+    if draw(st.integers(0, 3)):  # streamed or not: 3 in 4 bodies say which
+        body["stream"] = draw(_field(st.sampled_from([True, False])))
     names = draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=6, unique=True))
     for name in names:
         body[name] = draw(FIELDS[name])
@@ -145,7 +146,7 @@ def bodies(draw: st.DrawFn, chat: bool) -> dict[str, Any]:
         body["max_tokens"] = draw(st.one_of(short_or_invalid, st.none(), junk.filter(_not_int)))
     if chat and not isinstance(body.get("max_tokens"), int):
         body["max_completion_tokens"] = draw(short_or_invalid)
-    for key, value in draw(st.dictionaries(texts, junk, max_size=2)).items():
+    for key, value in draw(st.dictionaries(keys, junk, max_size=2)).items():
         body.setdefault(key, value)
     return body
 
@@ -317,9 +318,35 @@ def _run(fuzzer: Fuzzer, test: Callable[[], None]) -> None:
     print(f"answers so far: {fuzzer.answers}")
 
 
+# The defects this test found, each run first on every run (then the generated bodies).
+HI = [{"role": "user", "content": "hi"}]
+FOUND = [
+    ("chat", {"messages": HI, "seed": -1, "max_tokens": 1}),  # 500: numpy's seed range
+    ("completions", {"prompt": "a", "max_tokens": 3, "temperature": 5e-324}),  # NaN probs
+    ("completions", {"prompt": "a", "max_tokens": 3, "repetition_penalty": 5e-324}),  # NaN probs
+    ("completions", {"prompt": [1], "max_tokens": 2, "repetition_penalty": 5e-324, "stream": True}),
+    ("chat", {"messages": HI, "model": "\ud800", "max_tokens": 1}),  # param 'body'
+    ("chat", {"messages": HI, "max_completion_tokens": -1}),  # param 'max_tokens'
+    ("completions", {"": {"\ud800": None}}),  # the key path lost its empty parent
+]
+
+
+def _found(chat: bool) -> Callable[[Any], Any]:
+    """hypothesis `example`s of the FOUND bodies of one endpoint."""
+
+    def add(test: Any) -> Any:
+        for endpoint, body in FOUND:
+            if (endpoint == "chat") == chat:
+                test = example((body, json.dumps(body).encode()))(test)
+        return test
+
+    return add
+
+
 def test_completions_bodies(fuzzer):
     @FUZZ
     @given(encoded(chat=False))
+    @_found(chat=False)
     def run(case: tuple[dict[str, Any], bytes]) -> None:
         fuzzer.check("completions", case[1], _decoded(case[1]))
 
@@ -329,6 +356,7 @@ def test_completions_bodies(fuzzer):
 def test_chat_bodies(fuzzer):
     @FUZZ
     @given(encoded(chat=True))
+    @_found(chat=True)
     def run(case: tuple[dict[str, Any], bytes]) -> None:
         fuzzer.check("chat", case[1], _decoded(case[1]))
 
@@ -338,6 +366,8 @@ def test_chat_bodies(fuzzer):
 def test_raw_bodies(fuzzer):
     @FUZZ
     @given(raw_bodies())
+    @example(("completions", b'{"prompt": ' + b"[" * 300 + b"]" * 300 + b"}"))  # param 'body'
+    @example(("chat", b"[" * 100_000))  # 500: RecursionError in json.loads
     def run(case: tuple[str, bytes]) -> None:
         fuzzer.check(case[0], case[1], _decoded(case[1]))
 
