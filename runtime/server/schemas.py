@@ -124,7 +124,7 @@ def parse_request(body: bytes, schema: type[T]) -> T:
     except RecursionError:  # the parser recurses once per nested array or object
         raise RequestError(
             "Request body nests arrays or objects too deeply to parse; send the request "
-            "fields, which nest at most three levels.",
+            "fields, which nest at most 5 levels (messages.0.content.0.text).",
             code="invalid_json",
         ) from None
     if not isinstance(data, dict):
