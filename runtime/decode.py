@@ -64,7 +64,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         """Seed the sampler and set up text streaming when there is a tokenizer."""
-        self.rng = np.random.default_rng(self.params.seed)
+        self.rng = self.params.generator()
         self.stop_ids = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             self.stop_ids |= set(self.eos_ids)

@@ -24,6 +24,12 @@ class SamplingParams:
 
     temperature 0 (or top_k 1) is greedy. `seed` makes sampling reproducible; None draws fresh
     entropy. `stop` strings end the text before them; `stop_token_ids` add to the model's EOS.
+
+    A seed is any 64-bit integer, signed or unsigned ([-2**63, 2**64 - 1]), as the OpenAI API
+    types it an integer and vLLM accepts signed 64-bit seeds. It is taken as a 64-bit word:
+    `seed % 2**64`, the two's complement of a negative seed (-1 and 2**64 - 1 draw the same
+    tokens), so every such seed is reproducible and non-negative seeds keep their streams. A seed
+    outside both ranges is refused rather than folded, since it cannot be a 64-bit value.
     """
 
     max_new_tokens: int = 64
@@ -46,12 +52,22 @@ class SamplingParams:
             (self.top_k >= 0, "top_k", "must be >= 0 (0 keeps every token)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 is off)"),
+            (
+                self.seed is None or -(2**63) <= self.seed < 2**64,
+                "seed",
+                "must be a 64-bit integer, from -2**63 to 2**64 - 1 (negative seeds count as "
+                "their two's complement)",
+            ),
         ]
         for ok, name, rule in checks:
             if not ok:
                 raise ConfigError(f"Sampling {name}={getattr(self, name)!r} {rule}.")
         if any(s == "" for s in self.stop):
             raise ConfigError("Sampling stop contains an empty string; give non-empty strings.")
+
+    def generator(self) -> np.random.Generator:
+        """The sampler's random generator: seeded by the seed as a 64-bit word, else fresh."""
+        return np.random.default_rng(None if self.seed is None else self.seed % 2**64)
 
     @property
     def greedy(self) -> bool:
@@ -69,8 +85,9 @@ def apply_repetition_penalty(
     if idx.size == 0:
         return logits_V
     out = logits_V.copy()
-    vals = out[idx]
-    out[idx] = np.where(vals < 0, vals * penalty, vals / penalty)
+    vals = out[idx].astype(np.float64)  # a tiny penalty overflows to +inf, never 0/0 = NaN
+    with np.errstate(over="ignore", invalid="ignore"):  # (np.where computes both branches)
+        out[idx] = np.where(vals < 0, vals * penalty, vals / penalty)
     return out
 
 
@@ -78,7 +95,15 @@ def warp(logits_V: np.ndarray, *, temperature: float, top_k: int, top_p: float) 
     """Temperature, then top-k, then top-p filtering; removed tokens get -inf."""
     out = logits_V.astype(np.float32, copy=True)
     if temperature not in (0.0, 1.0):
-        out /= np.float32(temperature)
+        t = np.float64(temperature)  # not float32, where a tiny temperature is 0 (0/0 = NaN)
+        top = out.max()
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = (out / t).astype(np.float32)
+            if not np.isfinite(scaled.max()):
+                # the top overflowed: measure from the top instead (softmax, top-k and top-p do
+                # not see a shift), so the T -> 0 limit holds: only the top tokens keep mass
+                scaled = np.where(out == top, 0, (out - top) / t).astype(np.float32)
+        out = scaled
     if 0 < top_k < out.shape[-1]:
         kth = np.partition(out, -top_k)[-top_k]
         out[out < kth] = -np.inf
@@ -115,6 +140,11 @@ def suppress(logits_V: np.ndarray, token_ids: Iterable[int]) -> np.ndarray:
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x))
-    probs: np.ndarray = e / e.sum()  # numpy types the 0-d sum, and so the quotient, as Any
+    """Softmax, also over an infinite top logit (a tiny repetition penalty overflows).
+
+    The tokens at the top then share the mass, as in the limit of a vanishing penalty.
+    """
+    top = np.max(x)
+    e = np.exp(x - top) if np.isfinite(top) else (x == top).astype(x.dtype)
+    probs: np.ndarray = e / e.sum()
     return probs

@@ -64,7 +64,7 @@ def prepare_completion(req: CompletionRequest, model: ModelView) -> Prepared:
                 f"[0, {model.vocab}); send ids below {model.vocab}.",
                 param="prompt",
             )
-    return _prepared(req, ids, req.max_tokens, model)
+    return _prepared(req, ids, ("max_tokens", req.max_tokens), model)
 
 
 def prepare_chat(req: ChatRequest, model: ModelView) -> Prepared:
@@ -87,8 +87,10 @@ def prepare_chat(req: ChatRequest, model: ModelView) -> Prepared:
             "conversation to the form the template accepts.",
             param="messages",
         ) from None
-    max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
-    return _prepared(req, ids, max_tokens, model)
+    length: tuple[str, int | None] = ("max_tokens", req.max_tokens)
+    if req.max_tokens is None and req.max_completion_tokens is not None:
+        length = ("max_completion_tokens", req.max_completion_tokens)
+    return _prepared(req, ids, length, model)
 
 
 def _check_common(req: SamplingFields, model: ModelView) -> None:
@@ -120,9 +122,13 @@ def _encode(text: str, model: ModelView) -> list[int]:
 
 
 def _prepared(
-    req: SamplingFields, ids: list[int], max_tokens: int | None, model: ModelView
+    req: SamplingFields, ids: list[int], length: tuple[str, int | None], model: ModelView
 ) -> Prepared:
-    n, ctx = len(ids), model.max_context
+    """Check the prompt and the length field against the context; build the sampling params.
+
+    `length` is the field that sets the length (max_tokens or max_completion_tokens) and its value.
+    """
+    (field, max_tokens), n, ctx = length, len(ids), model.max_context
     if n == 0:
         raise RequestError(
             "The prompt encodes to no tokens; send a non-empty prompt.", param="prompt"
@@ -139,10 +145,10 @@ def _prepared(
         max_tokens = min(16, room) if isinstance(req, CompletionRequest) else room
     if max_tokens < 1 or max_tokens > room:
         raise RequestError(
-            f"Field 'max_tokens' = {max_tokens}: must be between 1 and {room} (this model's "
+            f"Field '{field}' = {max_tokens}: must be between 1 and {room} (this model's "
             f"context of {ctx} tokens minus the prompt's {n}); ask for fewer tokens or shorten "
             "the prompt.",
-            param="max_tokens",
+            param=field,
             code="context_length_exceeded" if max_tokens > room else "invalid_value",
         )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -171,7 +177,7 @@ def _prepared(
 
 
 def _field_of(message: str) -> str | None:
-    names = {"temperature", "top_k", "top_p", "repetition_penalty", "min_new_tokens"}
+    names = {"temperature", "top_k", "top_p", "repetition_penalty", "min_new_tokens", "seed"}
     for name in names:
         if f" {name}=" in message:
             return "min_tokens" if name == "min_new_tokens" else name

@@ -9,6 +9,7 @@ different answer. `parse_request` turns every failure into a RequestError naming
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kiln.errors import RequestError
 
 T = TypeVar("T", bound=BaseModel)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_DEPTH = 32  # arrays and objects in a request (the request types nest 5 deep)
 
 # Fields of the OpenAI API that this server does not implement, with their neutral values.
 _UNSUPPORTED = {
@@ -117,18 +121,73 @@ def parse_request(body: bytes, schema: type[T]) -> T:
             "send one JSON object, with double-quoted keys and no trailing commas.",
             code="invalid_json",
         ) from None
+    except RecursionError:  # the parser recurses once per nested array or object
+        raise RequestError(
+            "Request body nests arrays or objects too deeply to parse; send the request "
+            "fields, which nest at most 5 levels (messages.0.content.0.text).",
+            code="invalid_json",
+        ) from None
     if not isinstance(data, dict):
         raise RequestError(
             f"Request body is a JSON {type(data).__name__}, not an object; send a JSON object "
             "with the request fields.",
             code="invalid_json",
         )
+    _check_structure(data)
     try:
         req = schema.model_validate_json(text)
     except ValidationError as e:
         raise _request_error(e) from None
     _refuse_unsupported(data)
     return req
+
+
+def _check_structure(data: dict[str, Any]) -> None:
+    r"""Refuse what JSON lets through but no request holds, naming the field.
+
+    That is a string with half of a UTF-16 surrogate pair (`"\ud800"`), or arrays and objects
+    nested deeper than MAX_DEPTH. Lone surrogates are no Unicode characters: the tokenizer cannot
+    encode them and no answer could carry them back as UTF-8. The request types nest 5 levels
+    (messages.0.content.0.text); pydantic's JSON parser gives up on deeper nesting without saying
+    where. The walk is iterative, so a body nested as deeply as the JSON parser allows cannot
+    exhaust the stack here.
+    """
+    todo: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    while todo:
+        path, value = todo.pop()
+        if len(path) > MAX_DEPTH:
+            raise RequestError(
+                f"Field '{_escaped(path[0])}' nests arrays or objects more than {MAX_DEPTH} "
+                "levels deep; the request fields nest at most 5 levels: flatten it.",
+                param=_escaped(path[0]),
+                code="invalid_value",
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    raise _surrogate_error((*path, key), key, "Key")
+                todo.append(((*path, key), item))
+        elif isinstance(value, list):
+            todo.extend(((*path, str(i)), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            raise _surrogate_error(path, value, "Field")
+
+
+def _surrogate_error(path: tuple[str, ...], text: str, what: str) -> RequestError:
+    """The error of a lone surrogate in `text`, the key or field (`what`) at `path`."""
+    where = _escaped(".".join(path))
+    bad = _escaped(_SURROGATE.findall(text)[0])
+    return RequestError(
+        f"{what} '{where}' holds the lone UTF-16 surrogate {bad}, which is not a Unicode "
+        "character; send the character itself or its complete surrogate pair.",
+        param=where,
+        code="invalid_unicode",
+    )
+
+
+def _escaped(text: str) -> str:
+    """`text` with each lone surrogate written as a backslash escape, safe to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _request_error(e: ValidationError) -> RequestError:
