@@ -22,11 +22,28 @@ from kiln.errors import ConfigError
 
 @dataclass(frozen=True)
 class Tol:
-    """Allowed drift: |got - ref| <= atol + rtol * |ref| elementwise, and greedy agreement."""
+    """Allowed drift of one output (logits of a call, or one layer's K or V) and greedy agreement.
+
+    Against a reference of the same type (a reduced precision against fp32, one graph against
+    another): |got - ref| <= atol + scale * max|ref| + rtol * |ref| elementwise; `scale` ties the
+    budget to the output's own magnitude (the logit scale), which grows with depth and init.
+
+    Against float64 (`noise` set: fp32 graphs checked against PyTorch, export/check.py):
+    max|got - f64| <= noise * max|torch fp32 - f64| + floor, i.e. the graph may round at most
+    `noise` times as badly as PyTorch fp32 does on the same inputs, plus a tiny absolute floor
+    for outputs PyTorch happens to compute (almost) exactly.
+    """
 
     atol: float
     rtol: float
     agree: float = 1.0  # fraction of positions whose argmax must match the reference
+    scale: float = 0.0  # budget per unit of max|ref| of the output
+    noise: float | None = None  # factor over PyTorch fp32's own error against float64
+    floor: float = 0.0  # absolute floor of the float64 check
+
+    def budget(self, ref_max_abs: float) -> float:
+        """The elementwise absolute budget (before rtol) of an output whose max|ref| is given."""
+        return self.atol + self.scale * ref_max_abs
 
 
 # numpy-style name of each float type activations can carry (as engine/builder.py names
@@ -115,7 +132,7 @@ class Precision:
 FP32 = Precision(
     "fp32",
     activations="fp32",
-    tol=Tol(atol=1e-4, rtol=0.0),
+    tol=Tol(atol=1e-4, rtol=0.0, noise=4.0, floor=1e-6),
     min_compute_capability=7.5,
     exported=True,
     onnxruntime=True,
