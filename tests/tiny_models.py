@@ -122,3 +122,23 @@ def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
     model = T.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     return folder
+
+
+def perturb_norm_gain(proto: Any, consumer: int, *, index: int = 3, factor: float = 1.01) -> str:
+    """Scale one element of the RMSNorm gain seen by one norm of an exported graph, in place.
+
+    Every norm's gain starts as ones, so the exporter stores one initializer shared by all of
+    them; the `consumer`-th node reading it (graph order: layer 0 input norm, layer 0
+    post-attention norm, layer 1 ...) gets a private, perturbed copy. Returns the node's name.
+    """
+    import onnx
+
+    shared = "model.model.layers.0.input_layernorm.weight"
+    init = next(t for t in proto.graph.initializer if t.name == shared)
+    node = [n for n in proto.graph.node if shared in n.input][consumer]
+    w = onnx.numpy_helper.to_array(init).copy()
+    w[index] *= factor
+    name = f"{shared}.perturbed"
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, name))
+    node.input[list(node.input).index(shared)] = name
+    return str(node.name)

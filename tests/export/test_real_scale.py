@@ -13,6 +13,7 @@ import json
 
 import onnx
 import pytest
+from tiny_models import perturb_norm_gain
 
 from kiln.errors import ParityError
 from kiln.export.check import check_parity
@@ -51,11 +52,7 @@ def _check(path, tiny_model_dir, name):
 def test_real_scale_perturbed_norm_gain_fails(exported, tiny_model_dir, tmp_path):
     """Negative control: one RMSNorm gain of one layer 1% off fails the 30-layer model's check."""
     proto = onnx.load(str(exported("smollm-135m") / "model.onnx"))
-    name = "model.model.layers.15.post_attention_layernorm.weight"
-    init = next(t for t in proto.graph.initializer if t.name == name)
-    w = onnx.numpy_helper.to_array(init).copy()
-    w[7] *= 1.01
-    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    perturb_norm_gain(proto, 2 * 15 + 1, index=7)  # layer 15's post-attention norm
     onnx.save(proto, str(tmp_path / "perturbed.onnx"), save_as_external_data=True)
     report = _check(tmp_path / "perturbed.onnx", tiny_model_dir, "smollm-135m")
     assert not report.ok
