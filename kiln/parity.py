@@ -193,7 +193,8 @@ class ParityReport:
                 f"atol {self.tol.atol:g}, scale {self.tol.scale:g}, rtol {self.tol.rtol:g}, "
                 f"agreement >= {self.tol.agree:g}"
             )
-            passing = f"atol {worst.max_abs:.3g} would have passed"
+            needed = worst.max_abs - (worst.allowed - self.tol.atol)  # the scale term kept
+            passing = f"atol {needed:.3g} would have passed"
         lines = [
             f"{what} drifted past the {self.precision} tolerance ({rule}).",
             f"  worst: {worst.describe()}",

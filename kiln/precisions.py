@@ -135,11 +135,12 @@ class Precision:
 # median 1.2-1.6, worst 2.9 (tiny Llama, static slots) and 3.0 (SmolLM-135M shape, concat; logits
 # 2.3e-4 vs PyTorch's 1.7e-4). One RMSNorm gain 1% off moves the logits by 2.7e-4 (tiny) and
 # 7e-4 to 0.16 (SmolLM shape, first to last layer) and K/V by >= 1.8e-3 in the layers after it:
-# >= 1.8x past the budget. fp32 graph against graph (a pass's drift, kiln/steps.py): atol 1e-4.
+# >= 1.8x past the budget. fp32 graph against graph (a pass's drift, kiln/steps.py): 1e-4 + 1e-5
+# of max|ref|; fusing the SmolLM-135M shape's norms drifts its logits by 8.2e-5 (max |logit| 12).
 FP32 = Precision(
     "fp32",
     activations="fp32",
-    tol=Tol(atol=1e-4, rtol=0.0, noise=8.0, floor=1e-6),
+    tol=Tol(atol=1e-4, rtol=0.0, scale=1e-5, noise=8.0, floor=1e-6),
     min_compute_capability=7.5,
     exported=True,
     onnxruntime=True,
