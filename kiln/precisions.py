@@ -129,7 +129,7 @@ class Precision:
 
 # Tolerances: calibrated on the bundled model, tiny random models of every family (max |logit|
 # ~0.6) and the real-scale shapes of tests/tiny_models.py (max |logit| 12 and 16); optimize/NOTES.md
-# has the per-model figures.
+# has the tiny and bundled models' figures, the real-scale ones are stated below.
 # fp32 against PyTorch is judged against a float64 forward (export/check.py): per output, the
 # graph's max error may be 8x PyTorch fp32's own plus 1e-6. Measured graph/PyTorch error ratios:
 # median 1.2-1.6, worst 2.9 (tiny Llama, static slots) and 3.0 (SmolLM-135M shape, concat; logits
