@@ -1,9 +1,13 @@
 """Request schemas of the OpenAI completions and chat completions APIs, validated by pydantic.
 
-Strict types: `"max_tokens": "5"` is an error, not a silent conversion. Unknown fields are
-ignored (clients send `user` and the like), but features this server does not implement are
-refused when set to anything but their neutral value, so a client never gets a silently
-different answer. `parse_request` turns every failure into a RequestError naming the field.
+Strict types: `"max_tokens": "5"` is an error, not a silent conversion. A field this server
+does not implement is refused with a 400 naming it (param = the field), so a client never gets
+a silently different answer: OpenAI features such as `response_format`, `tools` or `logprobs`
+unless set to their neutral value (_UNSUPPORTED), and any field the schemas do not know.
+Ignored, because they never change the answer: `user` and `metadata` (the caller's labels for
+its own logs), `store` when false and `service_tier` when "auto" or "default" (_IGNORED; this
+server stores nothing and has one tier). `parse_request` turns every failure into a
+RequestError naming the field.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ T = TypeVar("T", bound=BaseModel)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_DEPTH = 32  # arrays and objects in a request (the request types nest 5 deep)
 
-# Fields of the OpenAI API that this server does not implement, with their neutral values.
-_UNSUPPORTED = {
+# Fields of the OpenAI API that this server does not implement, with their neutral values
+# (sent at a neutral value they ask for nothing and pass).
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "echo": (None, False),
@@ -32,6 +37,26 @@ _UNSUPPORTED = {
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+    "prompt_cache_key": (None,),
+    "safety_identifier": (None,),
+}
+# Fields accepted and ignored, with the values that are ignored (None: any value).
+_IGNORED: dict[str, tuple[Any, ...] | None] = {
+    "user": None,
+    "metadata": None,
+    "store": (None, False),
+    "service_tier": (None, "auto", "default"),
 }
 
 
@@ -45,7 +70,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields both endpoints share: model, length, sampling, stop rules, streaming."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="ignore")  # _refuse_unsupported names extras
 
     model: str | None = None
     max_tokens: int | None = None
@@ -138,7 +163,7 @@ def parse_request(body: bytes, schema: type[T]) -> T:
         req = schema.model_validate_json(text)
     except ValidationError as e:
         raise _request_error(e) from None
-    _refuse_unsupported(data)
+    _refuse_unsupported(data, schema)
     return req
 
 
@@ -226,12 +251,21 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _refuse_unsupported(data: dict[str, Any]) -> None:
-    for name, neutral in _UNSUPPORTED.items():
-        if name in data and data[name] not in neutral:
-            raise RequestError(
-                f"Field '{name}' = {_short(data[name])} is not supported by this server; "
-                "remove it (or leave it at its default).",
-                param=name,
-                code="unsupported_parameter",
-            )
+def _refuse_unsupported(data: dict[str, Any], schema: type[BaseModel]) -> None:
+    """Refuse a field this server would otherwise ignore: a 400 naming it (see module doc)."""
+    for name, value in data.items():
+        if name in schema.model_fields or _IGNORED.get(name, ()) is None:
+            continue
+        neutral = _UNSUPPORTED.get(name, _IGNORED.get(name))
+        if neutral is not None and value in neutral:
+            continue
+        if name in _UNSUPPORTED or name in _IGNORED:
+            why = f"Field '{name}' = {_short(value)} is not supported by this server; remove it "
+            why += "(or leave it at its default)."
+        else:
+            why = f"Field '{name}' is not a field this server implements; remove it."
+        raise RequestError(
+            why,
+            param=name,
+            code="unsupported_parameter",
+        )

@@ -49,6 +49,22 @@ CASES = [
      "at least 1 item"),
     ("chat message type", "chat/completions", {"messages": [{"role": "user", "content": 5}]},
      400, "messages.0.content", "valid string"),
+    ("response_format json", "chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}},
+     400, "response_format", "'response_format' = {\"type\": \"json_object\"} is not supported"),
+    ("tools", "chat/completions",
+     {"messages": [{"role": "user", "content": "a"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "not supported"),
+    ("tool_choice", "chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "tool_choice": "auto"}, 400, "tool_choice",
+     "not supported"),
+    ("store true", "chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "store": True}, 400, "store",
+     "not supported"),
+    ("unknown field", "completions", {"prompt": "a", "beam_width": 4}, 400, "beam_width",
+     "'beam_width' is not a field this server implements"),
+    ("chat field on completions", "completions", {"prompt": "a", "max_completion_tokens": 4},
+     400, "max_completion_tokens", "not a field this server implements"),
     ("chat past the context", "chat/completions",
      {"messages": [{"role": "user", "content": LONG}]}, 400, "prompt", "shorten the prompt"),
 ]  # fmt: skip
@@ -82,6 +98,40 @@ def test_openai_client_raises_the_message(zen_server):
         client.completions.create(model="zen-llama", prompt="a", n=2)
     with pytest.raises(openai.NotFoundError, match="serves 'zen-llama'"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "a"}])
+
+
+def test_openai_client_gets_a_400_naming_response_format(zen_server):
+    """A feature the server does not implement is refused, not answered 200 and ignored."""
+    client = openai.OpenAI(base_url=f"{zen_server.url}/v1", api_key="x", max_retries=0)
+    chat = [{"role": "user", "content": "a"}]
+    with pytest.raises(openai.BadRequestError, match="'response_format'") as e:
+        client.chat.completions.create(
+            model="zen-llama", messages=chat, response_format={"type": "json_object"}
+        )
+    assert e.value.param == "response_format" and e.value.code == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError, match="'reasoning_effort'") as e:
+        client.chat.completions.create(model="zen-llama", messages=chat, reasoning_effort="low")
+    assert e.value.param == "reasoning_effort"
+    with pytest.raises(openai.BadRequestError, match="'logprobs'"):
+        client.chat.completions.create(model="zen-llama", messages=chat, logprobs=True)
+
+
+def test_harmless_metadata_and_neutral_values_are_accepted(zen_server):
+    """user / metadata, store=false, service_tier auto and features at their neutral value."""
+    client = openai.OpenAI(base_url=f"{zen_server.url}/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(
+        model="zen-llama",
+        messages=[{"role": "user", "content": "a"}],
+        max_tokens=2,
+        user="u-1",
+        metadata={"run": "test"},
+        store=False,
+        service_tier="auto",
+        response_format={"type": "text"},
+        logprobs=False,
+        tool_choice="none",
+    )
+    assert r.usage.completion_tokens == 2
 
 
 def test_unknown_route_in_error_shape(zen_server):
