@@ -25,6 +25,7 @@ COMMANDS = (
     "kiln.commands.optimize",
     "kiln.commands.generate",
     "kiln.commands.serve",
+    "kiln.commands.eval",
 )
 
 
