@@ -181,4 +181,5 @@ class TorchModel:
         return self._forward(ids, None)
 
     def step(self, token: int) -> np.ndarray:  # noqa: D102
-        return self._forward([token], self._past)[-1]
+        logits: np.ndarray = self._forward([token], self._past)[-1]
+        return logits

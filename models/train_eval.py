@@ -229,6 +229,8 @@ def model_card(
 ) -> str:
     """The README.md that says what the model is, what it saw and how to remake it."""
     seen = cfg.steps * cfg.batch * cfg.seq_len
+    heldout = split["heldout"]
+    n_heldout = len(heldout) if isinstance(heldout, list) else 0
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -245,7 +247,7 @@ them with their sha256; `heldout.txt` is their text).
 - Tokenizer: byte-level BPE, {VOCAB_SIZE} tokens, trained on the training files; prepends
   `{BOS}`; `{EOS}` ends each file and pads.
 - Corpus: Python {split["python"]} standard library, {split["train_files"]} training files
-  ({n_train:,} tokens), {len(split["heldout"])} held-out files (rule: {SPLIT_RULE}).
+  ({n_train:,} tokens), {n_heldout} held-out files (rule: {SPLIT_RULE}).
 - Training: {cfg.steps} steps of {cfg.batch} random windows of {cfg.seq_len} tokens
   ({seen:,} tokens, {seen / n_train:.2f} epochs), AdamW (lr {cfg.lr}, warmup
   {cfg.warmup_steps}, cosine to {cfg.min_lr}, weight decay {cfg.weight_decay}), seed {SEED},
