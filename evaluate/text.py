@@ -94,7 +94,7 @@ def load_text(path: Path, tokenizer_dir: Path, tokens: int | None) -> EvalText:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = [int(i) for i in tok(text)["input_ids"]]
+    ids = [int(i) for i in tok(text, verbose=False)["input_ids"]]  # no max-length warning
     if tokens is not None and tokens < 2:
         raise ConfigError(f"--tokens {tokens}: perplexity needs at least 2 tokens.")
     return EvalText(Path(path), hashlib.sha256(raw).hexdigest(), len(raw), ids[:tokens], len(ids))
