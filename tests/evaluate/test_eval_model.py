@@ -79,5 +79,7 @@ def test_int4_diverges_where_fp32_does_not(eval_export, tmp_path):
         check_torch=False,
     )
     r = evaluate_model(int4, reference=eval_export, out=tmp_path / "e", options=OPTS).results
-    assert r["kl_mean"] > 1e-3
+    # The eval model's distributions are flat (perplexity ~600), so int4's KL is small in
+    # absolute terms (~7e-4 nats on 8k tokens, evaluate/README.md) but 1e8 times fp32's.
+    assert r["kl_mean"] > 1e-5
     assert r["top1_agreement"] < 1.0
