@@ -9,7 +9,7 @@ NAME    ?= $(notdir $(MODEL))
 OUT     ?= out/$(NAME)
 STAMP   := $(VENV)/.kiln-setup
 
-.PHONY: help setup export optimize engines bench-engine generate bench gpu-check demo test lint typecheck fmt tiny-model clean
+.PHONY: help setup export optimize engines bench-engine generate bench gpu-check demo test test-real-scale lint typecheck fmt tiny-model eval-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -84,6 +84,9 @@ demo: $(STAMP)  ## the whole pipeline on the bundled model: export, then generat
 test: $(STAMP)  ## the test suite (CPU only; GPU tests skip with a reason)
 	$(PY) -m pytest -q
 
+test-real-scale: $(STAMP)  ## the SmolLM-135M- and Qwen2.5-0.5B-shaped export/optimize tests (long; not in make test yet)
+	KILN_REAL_SCALE=1 $(PY) -m pytest -q tests/export/test_real_scale.py tests/optimize/test_real_scale_optimize.py
+
 lint: $(STAMP) typecheck  ## ruff check, format check and mypy --strict
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -93,7 +96,7 @@ TYPECHECK := build/typecheck
 typecheck: $(STAMP)  ## mypy --strict over kiln/ and the stage folders, as the installed package
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/kiln
 	@for f in kiln/*; do ln -s $(CURDIR)/$$f $(TYPECHECK)/kiln/; done
-	@for s in export optimize engine runtime models; do ln -s $(CURDIR)/$$s $(TYPECHECK)/kiln/$$s; done
+	@for s in export optimize engine runtime models evaluate; do ln -s $(CURDIR)/$$s $(TYPECHECK)/kiln/$$s; done
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache kiln
 
 fmt: $(STAMP)  ## ruff format and autofix
@@ -102,6 +105,9 @@ fmt: $(STAMP)  ## ruff format and autofix
 
 tiny-model: $(STAMP)  ## retrain the bundled model (models/zen-llama) on CPU, seeded
 	$(PY) -m kiln.models.train_zen --out models/zen-llama
+
+eval-model: $(STAMP)  ## retrain the eval model (models/eval-llama) on the Python stdlib sources, CPU, seeded (~10 min)
+	$(PY) -m kiln.models.train_eval --out models/eval-llama
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf out .pytest_cache

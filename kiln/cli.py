@@ -26,6 +26,7 @@ COMMANDS = (
     "kiln.commands.optimize",
     "kiln.commands.generate",
     "kiln.commands.serve",
+    "kiln.commands.eval",
 )
 
 

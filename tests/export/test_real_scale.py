@@ -10,6 +10,7 @@ would fail every such export: the fp32 check judges the graph against PyTorch's 
 from __future__ import annotations
 
 import json
+import os
 
 import onnx
 import pytest
@@ -20,7 +21,15 @@ from kiln.export.check import check_parity
 from kiln.export.source import describe_source, load_model
 from kiln.parity import TOL
 
-pytestmark = pytest.mark.slow
+# Not yet in `make test`: under load the set took well over an hour on 2 cores, and it has not
+# been timed on a quiet machine. `make test-real-scale` runs it (KILN_REAL_SCALE=1).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.environ.get("KILN_REAL_SCALE"),
+        reason="real-scale models: run with KILN_REAL_SCALE=1 (make test-real-scale)",
+    ),
+]
 
 # The Qwen-shaped export is the slowest test of the suite (150M-entry tied embedding);
 # it runs in the concat layout only, the SmolLM shape in both.

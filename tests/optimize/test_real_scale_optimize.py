@@ -8,12 +8,21 @@ the result against PyTorch by the float64 noise-floor check (export/check.py).
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from kiln.optimize import optimize_model
 
-pytestmark = pytest.mark.slow
+# Not yet in `make test`: under load the set took well over an hour on 2 cores, and it has not
+# been timed on a quiet machine. `make test-real-scale` runs it (KILN_REAL_SCALE=1).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.environ.get("KILN_REAL_SCALE"),
+        reason="real-scale models: run with KILN_REAL_SCALE=1 (make test-real-scale)",
+    ),
+]
 
 CASES = [(kv, target) for kv in ("concat", "static") for target in ("onnxruntime", "tensorrt")]
 
