@@ -60,7 +60,8 @@ bench: $(STAMP)  ## the race, interleaved, every runner at the same --threads: k
 
 # llama.cpp for the race, outside CI: llama-cpp-python builds llama.cpp from source (cmake and a
 # C/C++ compiler; tens of minutes on 2 cores), natively for this CPU. Its source distribution also
-# carries llama.cpp's convert_hf_to_gguf.py, left unpacked in build/llamacpp for
+# carries llama.cpp's convert_hf_to_gguf.py and the gguf-py it imports (newer than gguf on PyPI,
+# which is installed for its dependencies), left unpacked in build/llamacpp for
 # bench/llamacpp_runner.py. Every installed package is pinned as a constraint, so torch and
 # onnxruntime stay as they are.
 LLAMA_CPP_PYTHON ?= 0.3.36

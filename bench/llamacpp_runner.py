@@ -42,10 +42,10 @@ def converter(root: Path = DEPS_DIR) -> Path | None:
 def missing() -> str | None:
     """Why the llama.cpp runners cannot run here, or None when they can."""
     try:
-        import gguf  # noqa: F401
         import llama_cpp  # noqa: F401
+        import sentencepiece  # noqa: F401  (the converter's Llama vocabulary path imports it)
     except ImportError as e:
-        return f"{e.name} is not installed (make bench-deps installs llama-cpp-python and gguf)"
+        return f"{e.name} is not installed (make bench-deps installs llama.cpp's Python deps)"
     if converter() is None:
         return f"no convert_hf_to_gguf.py under {DEPS_DIR} (make bench-deps unpacks it)"
     return None
@@ -111,9 +111,9 @@ def build_gguf(hf_dir: Path, out: Path, quant: str) -> tuple[Path | None, str]:
         _byte_fallback_tokenizer(src, cfg["vocab_size"])
         cmd = [sys.executable, str(converter()), str(src), "--outtype", "f32",
                "--outfile", str(f32)]  # fmt: skip
-        # NO_LOCAL_GGUF: use the installed gguf package, not the copy beside the script.
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              env={**os.environ, "NO_LOCAL_GGUF": "1"})  # fmt: skip
+        # The converter imports the gguf-py copy beside it (newer than the gguf release on
+        # PyPI, which lacks what this converter calls); the PyPI package brings its deps.
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not f32.is_file():
             last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:]
             return None, f"convert_hf_to_gguf.py failed: {last[0] if last else proc.returncode}"
