@@ -9,7 +9,7 @@ NAME    ?= $(notdir $(MODEL))
 OUT     ?= out/$(NAME)
 STAMP   := $(VENV)/.kiln-setup
 
-.PHONY: help setup export optimize engines bench-engine generate bench gpu-check demo test test-real-scale lint typecheck fmt tiny-model eval-model clean
+.PHONY: help setup export optimize engines bench-engine generate bench bench-deps gpu-check demo test test-real-scale lint typecheck fmt tiny-model eval-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -55,8 +55,26 @@ ARTIFACT ?= $(OUT)/onnx
 generate: $(OUT)/onnx/export.json  ## text from an artifact (ARTIFACT=folder PROMPT="..." GENERATE_FLAGS="--stream --temperature 0.7")
 	$(KILN) generate $(ARTIFACT) --prompt "$(PROMPT)" $(GENERATE_FLAGS)
 
-bench: $(STAMP)  ## the race: kiln concat/static fp32/static int4 vs HF eager vs ort-genai fp32/int4 (TTFT, tok/s b1/b4, memory, roofline, target ratios); BENCH_FLAGS="--models smollm --runners kiln-static,genai"
+bench: $(STAMP)  ## the race, interleaved, every runner at the same --threads: kiln vs HF eager vs ort-genai vs llama.cpp (after bench-deps), fp32/int8/int4, TTFT, tok/s b1/b4, roofline, chart; BENCH_FLAGS="--models smollm --runners kiln-static,genai"
 	$(PY) -m bench.race --out out/bench $(BENCH_FLAGS)
+
+# llama.cpp for the race, outside CI: llama-cpp-python builds llama.cpp from source (cmake and a
+# C/C++ compiler; tens of minutes on 2 cores), natively for this CPU. Its source distribution also
+# carries llama.cpp's convert_hf_to_gguf.py and the gguf-py it imports (newer than gguf on PyPI,
+# which is installed for its dependencies), left unpacked in build/llamacpp for
+# bench/llamacpp_runner.py. Every installed package is pinned as a constraint, so torch and
+# onnxruntime stay as they are.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMACPP_DIR := build/llamacpp
+bench-deps: $(STAMP)  ## llama.cpp for `make bench` (not CI): llama-cpp-python from source, gguf, sentencepiece, the GGUF converter
+	@command -v cmake >/dev/null && command -v g++ >/dev/null || { echo "bench-deps needs cmake and a C++ compiler: apt-get install -y cmake build-essential"; exit 1; }
+	mkdir -p $(LLAMACPP_DIR)
+	$(PY) -m pip download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LLAMACPP_DIR)
+	tar xzf $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMACPP_DIR)
+	$(PY) -m pip freeze --exclude-editable | grep -v ' @ ' > $(LLAMACPP_DIR)/constraints.txt
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -c $(LLAMACPP_DIR)/constraints.txt \
+	  ./$(LLAMACPP_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON) gguf==0.19.0 'sentencepiece<0.3'
 
 # Serving: the bundled model exported with static KV slots, unless ARTIFACT= names a static folder.
 .PHONY: serve load

@@ -1,21 +1,32 @@
-"""`make bench`: the race. kiln on ONNX Runtime CPU against transformers and onnxruntime-genai.
+"""`make bench`: the race of kiln against transformers, onnxruntime-genai and llama.cpp on CPU.
+
+All on the same machine at the same intra-op thread count.
 
 One run, same models and input ids for every runner, each runner in its own child process
 (bench/race_runners.py) so peak memory is its own, every runner producing exactly `--new`
-tokens (min = max new tokens). Runners: kiln concat fp32, kiln static fp32 and static int4 (the
-ONNX Runtime target of `kiln optimize` when this kiln has it, else the plain static export for
-fp32), transformers eager, onnxruntime-genai fp32 and int4 (its own model builder). Models: a
-SmolLM-135M-shaped Llama and a GPT-2-small-shaped model, seeded random weights.
+tokens (min = max new tokens). Runners: kiln concat fp32 (plain export and its ONNX Runtime
+target), kiln static fp32, int8 and int4 (the onnxruntime target of `kiln optimize`),
+transformers eager fp32, onnxruntime-genai fp32, int8 and int4 (its own model builder), and
+llama.cpp F32, Q8_0 and Q4_0 (llama-cpp-python from `make bench-deps`, outside CI; skipped with
+the reason when it is not installed). Models: a SmolLM-135M-shaped Llama and a
+GPT-2-small-shaped model, seeded random weights.
+
+Fairness: every runner gets `--threads` intra-op threads (default: the cores this process may
+use) and its documented best CPU settings (bench/race_runners.py says which and where from;
+the table prints them). Spinning (`--spin`) is ONNX Runtime's allow_spinning for kiln and
+genai alike. The runners are loaded once and then run interleaved, round-robin over
+`--repeats` (A rep 1, B rep 1, ..., A rep 2, ...), so all share the machine's noise; every
+figure is the median over repeats with its spread, and every ratio comes from this one run.
 
 Reports time to first token for a `--prompt`-token prompt, decode tokens/s at batch 1 and 4,
-peak RSS, ratios to PyTorch eager, each runner's batch-1 decode speed as a percentage of the
-weight-streaming roofline (fp32 weight bytes per decode step against this machine's
-matrix-vector bandwidth, measured in the same run), and the target ratios
-(bench/race_report.py BARS) with met / not met.
-Then profiles kiln's loops (ONNX Runtime per-op times, KV bytes copied per step). Writes
-bench.json and bench.png into --out.
+peak RSS, ratios to PyTorch eager and to onnxruntime-genai at the same precision, each
+runner's batch-1 decode speed as a share of the weight-streaming roofline (weight bytes per
+decode step at the runner's precision against this machine's matrix-vector bandwidth,
+measured in the same run), the target ratios (bench/race_report.py BARS), the load average at
+start and end, and profiles of kiln's loops. Writes bench.json and bench.png into --out.
 
 usage: python -m bench.race [--out out/bench] [--models smollm,gpt2] [--runners ...]
+       [--threads 2] [--spin on] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.race_report import RUNNERS
 from kiln.log import setup_logging
 
 log = logging.getLogger("kiln.bench.race")
@@ -52,7 +64,6 @@ SMOLLM_135M = {
     "pad_token_id": 0,
 }
 GPT2_SMALL = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
-RUNNERS = ("kiln", "kiln-ort", "kiln-static", "kiln-static-int4", "hf", "genai", "genai-int4")
 PROFILED = ("kiln", "kiln-ort", "kiln-static", "kiln-static-int4")
 
 
@@ -113,14 +124,6 @@ def _time(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def _child(args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "bench.race_runners", *args]
-    log.info("  $ %s", " ".join(cmd[2:]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"runner failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
 def build_genai(hf_dir: Path, out: Path, precision: str) -> tuple[Path | None, str]:
     """onnxruntime-genai's own CPU model at `precision` (its builder), or None and the reason."""
     if (out / "genai_config.json").is_file():
@@ -158,7 +161,8 @@ def ort_target(src: Path, out: Path, precision: str) -> tuple[Path | None, str]:
 
 
 def prepare(name: str, work: Path, args: argparse.Namespace) -> dict[str, tuple[Path | None, str]]:
-    """Each selected runner's model folder (or None) and a note saying what it is."""
+    """Each selected runner's model folder or file (or None) and a note saying what it is."""
+    from bench import llamacpp_runner
     from kiln.export import export_model
 
     hf_dir = work / "hf"
@@ -170,41 +174,141 @@ def prepare(name: str, work: Path, args: argparse.Namespace) -> dict[str, tuple[
         if "kiln-ort" in want:
             opt, why = ort_target(concat, work / "ort-concat-fp32", "fp32")
             got["kiln-ort"] = (opt, "concat, optimize -t onnxruntime -p fp32" if opt else why)
-    if want & {"kiln-static", "kiln-static-int4"}:
+    statics = {r: RUNNERS[r].precision for r in want if r.startswith("kiln-static")}
+    if statics:
         # Slot length = prompt + new tokens: what genai's shared KV buffer holds (max_length).
         static = export_model(hf_dir, work / "onnx-static", precision="fp32", kv="static",
                               max_context=args.prompt + args.new)  # fmt: skip
-        for runner, precision in (("kiln-static", "fp32"), ("kiln-static-int4", "int4")):
-            if runner not in want:
-                continue
+        for runner, precision in sorted(statics.items()):
             opt, why = ort_target(static, work / f"ort-{precision}", precision)
             if opt is not None:
-                got[runner] = (opt, f"optimize -t onnxruntime -p {precision}")
+                got[runner] = (opt, f"static, optimize -t onnxruntime -p {precision}")
             elif precision == "fp32":
                 got[runner] = (static, "plain static export (no ORT optimize target)")
                 log.info("%s / %s: %s; using the plain static export", name, runner, why)
             else:
                 got[runner] = (None, why)
-    for runner, precision in (("genai", "fp32"), ("genai-int4", "int4")):
-        if runner in want:
-            folder = work / ("genai" if precision == "fp32" else f"genai-{precision}")
-            built, why = build_genai(hf_dir, folder, precision)
-            got[runner] = (built, f"genai builder -p {precision}" if built else why)
+    for runner in sorted(r for r in want if r.startswith("genai")):
+        precision = RUNNERS[runner].precision
+        folder = work / ("genai" if precision == "fp32" else f"genai-{precision}")
+        built, why = build_genai(hf_dir, folder, precision)
+        got[runner] = (built, f"genai builder -p {precision} -e cpu" if built else why)
+    for runner in sorted(r for r in want if r.startswith("llamacpp")):
+        quant = runner.split("-")[1].upper()
+        gguf, why = llamacpp_runner.build_gguf(hf_dir, work / "gguf", quant)
+        how = f", llama_model_quantize {quant}" if quant != "F32" else ""
+        note = f"convert_hf_to_gguf.py f32{how}"
+        got[runner] = (gguf, note if gguf else why)
     return got
 
 
-def _try_child(args: list[str], out: Path) -> dict[str, Any]:
-    """A runner's JSON, or {"skipped": why} when it failed (the rest of the race goes on)."""
-    try:
-        _child(args)
-    except RuntimeError as e:
-        log.warning("runner failed: %s", e)
-        return {"skipped": f"runner failed: {str(e).strip().splitlines()[-1][:200]}"}
+class Worker:
+    """One runner's child process: started and warmed up once, then asked for repeats."""
+
+    def __init__(self, runner: str, model: Path, ids: Path, work: Path, args: argparse.Namespace):
+        from bench.race_runners import MARK
+
+        self.mark = MARK
+        self.log_path = work / f"{runner}.log"
+        cmd = [sys.executable, "-m", "bench.race_runners", RUNNERS[runner].kind, str(model),
+               str(ids), "--new", str(args.new), "--threads", str(args.threads),
+               "--spin", args.spin, "--batches", ",".join(map(str, args.batches))]  # fmt: skip
+        log.info("  $ %s", " ".join(cmd[2:]))
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log_path.open("w"), text=True)  # fmt: skip
+
+    def answer(self, say: str | None = None) -> dict[str, Any]:
+        """Send `say` (if any) and return the next protocol line; RuntimeError if it died."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if say is not None:
+            self.proc.stdin.write(say + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(self.mark):
+                return json.loads(line[len(self.mark) :])
+        self.proc.wait()
+        tail = [ln for ln in self.log_path.read_text().splitlines() if ln.strip()][-1:]
+        raise RuntimeError(f"exit {self.proc.returncode}: {tail[0][:200] if tail else ''}")
+
+    def close(self) -> float | None:
+        """Peak RSS in MiB, once the worker has quit."""
+        try:
+            peak = self.answer("quit").get("peak_rss_mib")
+        except (RuntimeError, BrokenPipeError):
+            peak = None
+        self.proc.wait()
+        return peak
+
+
+def summarize(reps: list[dict[str, Any]], batches: list[int]) -> dict[str, Any]:
+    """Median and spread (min, max) over repeats of TTFT and decode tok/s per batch size."""
+    out: dict[str, Any] = {}
+    for b in map(str, batches):
+        row: dict[str, Any] = {}
+        for key in ("ttft_s", "decode_tok_s", "total_s"):
+            xs = [r["batches"][b][key] for r in reps]
+            row[key] = float(np.median(xs))
+            row[key + "_spread"] = (min(xs), max(xs))
+            row[key + "_samples"] = xs
+        out[b] = row
+    return out
+
+
+def race(work: Path, models: dict[str, tuple[Path | None, str]], args: argparse.Namespace,
+         name: str) -> dict[str, Any]:  # fmt: skip
+    """Load every runner, then run them round-robin over repeats; one result per runner."""
+    results: dict[str, Any] = {}
+    workers: dict[str, Worker] = {}
+    for r in args.runners:
+        folder, note = models[r]
+        base = {"artifact_note": note, "precision": RUNNERS[r].precision}
+        if folder is None:
+            results[r] = {"skipped": note, **base}
+            log.info("%s / %s: skipped (%s)", name, r, note)
+            continue
+        log.info("%s / %s (%s): loading ...", name, r, note)
+        w = Worker(r, folder, work / "ids.npy", work, args)
+        try:
+            ready = w.answer()
+        except RuntimeError as e:
+            log.warning("%s / %s failed to start: %s", name, r, e)
+            results[r] = {"skipped": f"runner failed: {e}", **base}
+            continue
+        workers[r] = w
+        results[r] = {**base, "settings": ready["settings"], "load_s": ready["load_s"], "reps": []}
+    for k in range(args.repeats):
+        for r, w in list(workers.items()):
+            try:
+                rep = w.answer("rep")
+            except RuntimeError as e:
+                log.warning("%s / %s failed in repeat %d: %s", name, r, k + 1, e)
+                results[r] = {**results[r], "skipped": f"runner failed: {e}"}
+                del workers[r]
+                continue
+            results[r]["reps"].append(rep)
+            b1 = rep["batches"][str(args.batches[0])]
+            ms, tok_s = b1["ttft_s"] * 1e3, b1["decode_tok_s"]
+            log.info("%s rep %d/%d %-18s TTFT %6.0f ms  b1 %6.1f tok/s", name, k + 1,
+                     args.repeats, r, ms, tok_s)  # fmt: skip
+    for r, w in workers.items():
+        results[r]["peak_rss_mib"] = w.close()
+        results[r]["batches"] = summarize(results[r]["reps"], args.batches)
+        results[r]["tokens"] = results[r]["reps"][0].get("tokens", [])
+    return results
+
+
+def _profile(args_: list[str], out: Path) -> dict[str, Any]:
+    """A kiln runner's profile as JSON, or {"skipped": why} when it failed (the rest goes on)."""
+    cmd = [sys.executable, "-m", "bench.race_runners", "profile", *args_, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:]
+        return {"skipped": f"profile failed: {last[0][:200] if last else proc.returncode}"}
     return json.loads(out.read_text())
 
 
 def run_model(name: str, work: Path, args: argparse.Namespace, bw: float) -> dict[str, Any]:
-    """Export/build what the runners need, then run each runner and profile kiln's."""
+    """Export/build what the runners need, race them, then profile kiln's loops."""
     hf_dir = make_model(name, work / "hf")
     wbytes, nparams = weight_bytes_per_step(hf_dir)
     log.info("%s: %.1fM parameters, %.0f MB of fp32 weights read per decode step", name,
@@ -215,27 +319,15 @@ def run_model(name: str, work: Path, args: argparse.Namespace, bw: float) -> dic
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     ids = np.random.default_rng(1).integers(3, vocab, size=(max(args.batches), args.prompt))
     np.save(work / "ids.npy", ids.astype(np.int64))
-    runners: dict[str, Any] = {}
+    runners = race(work, models, args, name)
     profiles: dict[str, Any] = {}
-    batches = ",".join(str(b) for b in args.batches)
-    for r in args.runners:
-        folder, note = models[r]
-        if folder is None:
-            runners[r] = {"skipped": note}
-            log.info("%s / %s: skipped (%s)", name, r, note)
+    for r in (r for r in PROFILED if r in args.runners and args.profile_new):
+        if "skipped" in runners[r]:
             continue
-        log.info("%s / %s (%s) ...", name, r, note)
-        kind = "genai" if r.startswith("genai") else "kiln" if r.startswith("kiln") else r
-        out = work / f"{r}.json"
-        runners[r] = _try_child([kind, str(folder), str(work / "ids.npy"), str(out),
-                                 "--new", str(args.new), "--batches", batches,
-                                 "--repeats", str(args.repeats)], out)  # fmt: skip
-        runners[r]["artifact_note"] = note
-        if r in PROFILED and args.profile_new and "skipped" not in runners[r]:
-            log.info("%s / %s profile ...", name, r)
-            pout = work / f"profile-{r}.json"
-            profiles[r] = _try_child(["profile", str(folder), str(work / "ids.npy"), str(pout),
-                                      "--new", str(args.profile_new)], pout)  # fmt: skip
+        log.info("%s / %s profile ...", name, r)
+        profiles[r] = _profile([str(models[r][0]), str(work / "ids.npy"), "--new",
+                                str(args.profile_new), "--threads", str(args.threads),
+                                "--spin", args.spin], work / f"profile-{r}.json")  # fmt: skip
     return {
         "params": nparams,
         "weight_bytes_per_step": wbytes,
@@ -251,14 +343,20 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table, the target ratios and the profiles."""
     from bench import race_report as report
 
+    cores = len(os.sched_getaffinity(0))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     p.add_argument("--models", default="smollm,gpt2", help="comma-separated: smollm, gpt2")
-    p.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated of {RUNNERS}")
+    p.add_argument(
+        "--runners", default=",".join(RUNNERS), help=f"comma-separated of {list(RUNNERS)}"
+    )
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=128, help="new tokens per runner (min = max)")
     p.add_argument("--batches", default="1,4", help="batch sizes for decode tokens/s")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best kept)")
+    p.add_argument("--repeats", type=int, default=5, help="round-robin repeats (median kept)")
+    p.add_argument("--threads", type=int, default=cores, help=f"intra-op threads (default {cores})")
+    p.add_argument("--spin", choices=["on", "off"], default="on",
+                   help="ONNX Runtime intra-op spinning for kiln and genai")  # fmt: skip
     p.add_argument("--profile-new", type=int, default=32, help="decode steps profiled (0: none)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -269,19 +367,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(0)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     bw = matvec_bandwidth_gb_s()
-    load_before = os.getloadavg()
-    log.info("matrix-vector bandwidth: %.1f GB/s (%d cores, load average %.1f)", bw,
-             os.cpu_count() or 0, load_before[0])  # fmt: skip
+    log.info("matrix-vector bandwidth: %.1f GB/s (%d cores, load average %.1f %.1f %.1f)", bw,
+             cores, *load_start)  # fmt: skip
     results = {}
     for name in args.models.split(","):
         results[name] = run_model(name, args.out / name, args, bw)
-    text = report.table(results, bw, args.batches, args.runners)
+    load_end = os.getloadavg()
+    conditions = {"threads": args.threads, "spin": args.spin, "repeats": args.repeats,
+                  "cores": cores, "load_start": load_start, "load_end": load_end,
+                  "prompt": args.prompt, "new": args.new}  # fmt: skip
+    text = report.table(results, bw, args.batches, args.runners, conditions)
     bars = report.ratios(results)
-    load = (load_before[0], os.getloadavg()[0])
     print(f"{text}\n\ntarget ratios:\n{report.ratios_text(bars)}\n\n"
           f"profile of kiln's loops (batch 1):\n{report.profile_text(results)}")  # fmt: skip
-    print(f"1-min load average at start/end: {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} cores")
     from kiln.artifacts import tool_versions, write_json_atomic
 
     write_json_atomic(
@@ -289,16 +389,23 @@ def main(argv: list[str] | None = None) -> int:
         {
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "matvec_bandwidth_gb_s": bw,
-            "cores": os.cpu_count(),
-            "load_average_start_end": load,
-            "versions": tool_versions("onnxruntime", "onnxruntime-genai", "torch", "transformers"),
+            "cores": cores,
+            "load_average_start_end": [load_start, load_end],
+            "versions": tool_versions(
+                "onnxruntime",
+                "onnxruntime-genai",
+                "torch",
+                "transformers",
+                "llama-cpp-python",
+                "gguf",
+            ),
             "models": results,
             "table": text,
             "ratios": bars,
             "elapsed_s": time.perf_counter() - t0,
         },
     )
-    report.chart(results, args.batches, args.runners, args.out / "bench.png")
+    report.chart(results, args.batches, args.runners, bw, args.out / "bench.png")
     log.info("bench done in %.0f s -> %s", time.perf_counter() - t0, args.out / "bench.json")
     return 0
 

@@ -12,15 +12,32 @@ from typing import Any
 
 import numpy as np
 
-LABELS = {
-    "kiln": "kiln concat fp32",
-    "kiln-ort": "kiln concat fp32 ort",
-    "kiln-static": "kiln static fp32",
-    "kiln-static-int4": "kiln static int4",
-    "hf": "transformers eager",
-    "genai": "ort-genai fp32",
-    "genai-int4": "ort-genai int4",
+
+@dataclass(frozen=True)
+class Runner:
+    """A runner of the race: the worker kind that runs it, its precision, its table label."""
+
+    kind: str  # bench/race_runners.py worker: kiln, hf, genai, llamacpp
+    precision: str  # fp32, int8 or int4 (Q8_0 / Q4_0 count as int8 / int4)
+    label: str
+
+
+RUNNERS = {
+    "kiln": Runner("kiln", "fp32", "kiln concat fp32"),
+    "kiln-ort": Runner("kiln", "fp32", "kiln concat fp32 ort"),
+    "kiln-static": Runner("kiln", "fp32", "kiln static fp32"),
+    "kiln-static-int8": Runner("kiln", "int8", "kiln static int8"),
+    "kiln-static-int4": Runner("kiln", "int4", "kiln static int4"),
+    "hf": Runner("hf", "fp32", "transformers eager"),
+    "genai": Runner("genai", "fp32", "ort-genai fp32"),
+    "genai-int8": Runner("genai", "int8", "ort-genai int8"),
+    "genai-int4": Runner("genai", "int4", "ort-genai int4"),
+    "llamacpp-f32": Runner("llamacpp", "fp32", "llama.cpp F32"),
+    "llamacpp-q8_0": Runner("llamacpp", "int8", "llama.cpp Q8_0"),
+    "llamacpp-q4_0": Runner("llamacpp", "int4", "llama.cpp Q4_0"),
 }
+GENAI_AT = {"fp32": "genai", "int8": "genai-int8", "int4": "genai-int4"}
+BITS = {"fp32": 32, "int8": 8, "int4": 4}
 
 
 @dataclass(frozen=True)
@@ -91,44 +108,115 @@ def ratios_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def table(results: dict[str, Any], bw: float, batches: list[int], runners: list[str]) -> str:
-    """One row per model and runner; ratios to transformers eager; roofline share at batch 1."""
-    head = (f"{'model':<7} {'runner':<20} {'TTFT ms':>8} "
-            + " ".join(f"{'tok/s b' + str(b):>10}" for b in batches)
-            + f" {'vs HF b1':>8} {'TTFT vs HF':>10} {'roofline':>8} {'peak MiB':>8} "
-            f"{'agree':>6}  artifact")  # fmt: skip
+def _ratio(mine: dict, ref: dict | None, batch: str, key: str, inverse: bool = False) -> str:
+    """A median figure over the reference's (the inverse with `inverse`), or n/a without one."""
+    if not ref:
+        return "n/a"
+    x, y = mine[batch][key], ref[batch][key]
+    return f"{(y / x if inverse else x / y):.2f}x"
+
+
+def _spread(row: dict[str, Any], key: str) -> str:
+    """Half the min-max range over repeats, as a share of the median."""
+    lo, hi = row.get(key + "_spread", (row[key], row[key]))
+    return f"±{(hi - lo) / 2 / row[key]:.0%}" if row[key] else ""
+
+
+def settings_short(r: str, s: dict[str, Any]) -> str:
+    """One table cell: threads, spinning, provider, batching."""
+    kind = RUNNERS[r].kind
+    if kind in ("kiln", "genai"):
+        spin = "spin" if s.get("session.intra_op.allow_spinning") == "1" else "no spin"
+        batch = "B slots" if kind == "kiln" else "batch_size=B"
+        return f"{s['intra_op_num_threads']} thr, {spin}, CPU EP, {batch}"
+    if kind == "hf":
+        return f"{s['torch.set_num_threads']} thr, OMP wait default, {s['attention']}"
+    fa = {-1: "auto", 0: "off", 1: "on"}.get(s.get("flash_attn_type"), "?")
+    return f"{s['n_threads']}/{s['n_threads_batch']} thr, OMP, fa {fa}, B seqs/ctx"
+
+
+def roofline(res: dict[str, Any], precision: str, batch: int) -> float:
+    """Weight-streaming bound on decode tok/s: weight bytes at `precision` once per step."""
+    return res["roofline_tok_s_b1"] * 32 / BITS[precision] * batch
+
+
+def table(
+    results: dict[str, Any],
+    bw: float,
+    batches: list[int],
+    runners: list[str],
+    conditions: dict[str, Any],
+) -> str:
+    """One row per model and runner, then the conditions and every runner's settings in full.
+
+    Medians over the round-robin repeats with their spread, the ratios to eager (fp32) and to
+    genai at the same precision, the roofline share.
+    """
+    b1, bn = str(batches[0]), str(batches[-1])
+    head = (f"{'model':<7} {'runner':<21} {'prec':<5} {'settings':<40} {'TTFT ms':>12} "
+            + " ".join(f"{'tok/s b' + str(b):>13}" for b in batches)
+            + f" {'b1/eager':>8} {'b1/genai':>8} {'b' + bn + '/genai':>8} {'TTFT g/x':>8}"
+            f" {'roof b1':>7} {'peak MiB':>8} {'agree':>6}")  # fmt: skip
     lines = [head, "-" * len(head)]
+    details = []
     for model, res in results.items():
-        hf = res["runners"].get("hf", {})
+        runs = res["runners"]
+        hf = runs.get("hf", {}).get("batches")
         for r in runners:
-            d = res["runners"].get(r, {})
+            d = runs.get(r, {})
+            spec = RUNNERS[r]
             if "batches" not in d:
                 why = _short(d.get("skipped", "not run"))
-                lines.append(f"{model:<7} {LABELS[r]:<20} n/a: {why}")
+                lines.append(f"{model:<7} {spec.label:<21} {spec.precision:<5} n/a: {why}")
                 continue
             b = d["batches"]
-            tok = [b[str(x)]["decode_tok_s"] for x in batches]
-            ttft = b[str(batches[0])]["ttft_s"]
-            vs = ttft_vs = agree = "     n/a"
-            if "batches" in hf:
-                vs = f"{tok[0] / hf['batches'][str(batches[0])]['decode_tok_s']:7.2f}x"
-                ttft_vs = f"{hf['batches'][str(batches[0])]['ttft_s'] / ttft:9.2f}x"
-                agree = f"{np.mean(np.array(d['tokens']) == np.array(hf['tokens'])):6.0%}"
-            roof = tok[0] / res["roofline_tok_s_b1"]
-            lines.append(
-                f"{model:<7} {LABELS[r]:<20} {ttft * 1e3:8.0f} "
-                + " ".join(f"{t:10.1f}" for t in tok)
-                + f" {vs:>8} {ttft_vs:>10} {roof:8.0%} {d['peak_rss_mib']:8.0f} {agree:>6}  "
-                + d.get("artifact_note", "")
+            g = runs.get(GENAI_AT[spec.precision], {}).get("batches")
+
+            toks = " ".join(
+                f"{b[str(x)]['decode_tok_s']:7.1f} {_spread(b[str(x)], 'decode_tok_s'):>5}"
+                for x in batches
             )
-    lines.append(
-        f"roofline: fp32 weight bytes per decode step at {bw:.1f} GB/s measured matrix-vector "
-        "bandwidth (numpy sgemv, same run); int4 rows against the same fp32 roofline (they read "
-        "~1/6 of those bytes, so they may pass 100%). 'vs HF' = tokens/s ratio at batch 1, "
-        "'TTFT vs HF' = HF TTFT / runner TTFT; 'agree' = row-0 greedy tokens equal to HF's "
-        "(int4 rows are expected to differ: random weights, quantized)."
-    )
+            ttft = f"{b[b1]['ttft_s'] * 1e3:6.0f} {_spread(b[b1], 'ttft_s'):>5}"
+            agree = "n/a"
+            if hf and d.get("tokens") and runs["hf"].get("tokens"):
+                same = np.array(d["tokens"]) == np.array(runs["hf"]["tokens"])
+                agree = f"{np.mean(same):.0%}"
+            roof = b[b1]["decode_tok_s"] / roofline(res, spec.precision, int(b1))
+            peak = d.get("peak_rss_mib")
+            ttft_vs = _ratio(b, g, b1, "ttft_s", inverse=True)
+            lines.append(
+                f"{model:<7} {spec.label:<21} {spec.precision:<5} "
+                f"{settings_short(r, d['settings']):<40} {ttft:>12} {toks} "
+                f"{_ratio(b, hf, b1, 'decode_tok_s'):>8} {_ratio(b, g, b1, 'decode_tok_s'):>8} "
+                f"{_ratio(b, g, bn, 'decode_tok_s'):>8} {ttft_vs:>8} "
+                f"{roof:7.0%} {peak if peak is None else round(peak)!s:>8} {agree:>6}"
+            )
+            details.append(f"  {model} / {spec.label}: {d['artifact_note']}; "
+                           + ", ".join(f"{k}={v}" for k, v in d["settings"].items()
+                                       if k != "system_info"))  # fmt: skip
+    c = conditions
+    lines += [
+        "",
+        f"{c['prompt']}-token prompt, {c['new']} new tokens (min = max), {c['threads']} intra-op "
+        f"threads for every runner, spin {c['spin']} (ONNX Runtime allow_spinning: kiln, genai); "
+        f"median of {c['repeats']} round-robin repeats, ± = half the min-max range. "
+        f"1/5/15-min load average at start {_load(c['load_start'])}, at end "
+        f"{_load(c['load_end'])} on {c['cores']} cores.",
+        "b1/eager = decode tok/s at batch 1 over transformers eager fp32's; b1/genai, "
+        f"b{bn}/genai = over ort-genai's at the same precision; TTFT g/x = genai's TTFT over the "
+        "runner's (>1: the runner answers first). 'roof b1' = batch-1 decode over the weight-"
+        f"streaming roofline at the runner's precision (fp32 weight bytes per step x bits/32, "
+        f"scales not counted, at {bw:.1f} GB/s measured numpy matrix-vector bandwidth, same run). "
+        "'agree' = row-0 greedy tokens equal to eager's (quantized rows differ by design: "
+        "random weights).",
+        "settings in full:",
+        *details,
+    ]
     return "\n".join(lines)
+
+
+def _load(avg: Any) -> str:
+    return "/".join(f"{x:.1f}" for x in avg)
 
 
 def profile_text(results: dict[str, Any]) -> str:
@@ -151,32 +239,53 @@ def profile_text(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def chart(results: dict[str, Any], batches: list[int], runners: list[str], path: Path) -> None:
-    """Bar charts: decode tokens/s per batch size and TTFT, per model and runner."""
+def chart(
+    results: dict[str, Any], batches: list[int], runners: list[str], bw: float, path: Path
+) -> None:
+    """Decode tokens/s per batch size and TTFT per runner, one row of panels per model.
+
+    The weight-streaming roofline of each precision is drawn on the tok/s panels.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(results)
-    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4))
-    width = 0.8 / len(runners)
-
-    def figure(model: str, runner: str, batch: int, key: str) -> float:
-        d = results[model]["runners"].get(runner, {}).get("batches", {}).get(str(batch), {})
-        return float(d.get(key, 0))
-
-    for k, r in enumerate(runners):
-        xs = np.arange(len(models)) + k * width
-        for j, b in enumerate(batches):
-            axes[j].bar(xs, [figure(m, r, b, "decode_tok_s") for m in models], width,
-                        label=LABELS[r])  # fmt: skip
-            axes[j].set_title(f"decode tokens/s, batch {b} (higher is better)")
-        ttft = [figure(m, r, batches[0], "ttft_s") * 1e3 for m in models]
-        axes[-1].bar(xs, ttft, width, label=LABELS[r])
-    axes[-1].set_title("time to first token, ms (lower is better)")
-    for ax in axes:
-        ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    cols = len(batches)
+    fig, axes = plt.subplots(2 * len(models), cols, figsize=(7 * cols, 9 * len(models)),
+                             squeeze=False)  # fmt: skip
+    colors = {"kiln": "tab:blue", "hf": "tab:gray", "genai": "tab:orange", "llamacpp": "tab:green"}
+    hatch = {"fp32": "", "int8": "//", "int4": "xx"}
+    for i, model in enumerate(models):
+        res = results[model]
+        ran = [r for r in runners if "batches" in res["runners"].get(r, {})]
+        xs = np.arange(len(ran))
+        for j, (key, b) in enumerate((k, b) for k in ("decode_tok_s", "ttft_s") for b in batches):
+            ax = axes[2 * i + j // cols][j % cols]
+            rows = [res["runners"][r]["batches"][str(b)] for r in ran]
+            scale = 1.0 if key == "decode_tok_s" else 1e3
+            med = np.array([row[key] for row in rows]) * scale
+            lo = med - np.array([row[key + "_spread"][0] for row in rows]) * scale
+            hi = np.array([row[key + "_spread"][1] for row in rows]) * scale - med
+            ax.bar(xs, med, yerr=[lo, hi], capsize=3,
+                   color=[colors[RUNNERS[r].kind] for r in ran],
+                   hatch=[hatch[RUNNERS[r].precision] for r in ran], edgecolor="black")  # fmt: skip
+            ax.set_xticks(xs, [RUNNERS[r].label for r in ran], rotation=60, ha="right", fontsize=8)
+            if key == "decode_tok_s":
+                ax.set_title(f"{model}: decode tokens/s, batch {b} (higher is better)")
+                for prec, style in (("fp32", "-"), ("int8", "--"), ("int4", ":")):
+                    if any(RUNNERS[r].precision == prec for r in ran):
+                        label = f"{prec} weight-streaming roofline"
+                        ax.axhline(roofline(res, prec, b), color="red", linestyle=style,
+                                   linewidth=1, label=label)  # fmt: skip
+                top = max(med.max() * 1.3, 1)
+                ax.set_ylim(0, top)
+                ax.legend(fontsize=7, loc="upper left")
+            else:
+                ax.set_title(f"{model}: time to first token, ms, batch {b} (lower is better)")
+    fig.text(0.01, 0.005, f"roofline: weight bytes per decode step at the precision's bits, at "
+             f"{bw:.1f} GB/s measured matrix-vector bandwidth; lines above the axis are cut. "
+             "Error bars: min-max over round-robin repeats.", fontsize=8)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)

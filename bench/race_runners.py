@@ -3,12 +3,20 @@
 Runners: `kiln` (kiln.runtime's loop on ONNX Runtime CPU over an artifact: a concat one runs
 the batch loop, a static one the slot loop with one slot per row), `hf` (transformers
 `generate()` in PyTorch eager), `genai` (onnxruntime-genai over its own model builder's ONNX),
-and `profile` (kiln's loop with ONNX Runtime's per-op profiler on). All get the same input ids
-and produce exactly the same number of tokens (min = max new tokens, EOS off).
+`llamacpp` (llama.cpp through llama-cpp-python over a GGUF, bench/llamacpp_runner.py), and
+`profile` (kiln's loop with ONNX Runtime's per-op profiler on). All get the same input ids
+and produce exactly the same number of tokens (min = max new tokens, EOS off), with the same
+intra-op thread count (`--threads`) and each runner's documented best CPU settings, which the
+worker reports back so the table can state them.
 
-usage: python -m bench.race_runners RUNNER MODEL_DIR IDS.npy OUT.json [--new N] ...
-Timing: TTFT = one generate() call that makes 1 token; decode tok/s = batch x (N - 1) /
-(time of a call that makes N tokens - TTFT at the same batch). Best of `--repeats`.
+A timed runner is a worker: it loads, warms up and prints a `@race ` JSON line with its
+settings, then answers each `rep` line on stdin with one repeat's figures (a `@race ` line) and
+`quit` with its peak memory. bench/race.py drives all workers round-robin (A rep 1, B rep 1,
+..., A rep 2, ...) so they share the machine's noise.
+
+usage: python -m bench.race_runners RUNNER MODEL_DIR IDS.npy [--new N] [--threads T] ...
+Timing, per repeat and batch size: TTFT = one generate() call that makes 1 token; decode tok/s =
+batch x (N - 1) / (time of a call that makes N tokens - that TTFT).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -27,25 +36,36 @@ from typing import Any
 import numpy as np
 
 Run = Callable[[np.ndarray, int], list[int]]  # (ids_BS, new tokens) -> row 0's new tokens
+MARK = "@race "  # prefix of the worker's protocol lines on stdout (libraries may print too)
 
 
-def _kiln(artifact: Path, **kw: Any) -> Run:
+def _kiln(artifact: Path, threads: int, spin: bool, slots: int, **kw: Any) -> tuple[Run, dict]:
     from kiln.runtime import load
 
-    gen = load(artifact, backend="onnxruntime", device="cpu", tokenizer=False, **kw)
+    gen = load(artifact, backend="onnxruntime", device="cpu", tokenizer=False, threads=threads,
+               spin=spin, slots=slots, **kw)  # fmt: skip
 
     def run(ids: np.ndarray, new: int) -> list[int]:
         out = gen.generate(ids.tolist(), max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
         return out[0].token_ids  # type: ignore[index]
 
     run.gen = gen  # type: ignore[attr-defined]
-    return run
+    # runtime/generator.py load(threads=, spin=) -> kiln/graph_io.py ort_session
+    settings = {
+        "intra_op_num_threads": threads,
+        "session.intra_op.allow_spinning": "1" if spin else "0",
+        "provider": "CPUExecutionProvider (no provider options)",
+        "batch": f"{slots} slots, one row per sequence ({gen.backend.name})",
+    }
+    return run, settings
 
 
-def _hf(model_dir: Path) -> Run:
+def _hf(model_dir: Path, threads: int, spin: bool) -> tuple[Run, dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    # transformers eager runs ATen's intra-op (OpenMP) pool: torch.set_num_threads sizes it.
+    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     def run(ids: np.ndarray, new: int) -> list[int]:
@@ -61,13 +81,32 @@ def _hf(model_dir: Path) -> Run:
             )
         return out[0, ids.shape[1] :].tolist()
 
-    return run
+    settings = {
+        "torch.set_num_threads": torch.get_num_threads(),
+        "spin": f"OpenMP default wait policy (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})",
+        "attention": str(model.config._attn_implementation),
+        "batch": "generate() over [B, S] ids, dynamic KV cache",
+    }
+    return run, settings
 
 
-def _genai(model_dir: Path) -> Run:
+def _genai(model_dir: Path, threads: int, spin: bool) -> tuple[Run, dict]:
     import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
+    # onnxruntime-genai reads session options from genai_config.json's
+    # model.decoder.session_options (src/config.cpp SessionOptions_Element): intra_op_num_threads
+    # is a SessionOptions field, any other key an ORT config entry (AddConfigEntry). Without it,
+    # src/models/model.cpp sets intra-op threads to half the hardware threads (1 on 2 cores).
+    # Config.overlay applies the same JSON on top of the folder's genai_config.json.
+    session = {
+        "intra_op_num_threads": threads,
+        "session.intra_op.allow_spinning": "1" if spin else "0",
+    }
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+    model = og.Model(config)
+    saved = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    providers = saved.get("session_options", {}).get("provider_options", [])
 
     def run(ids: np.ndarray, new: int) -> list[int]:
         b, s = ids.shape
@@ -81,7 +120,27 @@ def _genai(model_dir: Path) -> Run:
             gen.generate_next_token()
         return [int(t) for t in gen.get_sequence(0)[s:]]
 
-    return run
+    settings = {
+        **session,
+        "provider": f"CPU (genai_config provider_options: {providers or 'none'})",
+        "batch": "GeneratorParams batch_size=B, past_present_share_buffer KV of max_length",
+    }
+    return run, settings
+
+
+def _llamacpp(gguf: Path, threads: int, spin: bool, max_batch: int, max_len: int) -> tuple:
+    from bench.llamacpp_runner import LlamaCppRun
+
+    run = LlamaCppRun(gguf, threads, max_batch, max_len)
+    settings = {
+        **run.settings,
+        "spin": (
+            f"ggml barriers spin within a step; between steps OpenMP default wait policy "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})"
+        ),
+        "batch": f"one context, n_seq_max={max_batch}, one llama_batch per step",
+    }
+    return run, settings
 
 
 def _timed(run: Run, ids: np.ndarray, new: int) -> tuple[float, list[int]]:
@@ -90,14 +149,13 @@ def _timed(run: Run, ids: np.ndarray, new: int) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, toks
 
 
-def measure(run: Run, ids_BS: np.ndarray, new: int, batches: list[int], repeats: int) -> dict:
-    """TTFT and decode tok/s per batch size; the tokens of row 0 at batch 1."""
-    run(ids_BS[:1, :16], 4)  # warm up: allocations, thread pools, kernels
+def one_repeat(run: Run, ids_BS: np.ndarray, new: int, batches: list[int]) -> dict:
+    """One repeat: TTFT and decode tok/s per batch size, and the tokens of row 0 at batch 1."""
     out: dict[str, Any] = {"batches": {}}
     for b in batches:
         ids = ids_BS[:b]
-        ttft = min(_timed(run, ids, 1)[0] for _ in range(3))
-        full, toks = min((_timed(run, ids, new) for _ in range(repeats)), key=lambda r: r[0])
+        ttft = _timed(run, ids, 1)[0]
+        full, toks = _timed(run, ids, new)
         if b == 1:
             out["tokens"] = toks
         assert len(toks) == new, f"runner made {len(toks)} tokens, not {new}"
@@ -107,6 +165,24 @@ def measure(run: Run, ids_BS: np.ndarray, new: int, batches: list[int], repeats:
             "decode_tok_s": b * (new - 1) / max(full - ttft, 1e-9),
         }
     return out
+
+
+def _say(obj: dict[str, Any]) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def serve(run: Run, settings: dict, ids: np.ndarray, args: argparse.Namespace, t0: float) -> None:
+    """The worker loop: ready line, then one repeat per `rep` line until `quit`."""
+    run(ids[:1, :16], 4)  # warm up: allocations, thread pools, kernels
+    run(ids[: max(args.batches), :16], 4)
+    _say({"ready": True, "load_s": time.perf_counter() - t0, "settings": settings})
+    for line in sys.stdin:
+        if line.strip() == "rep":
+            _say(one_repeat(run, ids, args.new, args.batches))
+        elif line.strip() == "quit":
+            break
+    _say({"peak_rss_mib": peak_rss_mib()})
 
 
 def _trace_figures(trace_path: str) -> dict[str, Any]:
@@ -145,14 +221,16 @@ def _stderr_to(path: Path) -> Iterator[None]:
             os.close(saved)
 
 
-def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> dict:
+def profile_kiln(
+    artifact: Path, ids_BS: np.ndarray, new: int, work: Path, threads: int, spin: bool
+) -> dict:
     """Where kiln's decode time goes: ORT per-op totals, graph vs loop time, KV bytes copied."""
     from kiln.runtime.artifact import inspect_artifact
 
     work.mkdir(parents=True, exist_ok=True)
     if inspect_artifact(artifact).layout.has_slots:
-        return _profile_static(artifact, ids_BS[:1], new, work)
-    run = _kiln(artifact, profile_dir=work)
+        return _profile_static(artifact, ids_BS[:1], new, work, threads, spin)
+    run, _ = _kiln(artifact, threads, spin, slots=1, profile_dir=work)
     gen = run.gen  # type: ignore[attr-defined]
     ids = ids_BS[:1]
     wall, _ = _timed(run, ids, new)
@@ -173,7 +251,9 @@ def profile_kiln(artifact: Path, ids_BS: np.ndarray, new: int, work: Path) -> di
     }
 
 
-def _profile_static(artifact: Path, ids: np.ndarray, new: int, work: Path) -> dict:
+def _profile_static(
+    artifact: Path, ids: np.ndarray, new: int, work: Path, threads: int, spin: bool
+) -> dict:
     """The slot loop profiled, with ORT at WARNING so TensorScatter reports any cache copy.
 
     Evidence of the in-place update, per step: the present OrtValues ORT returns sit at the
@@ -185,7 +265,8 @@ def _profile_static(artifact: Path, ids: np.ndarray, new: int, work: Path) -> di
     from kiln.runtime.ort_slots import OrtSlotBackend, scatter_copy_bytes
 
     info = inspect_artifact(artifact)
-    backend = OrtSlotBackend(info.onnx_path, slots=1, profile_dir=work, log_severity=1)
+    backend = OrtSlotBackend(info.onnx_path, slots=1, profile_dir=work, log_severity=1,
+                             threads=threads, spin=spin)  # fmt: skip
     gen = Generator(backend, info)
     steps, moved = 0, 0
     step = backend.step
@@ -240,30 +321,35 @@ def peak_rss_mib() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one runner and write its figures (plus peak RSS) as JSON."""
+    """Serve one runner (see the module docstring), or write kiln's profile as JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runner", choices=["kiln", "hf", "genai", "profile"])
-    p.add_argument("model", type=Path, help="artifact (kiln), HF folder (hf), genai folder")
+    p.add_argument("runner", choices=["kiln", "hf", "genai", "llamacpp", "profile"])
+    p.add_argument("model", type=Path, help="artifact (kiln), HF folder, genai folder, GGUF")
     p.add_argument("ids", type=Path, help=".npy of input ids [max batch, prompt]")
-    p.add_argument("out", type=Path, help="JSON result")
+    p.add_argument("--out", type=Path, help="profile: the JSON result")
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--batches", default="1,4")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--spin", choices=["on", "off"], default="on")
     args = p.parse_args(argv)
     ids = np.load(args.ids)
     t0 = time.perf_counter()
     if args.runner == "profile":
-        result = profile_kiln(args.model, ids, args.new, args.out.parent / "ort-profile")
+        work = args.out.parent / "ort-profile"
+        result = profile_kiln(args.model, ids, args.new, work, args.threads, args.spin == "on")
+        result["peak_rss_mib"] = peak_rss_mib()
+        args.out.write_text(json.dumps(result, indent=2))
+        return 0
+    args.batches = [int(b) for b in args.batches.split(",")]
+    spin = args.spin == "on"
+    biggest = max(args.batches)
+    if args.runner == "kiln":  # a static artifact gets one slot per row of the largest batch
+        run, settings = _kiln(args.model, args.threads, spin, slots=biggest)
+    elif args.runner == "llamacpp":
+        run, settings = _llamacpp(args.model, args.threads, spin, biggest, ids.shape[1] + args.new)
     else:
-        batches = [int(b) for b in args.batches.split(",")]
-        if args.runner == "kiln":  # a static artifact gets one slot per row of the largest batch
-            run = _kiln(args.model, slots=max(batches))
-        else:
-            run = {"hf": _hf, "genai": _genai}[args.runner](args.model)
-        load_s = time.perf_counter() - t0
-        result = {"load_s": load_s, **measure(run, ids, args.new, batches, args.repeats)}
-    result["peak_rss_mib"] = peak_rss_mib()
-    args.out.write_text(json.dumps(result, indent=2))
+        run, settings = {"hf": _hf, "genai": _genai}[args.runner](args.model, args.threads, spin)
+    serve(run, settings, ids, args, t0)
     return 0
 
 
