@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from tiny_models import TINY_CONFIGS, perturb_norm_gain
+from tiny_models import TINY_CONFIGS
 
 from kiln.errors import ParityError
 from kiln.export.check import CheckPoint, Trajectories, check_parity
@@ -31,9 +31,6 @@ def test_export_matches_pytorch(name, exported, tiny_model_dir):
     parity = manifest["parity"]
     assert parity["ok"] and not parity["allowed_drift"]
     assert parity["logits_max_abs"] <= TOL["fp32"].atol
-    assert parity["reference"] == "PyTorch float64"
-    assert parity["worst_budget_ratio"] <= 1.0
-    assert 0 < parity["torch_fp32_logits_max_abs"] < 1e-5  # tiny scale: a few float32 ulps
     assert parity["greedy_agreement"] == 1.0
     assert {(s["past"] == 0, s["seq"] == 1) for s in parity["steps"]} >= {
         (True, False),
@@ -101,25 +98,6 @@ def test_parity_check_catches_a_perturbed_weight(exported, tiny_model_dir, tmp_p
     report, _ = check_parity(tmp_path / "perturbed.onnx", model, src.family.shape(model.config))
     assert not report.ok
     with pytest.raises(ParityError, match=r"drifted past the fp32 tolerance.*\n  worst: "):
-        report.raise_if_failed("perturbed graph")
-
-
-@pytest.mark.parametrize("consumer", [0, 3])
-def test_parity_check_catches_a_1pct_norm_gain(exported, tiny_model_dir, tmp_path, consumer):
-    """Negative control, tiny scale: one element of one RMSNorm gain * 1.01 (layer 0 or 1)."""
-    proto = onnx.load(str(exported("llama") / "model.onnx"))
-    perturb_norm_gain(proto, consumer)
-    onnx.save(proto, str(tmp_path / "perturbed.onnx"))
-
-    src = describe_source(tiny_model_dir("llama"))
-    model = load_model(src.path)
-    report, _ = check_parity(tmp_path / "perturbed.onnx", model, src.family.shape(model.config))
-    summary = report.summary()
-    assert not report.ok and summary["reference"] == "PyTorch float64"
-    assert summary["worst_budget_ratio"] > 10  # far past the budget, not at its edge
-    with pytest.raises(
-        ParityError, match=r"(?s)8x PyTorch fp32's error against float64.*would have passed"
-    ):
         report.raise_if_failed("perturbed graph")
 
 
