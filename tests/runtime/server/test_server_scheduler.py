@@ -48,7 +48,10 @@ def _run(
     for i, ids in enumerate(prompts):
         if stagger and i == 1:
             assert started.wait(30)
-        params = SamplingParams(max_new_tokens=30, temperature=0.8, seed=seed + i, ignore_eos=True)
+        # The first prompt decodes long enough that the later ones arrive while it still runs,
+        # even on a loaded machine (30 tokens took less than one scheduling slice there).
+        new = 150 if i == 0 else 30
+        params = SamplingParams(max_new_tokens=new, temperature=0.8, seed=seed + i, ignore_eos=True)
         sched.submit(Job(Sequence(i, ids, params), emit(i)))
     assert all(d.wait(60) for d in done)
     return out
