@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from kiln.runtime import load
 from kiln.runtime.decode import Event, Sequence
@@ -13,7 +14,12 @@ from kiln.runtime.slots import SlotFeed
 
 
 class CountingSteps:
-    """The real backend; records each step's feeds (slot, token count)."""
+    """The real backend; records each step's feeds (slot, token count).
+
+    Each step is held 5 ms longer, so a stream's 30 tokens outlast the test thread's hand-off
+    to the next submit even on a loaded machine (the tiny model decodes 30 tokens in ~10 ms,
+    and once the first stream had finished before the 45-token prompt arrived).
+    """
 
     def __init__(self, backend) -> None:
         self._backend = backend
@@ -24,6 +30,7 @@ class CountingSteps:
 
     def step(self, feeds: list[SlotFeed]):
         self.fed.append([(f.slot, len(f.tokens)) for f in feeds])
+        time.sleep(0.005)
         return self._backend.step(feeds)
 
 
@@ -48,10 +55,7 @@ def _run(
     for i, ids in enumerate(prompts):
         if stagger and i == 1:
             assert started.wait(30)
-        # The first prompt decodes long enough that the later ones arrive while it still runs,
-        # even on a loaded machine (30 tokens took less than one scheduling slice there).
-        new = 150 if i == 0 else 30
-        params = SamplingParams(max_new_tokens=new, temperature=0.8, seed=seed + i, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=30, temperature=0.8, seed=seed + i, ignore_eos=True)
         sched.submit(Job(Sequence(i, ids, params), emit(i)))
     assert all(d.wait(60) for d in done)
     return out
