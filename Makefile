@@ -58,23 +58,30 @@ generate: $(OUT)/onnx/export.json  ## text from an artifact (ARTIFACT=folder PRO
 bench: $(STAMP)  ## the race, interleaved, every runner at the same --threads: kiln vs HF eager vs ort-genai vs llama.cpp (after bench-deps), fp32/int8/int4, TTFT, tok/s b1/b4, roofline, chart; BENCH_FLAGS="--models smollm --runners kiln-static,genai"
 	$(PY) -m bench.race --out out/bench $(BENCH_FLAGS)
 
-# llama.cpp for the race, outside CI: llama-cpp-python builds llama.cpp from source (cmake and a
-# C/C++ compiler; tens of minutes on 2 cores), natively for this CPU. Its source distribution also
-# carries llama.cpp's convert_hf_to_gguf.py and the gguf-py it imports (newer than gguf on PyPI,
-# which is installed for its dependencies), left unpacked in build/llamacpp for
-# bench/llamacpp_runner.py. Every installed package is pinned as a constraint, so torch and
-# onnxruntime stay as they are.
+# llama.cpp for the race and the serving peer, outside CI: one plain cmake build of the llama.cpp
+# vendored in the llama-cpp-python source distribution (shared libllama, llama-server and
+# llama-bench in build/llamacpp/cmake/bin; tens of minutes on 2 cores, natively for this CPU).
+# The llama-cpp-python package is then installed WITHOUT compiling (LLAMA_BUILD=OFF): its ctypes
+# bindings load the cmake-built libllama from LLAMA_CPP_LIB_PATH (bench/llamacpp_runner.py sets
+# it). The unpacked sdist also carries llama.cpp's convert_hf_to_gguf.py and the gguf-py it
+# imports (newer than gguf on PyPI, which is installed for its dependencies). Every installed
+# package is pinned as a constraint, so torch and onnxruntime stay as they are.
 LLAMA_CPP_PYTHON ?= 0.3.36
 LLAMACPP_DIR := build/llamacpp
-bench-deps: $(STAMP)  ## llama.cpp for `make bench` (not CI): llama-cpp-python from source, gguf, sentencepiece, the GGUF converter
+LLAMACPP_SRC := $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+LLAMACPP_BUILD := $(LLAMACPP_DIR)/cmake
+bench-deps: $(STAMP)  ## llama.cpp for `make bench` and the serving peer (not CI): one cmake build (libllama, llama-server, llama-bench), llama-cpp-python bindings, gguf, sentencepiece, the GGUF converter
 	@command -v cmake >/dev/null && command -v g++ >/dev/null || { echo "bench-deps needs cmake and a C++ compiler: apt-get install -y cmake build-essential"; exit 1; }
 	mkdir -p $(LLAMACPP_DIR)
-	$(PY) -m pip download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LLAMACPP_DIR)
-	tar xzf $(LLAMACPP_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMACPP_DIR)
+	test -f $(LLAMACPP_SRC).tar.gz || $(PY) -m pip download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LLAMACPP_DIR)
+	test -d $(LLAMACPP_SRC) || tar xzf $(LLAMACPP_SRC).tar.gz -C $(LLAMACPP_DIR)
+	cmake -S $(LLAMACPP_SRC)/vendor/llama.cpp -B $(LLAMACPP_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
+	cmake --build $(LLAMACPP_BUILD) -j$$(nproc) --target llama llama-server llama-bench
 	$(PY) -m pip freeze --exclude-editable | grep -v ' @ ' > $(LLAMACPP_DIR)/constraints.txt
-	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
-	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -c $(LLAMACPP_DIR)/constraints.txt \
-	  ./$(LLAMACPP_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON) gguf==0.19.0 'sentencepiece<0.3'
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install \
+	  -c $(LLAMACPP_DIR)/constraints.txt $(LLAMACPP_SRC).tar.gz gguf==0.19.0 'sentencepiece<0.3'
 
 # Serving: the bundled model exported with static KV slots, unless ARTIFACT= names a static folder.
 .PHONY: serve load

@@ -1,11 +1,16 @@
-"""llama.cpp in the race: GGUF files from the bench's HF folder, and a greedy token-id loop.
+"""llama.cpp in the race: GGUF files from an HF folder, and a greedy token-id loop.
 
-The GGUF comes from llama.cpp's own converter (`convert_hf_to_gguf.py`, shipped in the
-llama-cpp-python source distribution that `make bench-deps` unpacks into build/llamacpp) at F32,
-then llama.cpp's quantizer (`llama_model_quantize`, the library call behind `llama-quantize`)
-makes Q8_0 and Q4_0 with its default parameters. The converter insists on a tokenizer it
-recognises; the race feeds token ids, so the conversion folder gets a Llama-style byte-fallback
-tokenizer of the model's vocabulary size next to the same config and weights.
+`make bench-deps` builds llama.cpp once with cmake (shared libllama, llama-server, llama-bench
+in build/llamacpp/cmake/bin) and installs the llama-cpp-python bindings without compiling; they
+load that libllama through LLAMA_CPP_LIB_PATH, which `import_llama_cpp` sets. The same build's
+`llama-server` (LLAMA_SERVER) is the serving peer.
+
+`hf_to_gguf` makes the GGUF with llama.cpp's own converter (`convert_hf_to_gguf.py`, shipped in
+the llama-cpp-python source distribution unpacked in build/llamacpp) at F32, then llama.cpp's
+quantizer (`llama_model_quantize`, the library call behind `llama-quantize`) makes Q8_0 and Q4_0
+with its default parameters. The converter insists on a tokenizer it recognises; callers feed
+token ids, so the conversion folder gets a Llama-style byte-fallback tokenizer of the model's
+vocabulary size next to the same config and weights (its text is meaningless: send ids).
 
 Settings (llama.cpp's documented best CPU settings): `n_threads` and `n_threads_batch` = the
 race's thread count, which tools/completion/README.md ("Number of Threads") in the vendored
@@ -23,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,20 @@ import numpy as np
 QUANTS = {"F32": "LLAMA_FTYPE_ALL_F32", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
           "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # fmt: skip
 DEPS_DIR = Path("build/llamacpp")
+LIB_DIR = DEPS_DIR / "cmake" / "bin"  # libllama.so and the tools, from `make bench-deps`
+LLAMA_SERVER = LIB_DIR / "llama-server"
+
+
+class LlamaCppUnavailable(RuntimeError):
+    """llama.cpp cannot run or convert here; the message says why and what installs it."""
+
+
+def import_llama_cpp() -> Any:
+    """The llama_cpp bindings, loading the cmake-built libllama (LLAMA_CPP_LIB_PATH)."""
+    os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(LIB_DIR.resolve()))
+    import llama_cpp
+
+    return llama_cpp
 
 
 def converter(root: Path = DEPS_DIR) -> Path | None:
@@ -41,8 +61,10 @@ def converter(root: Path = DEPS_DIR) -> Path | None:
 
 def missing() -> str | None:
     """Why the llama.cpp runners cannot run here, or None when they can."""
+    if not (LIB_DIR / "libllama.so").is_file():
+        return f"no libllama.so in {LIB_DIR} (make bench-deps builds it)"
     try:
-        import llama_cpp  # noqa: F401
+        import_llama_cpp()
         import sentencepiece  # noqa: F401  (the converter's Llama vocabulary path imports it)
     except ImportError as e:
         return f"{e.name} is not installed (make bench-deps installs llama.cpp's Python deps)"
@@ -88,54 +110,72 @@ def _byte_fallback_tokenizer(folder: Path, vocab_size: int) -> None:
         "unk_token": "<unk>"}))  # fmt: skip
 
 
-def build_gguf(hf_dir: Path, out: Path, quant: str) -> tuple[Path | None, str]:
-    """`out`/model-QUANT.gguf from the HF folder (F32 via the converter, then quantized)."""
+def hf_to_gguf(hf_dir: Path, out: Path, quant: str) -> Path:
+    """`out`/model-QUANT.gguf (QUANT: F32, Q8_0 or Q4_0) from a Llama HF folder; reused if there.
+
+    Raises LlamaCppUnavailable naming the reason when llama.cpp is missing or refuses the model.
+    """
+    if quant not in QUANTS:
+        raise LlamaCppUnavailable(f"GGUF type {quant!r} is not one of {sorted(QUANTS)}")
     if why := missing():
-        return None, why
+        raise LlamaCppUnavailable(why)
     target = out / f"model-{quant}.gguf"
     if target.is_file():
-        return target, "ok"
+        return target
     out.mkdir(parents=True, exist_ok=True)
     f32 = out / "model-F32.gguf"
     if not f32.is_file():
+        cfg = json.loads((hf_dir / "config.json").read_text())
+        if cfg.get("model_type") != "llama":
+            kind = cfg.get("model_type")
+            raise LlamaCppUnavailable(
+                f"the byte-fallback tokenizer path of convert_hf_to_gguf.py is Llama's; {kind} "
+                "needs a tokenizer it recognises"
+            )
         src = out / "hf-src"
         src.mkdir(exist_ok=True)
         for f in ("config.json", "model.safetensors"):
             if not (src / f).exists():
                 (src / f).symlink_to((hf_dir / f).resolve())
-        cfg = json.loads((hf_dir / "config.json").read_text())
-        if cfg.get("model_type") != "llama":
-            kind = cfg.get("model_type")
-            return None, (f"the byte-fallback tokenizer path of convert_hf_to_gguf.py is "
-                          f"Llama's; {kind} needs a tokenizer it recognises")  # fmt: skip
         _byte_fallback_tokenizer(src, cfg["vocab_size"])
+        tmp = out / "model-F32.gguf.tmp"
         cmd = [sys.executable, str(converter()), str(src), "--outtype", "f32",
-               "--outfile", str(f32)]  # fmt: skip
+               "--outfile", str(tmp)]  # fmt: skip
         # The converter imports the gguf-py copy beside it (newer than the gguf release on
         # PyPI, which lacks what this converter calls); the PyPI package brings its deps.
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not f32.is_file():
+        if proc.returncode != 0 or not tmp.is_file():
             last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:]
-            return None, f"convert_hf_to_gguf.py failed: {last[0] if last else proc.returncode}"
+            raise LlamaCppUnavailable(
+                f"convert_hf_to_gguf.py failed: {last[0] if last else proc.returncode}"
+            )
+        os.replace(tmp, f32)
     if quant != "F32":
-        import llama_cpp as L
-
+        L = import_llama_cpp()
         params = L.llama_model_quantize_default_params()
         params.ftype = getattr(L, QUANTS[quant])
         params.nthread = os.cpu_count() or 1
-        rc = L.llama_model_quantize(str(f32).encode(), str(target).encode(), ctypes.byref(params))
-        if rc != 0 or not target.is_file():
-            return None, f"llama_model_quantize to {quant} returned {rc}"
-    return target, "ok"
+        tmp = out / f"model-{quant}.gguf.tmp"
+        rc = L.llama_model_quantize(str(f32).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise LlamaCppUnavailable(f"llama_model_quantize to {quant} returned {rc}")
+        os.replace(tmp, target)
+    return target
+
+
+def build_gguf(hf_dir: Path, out: Path, quant: str) -> tuple[Path | None, str]:
+    """The race's view of `hf_to_gguf`: (GGUF, "ok"), or (None, why it is skipped)."""
+    try:
+        return hf_to_gguf(hf_dir, out, quant), "ok"
+    except LlamaCppUnavailable as e:
+        return None, str(e)
 
 
 class LlamaCppRun:
     """Greedy generation of exactly `new` tokens for a [B, S] id array, B sequences at once."""
 
     def __init__(self, gguf_path: Path, threads: int, max_batch: int, max_len: int) -> None:
-        import llama_cpp as L
-
-        self.L = L
+        self.L = L = import_llama_cpp()
         L.llama_log_set(_quiet, ctypes.c_void_p())
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
@@ -185,19 +225,20 @@ class LlamaCppRun:
         ptr = self.L.llama_get_logits_ith(self.ctx, i)
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
 
-    def __call__(self, ids: np.ndarray, new: int) -> list[int]:
-        """Row 0's `new` greedy tokens; the cache starts empty every call."""
+    def __call__(self, ids: np.ndarray, new: int) -> tuple[list[int], float]:
+        """Row 0's `new` greedy tokens and when the first came out; the cache starts empty."""
         L = self.L
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
         n_seq, s = ids.shape
         self._decode([(int(ids[q, p]), p, q, p == s - 1) for q in range(n_seq) for p in range(s)])
         last = [self._argmax(q * s + s - 1) for q in range(n_seq)]
+        first = time.perf_counter()
         out = [last[0]]
         for step in range(1, new):
             self._decode([(last[q], s + step - 1, q, True) for q in range(n_seq)])
             last = [self._argmax(q) for q in range(n_seq)]
             out.append(last[0])
-        return out
+        return out, first
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)

@@ -15,8 +15,10 @@ settings, then answers each `rep` line on stdin with one repeat's figures (a `@r
 ..., A rep 2, ...) so they share the machine's noise.
 
 usage: python -m bench.race_runners RUNNER MODEL_DIR IDS.npy [--new N] [--threads T] ...
-Timing, per repeat and batch size: TTFT = one generate() call that makes 1 token; decode tok/s =
-batch x (N - 1) / (time of a call that makes N tokens - that TTFT).
+Timing, per repeat and batch size, from one streamed call that makes N tokens per row: TTFT =
+from the call to the first token of the batch (each runner's stream: kiln.runtime's
+Generator.stream, a transformers streamer, genai's generate_next_token loop, llama.cpp's decode
+loop); decode tok/s = batch x (N - 1) / (time from that first token to the last).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-Run = Callable[[np.ndarray, int], list[int]]  # (ids_BS, new tokens) -> row 0's new tokens
+# (ids_BS, new tokens) -> (row 0's new tokens, perf_counter() when the first token came out)
+Run = Callable[[np.ndarray, int], tuple[list[int], float]]
 MARK = "@race "  # prefix of the worker's protocol lines on stdout (libraries may print too)
 
 
@@ -45,9 +48,14 @@ def _kiln(artifact: Path, threads: int, spin: bool, slots: int, **kw: Any) -> tu
     gen = load(artifact, backend="onnxruntime", device="cpu", tokenizer=False, threads=threads,
                spin=spin, slots=slots, **kw)  # fmt: skip
 
-    def run(ids: np.ndarray, new: int) -> list[int]:
-        out = gen.generate(ids.tolist(), max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
-        return out[0].token_ids  # type: ignore[index]
+    def run(ids: np.ndarray, new: int) -> tuple[list[int], float]:
+        first, toks = 0.0, []
+        stream = gen.stream(ids.tolist(), max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
+        for event in stream:  # one event per row per step, as soon as it is sampled
+            first = first or time.perf_counter()
+            if event.index == 0:
+                toks.append(event.token_id)
+        return toks, first
 
     run.gen = gen  # type: ignore[attr-defined]
     # runtime/generator.py load(threads=, spin=) -> kiln/graph_io.py ort_session
@@ -63,12 +71,28 @@ def _kiln(artifact: Path, threads: int, spin: bool, slots: int, **kw: Any) -> tu
 def _hf(model_dir: Path, threads: int, spin: bool) -> tuple[Run, dict]:
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):  # type: ignore[misc]
+        """generate() puts the prompt, then each step's tokens: stamp the first step."""
+
+        def __init__(self) -> None:
+            self.puts, self.at = 0, 0.0
+
+        def put(self, value: Any) -> None:
+            self.puts += 1
+            if self.puts == 2:
+                self.at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
 
     # transformers eager runs ATen's intra-op (OpenMP) pool: torch.set_num_threads sizes it.
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
-    def run(ids: np.ndarray, new: int) -> list[int]:
+    def run(ids: np.ndarray, new: int) -> tuple[list[int], float]:
+        first = FirstToken()
         with torch.inference_mode():
             t = torch.from_numpy(ids)
             out = model.generate(
@@ -78,8 +102,9 @@ def _hf(model_dir: Path, threads: int, spin: bool) -> tuple[Run, dict]:
                 min_new_tokens=new,
                 do_sample=False,
                 pad_token_id=0,
+                streamer=first,
             )
-        return out[0, ids.shape[1] :].tolist()
+        return out[0, ids.shape[1] :].tolist(), first.at
 
     settings = {
         "torch.set_num_threads": torch.get_num_threads(),
@@ -108,7 +133,7 @@ def _genai(model_dir: Path, threads: int, spin: bool) -> tuple[Run, dict]:
     saved = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
     providers = saved.get("session_options", {}).get("provider_options", [])
 
-    def run(ids: np.ndarray, new: int) -> list[int]:
+    def run(ids: np.ndarray, new: int) -> tuple[list[int], float]:
         b, s = ids.shape
         params = og.GeneratorParams(model)
         params.set_search_options(
@@ -116,9 +141,11 @@ def _genai(model_dir: Path, threads: int, spin: bool) -> tuple[Run, dict]:
         )
         gen = og.Generator(model, params)
         gen.append_tokens(ids.astype(np.int32))
+        gen.generate_next_token()
+        first = time.perf_counter()
         while not gen.is_done():
             gen.generate_next_token()
-        return [int(t) for t in gen.get_sequence(0)[s:]]
+        return [int(t) for t in gen.get_sequence(0)[s:]], first
 
     settings = {
         **session,
@@ -143,19 +170,20 @@ def _llamacpp(gguf: Path, threads: int, spin: bool, max_batch: int, max_len: int
     return run, settings
 
 
-def _timed(run: Run, ids: np.ndarray, new: int) -> tuple[float, list[int]]:
+def _timed(run: Run, ids: np.ndarray, new: int) -> tuple[float, float, list[int]]:
+    """(seconds to the first token, seconds in all, row 0's tokens) of one streamed call."""
     t0 = time.perf_counter()
-    toks = run(ids, new)
-    return time.perf_counter() - t0, toks
+    toks, first = run(ids, new)
+    end = time.perf_counter()
+    assert t0 < first <= end, "the runner did not stamp its first token"
+    return first - t0, end - t0, toks
 
 
 def one_repeat(run: Run, ids_BS: np.ndarray, new: int, batches: list[int]) -> dict:
     """One repeat: TTFT and decode tok/s per batch size, and the tokens of row 0 at batch 1."""
     out: dict[str, Any] = {"batches": {}}
     for b in batches:
-        ids = ids_BS[:b]
-        ttft = _timed(run, ids, 1)[0]
-        full, toks = _timed(run, ids, new)
+        ttft, full, toks = _timed(run, ids_BS[:b], new)
         if b == 1:
             out["tokens"] = toks
         assert len(toks) == new, f"runner made {len(toks)} tokens, not {new}"
@@ -233,7 +261,7 @@ def profile_kiln(
     run, _ = _kiln(artifact, threads, spin, slots=1, profile_dir=work)
     gen = run.gen  # type: ignore[attr-defined]
     ids = ids_BS[:1]
-    wall, _ = _timed(run, ids, new)
+    wall = _timed(run, ids, new)[1]
     concat = gen.backend.concat  # the concat Backend under the runtime's slot adapter
     figures = _trace_figures(concat.end_profiling())
     m = gen.info.manifest.config

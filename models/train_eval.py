@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import sysconfig
 import time
@@ -30,18 +28,23 @@ from pathlib import Path
 import tokenizers
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
-from tokenizers.models import BPE
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kiln.log import setup_logging
+from kiln.models import recipe
+from kiln.models.recipe import BOS, EOS
 
 log = logging.getLogger("kiln.models.train_eval")
 
 SEED = 0
 VOCAB_SIZE = 4096
 MAX_POSITIONS = 1024
-BOS, EOS = "<|bos|>", "<|endoftext|>"
+# 4 layers, GQA 2:1, head dim 64; every matrix dim a multiple of 128 (int4 blocks). Small on
+# purpose: on a shared 2-core CPU a 1.8M-parameter model sees more tokens in the time budget
+# than a wider one, and ends with a lower held-out perplexity.
+SHAPE = recipe.LlamaShape(
+    hidden=128, intermediate=384, layers=4, heads=2, kv_heads=1, max_positions=MAX_POSITIONS
+)
 # Folders of the standard library that are not library code (tests, installed packages).
 SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__"})
 HELDOUT_MODULUS = 20  # a file is held out when int(sha256(path)[:8], 16) % 20 == 0: ~5%
@@ -87,14 +90,14 @@ def heldout_text(root: Path, files: list[str]) -> str:
 class TrainConfig:
     """Optimiser and schedule; the defaults are what `make eval-model` uses."""
 
-    steps: int = 360
-    batch: int = 4
+    steps: int = 1200
+    batch: int = 8
     seq_len: int = 256
-    lr: float = 4e-3
-    min_lr: float = 4e-4
-    warmup_steps: int = 20
+    lr: float = 5e-3
+    min_lr: float = 5e-4
+    warmup_steps: int = 40
     weight_decay: float = 0.1
-    log_every: int = 20
+    log_every: int = 50
     threads: int = 2
 
 
@@ -110,51 +113,7 @@ class TrainResult:
 
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE (decode(encode(x)) == x for any string) trained on the training files."""
-    tok = Tokenizer(BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=[EOS, BOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        model_max_length=MAX_POSITIONS,
-    )
-
-
-def llama_config(tok: PreTrainedTokenizerFast) -> LlamaConfig:
-    """A 4-layer Llama, GQA 2:1, head dim 64; every matrix dim a multiple of 128 (int4 blocks).
-
-    Small on purpose: on a shared 2-core CPU a 1.8M-parameter model sees more tokens in the
-    time budget than a wider one, and ends with a lower held-out perplexity.
-    """
-    return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        hidden_act="silu",
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    return recipe.train_tokenizer(texts, VOCAB_SIZE, MAX_POSITIONS)
 
 
 def token_stream(tok: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
@@ -275,36 +234,6 @@ with the same Python, library versions and thread count it reproduces the same w
 """
 
 
-def save_atomic(
-    model: LlamaForCausalLM,
-    tok: PreTrainedTokenizerFast,
-    extra: dict[str, str],
-    out: Path,
-) -> None:
-    """Save model, tokenizer and `extra` files into a temp folder next to `out`, then rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        do_sample=False,
-        max_length=MAX_POSITIONS,
-    )
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    for name, text in extra.items():
-        (tmp / name).write_text(text)
-    for f in tmp.iterdir():
-        f.chmod(0o644)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Split the corpus, train tokenizer and model, and save to `--out` with the split."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -343,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     heldout_ids = torch.tensor(tok(heldout)["input_ids"], dtype=torch.long)
     log.info("tokenizer and corpus: %.0f s", time.perf_counter() - t0)
 
-    model = LlamaForCausalLM(llama_config(tok))
+    model = LlamaForCausalLM(recipe.llama_config(tok, SHAPE))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("train eval-llama: %d parameters, vocab %d", n_params, len(tok))
     result = train(model, train_ids, heldout_ids, cfg)
@@ -361,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         "split.json": json.dumps(split, indent=2) + "\n",
         "heldout.txt": heldout,
     }
-    save_atomic(model, tok, extra, args.out)
+    recipe.save_atomic(model, tok, extra, args.out)
     log.info("saved → %s", args.out)
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +18,11 @@ from pathlib import Path
 import tokenizers
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
-from tokenizers.models import BPE
-from transformers import (
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kiln.log import setup_logging
+from kiln.models import recipe
+from kiln.models.recipe import BOS, EOS
 from kiln.models.zen import ZEN_PROMPT, zen_text
 
 # Not __name__: under `python -m` that is "__main__", outside the "kiln" logger tree.
@@ -38,7 +31,10 @@ log = logging.getLogger("kiln.models.train_zen")
 SEED = 0
 VOCAB_SIZE = 384
 MAX_POSITIONS = 512
-BOS, EOS = "<|bos|>", "<|endoftext|>"
+# 4 layers, 4 query heads sharing 2 KV heads (grouped-query attention).
+SHAPE = recipe.LlamaShape(
+    hidden=128, intermediate=352, layers=4, heads=4, kv_heads=2, max_positions=MAX_POSITIONS
+)
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 # Each turn ends with EOS, so a chat reply stops where the generation config stops.
 CHAT_TEMPLATE = (
@@ -73,52 +69,9 @@ class TrainResult:
 
 
 def train_tokenizer(text: str) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `text` and wrap it for `AutoTokenizer`.
-
-    Byte-level pre-tokenizer and decoder make decode(encode(x)) == x for any string, newlines
-    included. The post-processor prepends BOS, as Llama tokenizers do.
-    """
-    tok = Tokenizer(BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=[EOS, BOS, *CHAT_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([text], trainer=trainer)
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=MAX_POSITIONS,
-    )
-
-
-def llama_config(tok: PreTrainedTokenizerFast) -> LlamaConfig:
-    """Return a 4-layer Llama with grouped-query attention (4 query heads share 2 KV heads)."""
-    return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_act="silu",
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+    """A byte-level BPE trained on `text`, with the chat tokens and template."""
+    return recipe.train_tokenizer(
+        [text], VOCAB_SIZE, MAX_POSITIONS, extra_special=CHAT_TOKENS, chat_template=CHAT_TEMPLATE
     )
 
 
@@ -218,36 +171,6 @@ with the same library versions it reproduces the same weights.
 """
 
 
-def save_atomic(
-    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, card: str, out: Path
-) -> None:
-    """Save model, tokenizer and card into a temp folder next to `out`, then rename it into place.
-
-    An interrupted run leaves only the hidden temp folder, never an `out` that looks finished.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        do_sample=False,
-        max_length=MAX_POSITIONS,  # the default of 20 would cut the text short
-    )
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        f.chmod(0o644)  # safetensors arrives as 0600; the folder is shipped and shared
-    (tmp / "README.md").write_text(card)
-    # A directory can't be os.replace()d onto a non-empty one: move the old one aside first.
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Train the tokenizer and model, check greedy decoding, and save to `--out`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -263,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     text = zen_text()
     tok = train_tokenizer(text)
-    model = LlamaForCausalLM(llama_config(tok))
+    model = LlamaForCausalLM(recipe.llama_config(tok, SHAPE))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("train zen-llama: %d parameters, vocab %d", n_params, len(tok))
     result = train(model, tok, text, TrainConfig(max_steps=args.max_steps))
@@ -275,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         result.elapsed_s,
     )
     n_tokens = len(tok(text)["input_ids"]) + 1
-    save_atomic(model, tok, model_card(result, n_params, n_tokens, len(tok)), args.out)
+    card = model_card(result, n_params, n_tokens, len(tok))
+    recipe.save_atomic(model, tok, {"README.md": card}, args.out)
     log.info("saved → %s", args.out)
 
 

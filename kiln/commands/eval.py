@@ -50,17 +50,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
+    from kiln.commands.args import options_from
     from kiln.evaluate import EvalOptions, evaluate_model
     from kiln.evaluate.report import EVAL_FILE, default_out
 
-    options = EvalOptions(
-        window=args.window,
-        stride=args.stride,
-        tokens=args.tokens,
-        greedy_tokens=args.greedy_tokens,
-        prompts=args.prompts,
-        threads=args.threads,
-    )
+    options = options_from(EvalOptions, args)
     out = args.out if args.out is not None else default_out(args.artifact)
     report = evaluate_model(
         args.artifact, reference=args.reference, text=args.text, out=out, options=options

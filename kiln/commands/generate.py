@@ -67,19 +67,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
+    from kiln.commands.args import options_from
     from kiln.errors import KilnError
     from kiln.runtime import SamplingParams, load
 
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
+    params = options_from(SamplingParams, args)
     gen = load(args.artifact, backend=args.backend, device=args.device)
     if gen.tokenizer is None:
         raise KilnError(
