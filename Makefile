@@ -128,7 +128,7 @@ fmt: $(STAMP)  ## ruff format and autofix
 tiny-model: $(STAMP)  ## retrain the bundled model (models/zen-llama) on CPU, seeded
 	$(PY) -m kiln.models.train_zen --out models/zen-llama
 
-eval-model: $(STAMP)  ## retrain the eval model (models/eval-llama) on the Python stdlib sources, CPU, seeded (~10 min)
+eval-model: $(STAMP)  ## retrain the eval model (models/eval-llama) on the Python stdlib sources, CPU, seeded (~15 min on 2 cores)
 	$(PY) -m kiln.models.train_eval --out models/eval-llama
 
 clean:  ## remove build outputs (keeps .venv)

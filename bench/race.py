@@ -7,9 +7,9 @@ One run, same models and input ids for every runner, each runner in its own chil
 tokens (min = max new tokens). Runners: kiln concat fp32 (plain export and its ONNX Runtime
 target), kiln static fp32, int8 and int4 (the onnxruntime target of `kiln optimize`),
 transformers eager fp32, onnxruntime-genai fp32, int8 and int4 (its own model builder), and
-llama.cpp F32, Q8_0 and Q4_0 (llama-cpp-python from `make bench-deps`, outside CI; skipped with
-the reason when it is not installed). Models: a SmolLM-135M-shaped Llama and a
-GPT-2-small-shaped model, seeded random weights.
+llama.cpp F32, Q8_0 and Q4_0 (llama.cpp built with cmake by `make bench-deps`, driven through
+the llama-cpp-python bindings, outside CI; skipped with the reason when it is not built).
+Models: a SmolLM-135M-shaped Llama and a GPT-2-small-shaped model, seeded random weights.
 
 Fairness: every runner gets `--threads` intra-op threads (default: the cores this process may
 use) and its documented best CPU settings (bench/race_runners.py says which and where from;
@@ -18,7 +18,8 @@ genai alike. The runners are loaded once and then run interleaved, round-robin o
 `--repeats` (A rep 1, B rep 1, ..., A rep 2, ...), so all share the machine's noise; every
 figure is the median over repeats with its spread, and every ratio comes from this one run.
 
-Reports time to first token for a `--prompt`-token prompt, decode tokens/s at batch 1 and 4,
+Reports, from one streamed call per batch size and repeat, time to first token for a
+`--prompt`-token prompt and decode tokens/s from that first token to the last, at batch 1 and 4,
 peak RSS, ratios to PyTorch eager and to onnxruntime-genai at the same precision, each
 runner's batch-1 decode speed as a share of the weight-streaming roofline (weight bytes per
 decode step at the runner's precision against this machine's matrix-vector bandwidth,

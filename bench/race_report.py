@@ -199,7 +199,9 @@ def table(
         "",
         f"{c['prompt']}-token prompt, {c['new']} new tokens (min = max), {c['threads']} intra-op "
         f"threads for every runner, spin {c['spin']} (ONNX Runtime allow_spinning: kiln, genai); "
-        f"median of {c['repeats']} round-robin repeats, ± = half the min-max range. "
+        f"median of {c['repeats']} round-robin repeats, ± = half the min-max range. TTFT and "
+        "decode tok/s come from one streamed call: TTFT to the first token, decode from it to "
+        "the last. "
         f"1/5/15-min load average at start {_load(c['load_start'])}, at end "
         f"{_load(c['load_end'])} on {c['cores']} cores.",
         "b1/eager = decode tok/s at batch 1 over transformers eager fp32's; b1/genai, "

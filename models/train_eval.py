@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import sysconfig
 import time
@@ -109,6 +110,9 @@ class TrainResult:
     train_loss: float
     heldout_loss: float
     elapsed_s: float
+    # 1/5/15-minute load averages: the wall time means little without them on a shared host.
+    load_start: tuple[float, float, float]
+    load_end: tuple[float, float, float]
 
 
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -161,7 +165,7 @@ def train(
         cfg.batch,
         cfg.seq_len,
     )
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()
     running = float("nan")
     for step in range(1, cfg.steps + 1):
         model.train()
@@ -184,7 +188,11 @@ def train(
             )
     elapsed = time.perf_counter() - start
     heldout = mean_loss(model, heldout_ids, cfg.seq_len, limit=HELDOUT_LOSS_TOKENS)
-    return TrainResult(cfg.steps, running, heldout, elapsed)
+    return TrainResult(cfg.steps, running, heldout, elapsed, load_start, os.getloadavg())
+
+
+def _load(avg: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.1f}" for x in avg)
 
 
 def model_card(
@@ -222,7 +230,9 @@ them with their sha256; `heldout.txt` is their text).
 - Training: {cfg.steps} steps of {cfg.batch} random windows of {cfg.seq_len} tokens
   ({seen:,} tokens, {seen / n_train:.2f} epochs), AdamW (lr {cfg.lr}, warmup
   {cfg.warmup_steps}, cosine to {cfg.min_lr}, weight decay {cfg.weight_decay}), seed {SEED},
-  {cfg.threads} CPU threads, {result.elapsed_s / 60:.1f} min. Final training loss
+  {cfg.threads} CPU threads, {result.elapsed_s / 60:.1f} min ({cfg.steps / result.elapsed_s:.2f}
+  steps/s; load average {_load(result.load_start)} at the start, {_load(result.load_end)} at the
+  end, on {os.cpu_count()} cores). Final training loss
   {result.train_loss:.3f}; held-out loss {result.heldout_loss:.3f} (perplexity
   {math.exp(result.heldout_loss):.2f}, non-overlapping {cfg.seq_len}-token windows of the first
   {HELDOUT_LOSS_TOKENS} held-out tokens).
