@@ -79,7 +79,7 @@ def test_int4_diverges_where_fp32_does_not(eval_export, tmp_path):
         check_torch=False,
     )
     r = evaluate_model(int4, reference=eval_export, out=tmp_path / "e", options=OPTS).results
-    # The eval model's distributions are flat (perplexity ~600), so int4's KL is small in
-    # absolute terms (~7e-4 nats on 8k tokens, evaluate/README.md) but 1e8 times fp32's.
-    assert r["kl_mean"] > 1e-5
-    assert r["top1_agreement"] < 1.0
+    # int4 on the eval model: mean KL ~7e-3 nats and top-1 ~0.92 on 8k held-out tokens
+    # (evaluate/README.md), 1e10 times fp32's KL; the bounds leave room for 400 tokens.
+    assert r["kl_mean"] > 1e-3
+    assert r["top1_agreement"] < 0.98
