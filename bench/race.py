@@ -35,11 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -308,15 +310,30 @@ def _profile(args_: list[str], out: Path) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
-def run_model(name: str, work: Path, args: argparse.Namespace, bw: float) -> dict[str, Any]:
-    """Export/build what the runners need, race them, then profile kiln's loops."""
+def _prepared(
+    name: str, work: Path, args: argparse.Namespace
+) -> tuple[int, int, dict[str, tuple[Path | None, str]], float]:
+    """The bench model, its weight bytes per step and every runner's artifact (prepare)."""
     hf_dir = make_model(name, work / "hf")
     wbytes, nparams = weight_bytes_per_step(hf_dir)
     log.info("%s: %.1fM parameters, %.0f MB of fp32 weights read per decode step", name,
              nparams / 1e6, wbytes / 1e6)  # fmt: skip
     t0 = time.perf_counter()
     models = prepare(name, work, args)
-    prepare_s = time.perf_counter() - t0
+    return wbytes, nparams, models, time.perf_counter() - t0
+
+
+def run_model(name: str, work: Path, args: argparse.Namespace, bw: float) -> dict[str, Any]:
+    """Export/build what the runners need, race them, then profile kiln's loops.
+
+    Exporting, optimizing and counting weights load the model in PyTorch (GBs of peak memory
+    that a process does not give back); a spawned child does them and exits, so this process
+    holds no model while a dozen runners load theirs (in one process it ran out of memory).
+    """
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=setup_logging, initargs=(0,)) as pool:
+        wbytes, nparams, models, prepare_s = pool.submit(_prepared, name, work, args).result()
+    hf_dir = work / "hf"
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     ids = np.random.default_rng(1).integers(3, vocab, size=(max(args.batches), args.prompt))
     np.save(work / "ids.npy", ids.astype(np.int64))
