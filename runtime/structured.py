@@ -27,13 +27,14 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.tokenizer import Tokenizer
 
-_JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
-
 
 def grammar_for_json_schema(schema: dict[str, Any] | None) -> str:
     """The grammar of JSON text valid under `schema` (None: any JSON object, `json_object`)."""
     schema = {"type": "object"} if schema is None else schema
-    return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS))
+    compact = llguidance.LLMatcher.grammar_from_json_schema(
+        schema, overrides={"whitespace_flexible": False}
+    )
+    return str(compact)
 
 
 def grammar_for_regex(pattern: str) -> str:
