@@ -96,7 +96,8 @@ class Sequence:
     def choose(self, logits_V: np.ndarray) -> int:
         """Pick the next token (EOS suppressed until min_new_tokens, as transformers does).
 
-        A constraint's mask comes first and wins over min_new_tokens when only EOS may follow.
+        A constraint's mask comes first; it wins over min_new_tokens when only EOS may follow,
+        and over a penalty that pushes every allowed token to -inf.
         """
         raw = logits_V
         if self.constraint is not None:
@@ -104,8 +105,10 @@ class Sequence:
         if len(self.out_ids) < self.params.min_new_tokens:
             kept = suppress(logits_V, self.stop_ids)
             logits_V = kept if self.constraint is None or np.isfinite(kept).any() else logits_V
-        logits_V = adjust_logits(logits_V, self.params, self.prompt_ids, self.out_ids)
-        token = sample_next(logits_V, self.params, self.rng)
+        adjusted = adjust_logits(logits_V, self.params, self.prompt_ids, self.out_ids)
+        if self.constraint is not None and not (adjusted > -np.inf).any():
+            adjusted = logits_V  # a penalty overflowed every allowed token: the grammar wins
+        token = sample_next(adjusted, self.params, self.rng)
         if self.params.logprobs is not None:
             self.logprobs = token_logprobs(raw, token, self.params.logprobs)
         return token

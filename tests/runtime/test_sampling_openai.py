@@ -145,3 +145,40 @@ def test_out_of_range_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"Sampling {field}="):
         SamplingParams(**{field: value})
     SamplingParams(**{field: {"logit_bias": ((1, 100.0),), "logprobs": 20}.get(field, 2.0)})
+
+
+class OnlyTokens:
+    """A TokenConstraint that allows a fixed set of tokens (complete after `steps` tokens)."""
+
+    def __init__(self, allowed: set[int], steps: int = 99) -> None:
+        self.allowed, self.steps = allowed, steps
+
+    def mask(self, logits_V: np.ndarray) -> np.ndarray:
+        keep = np.zeros(logits_V.shape, bool)
+        keep[list(self.allowed)] = True
+        return np.where(keep, logits_V, -np.inf).astype(logits_V.dtype)
+
+    def accept(self, token_id: int) -> bool:
+        assert token_id in self.allowed
+        self.steps -= 1
+        return self.steps == 0
+
+
+def test_constraint_masks_every_draw_and_ends_the_sequence():
+    allowed = {3, 40, 41}
+    seq = Sequence(
+        0, [1], SamplingParams(temperature=1.0, seed=0), constraint=OnlyTokens(allowed, 50)
+    )
+    while not seq.done:
+        seq.accept(seq.choose(_logits(len(seq.out_ids))), room=1000)
+    assert set(seq.out_ids) <= allowed and len(seq.out_ids) == 50 and seq.finish_reason == "stop"
+    free = Sequence(0, [1], SamplingParams(temperature=1.0, seed=0))
+    assert {free.choose(_logits(i)) for i in range(50)} - allowed  # control
+
+
+def test_constraint_wins_over_a_penalty_that_overflows_the_allowed_tokens():
+    logits = _logits(5)
+    logits[7] = -3.0
+    params = SamplingParams(temperature=0.0, repetition_penalty=1e308)
+    seq = Sequence(0, [7], params, constraint=OnlyTokens({7}))
+    assert seq.choose(logits) == 7  # -3 * 1e308 = -inf, yet 7 is the only token allowed
