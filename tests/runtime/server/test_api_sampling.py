@@ -139,7 +139,7 @@ def _penalized(ref_row: np.ndarray, out: list[int], freq: float, pres: float, bi
 
 @pytest.mark.parametrize(
     ("freq", "pres", "bias"),
-    [(2.0, 0.0, {}), (0.5, 2.0, {}), (1.5, 0.5, {}), (0.0, 0.0, "ban-first")],
+    [(2.0, 0.0, {}), (2.0, 2.0, {}), (1.5, 0.5, {}), (0.0, 0.0, "ban-first")],
 )
 def test_penalties_and_bias_follow_the_definition(client, tok, log_softmax, freq, pres, bias):
     """Greedy under penalties: each token is the argmax of the reference's adjusted logits.
