@@ -27,7 +27,15 @@ import numpy as np
 
 from kiln.errors import KilnError
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStrings
-from kiln.runtime.sampling import SamplingParams, sample_next, suppress
+from kiln.runtime.sampling import (
+    SamplingParams,
+    TokenConstraint,
+    TokenLogprobs,
+    adjust_logits,
+    sample_next,
+    suppress,
+    token_logprobs,
+)
 from kiln.runtime.slots import SlotBackend, SlotFeed
 
 log = logging.getLogger(__name__)
@@ -43,6 +51,7 @@ class Event:
     token_id: int
     text: str
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None  # when the params ask for logprobs
 
 
 @dataclass
@@ -57,6 +66,8 @@ class Sequence:
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
+    constraint: TokenConstraint | None = None  # a grammar (runtime/structured.py)
+    logprobs: TokenLogprobs | None = None  # the last chosen token's, when params.logprobs is set
     rng: np.random.Generator = field(init=False)
     stop_ids: set[int] = field(init=False)
     _detok: IncrementalDetokenizer | None = field(init=False, default=None)
@@ -83,17 +94,31 @@ class Sequence:
         return [*self.prompt_ids, *self.out_ids]
 
     def choose(self, logits_V: np.ndarray) -> int:
-        """Pick the next token (EOS suppressed until min_new_tokens, as transformers does)."""
+        """Pick the next token (EOS suppressed until min_new_tokens, as transformers does).
+
+        A constraint's mask comes first; it wins over min_new_tokens when only EOS may follow,
+        and over a penalty that pushes every allowed token to -inf.
+        """
+        raw = logits_V
+        if self.constraint is not None:
+            logits_V = self.constraint.mask(logits_V)
         if len(self.out_ids) < self.params.min_new_tokens:
-            logits_V = suppress(logits_V, self.stop_ids)
-        seen = self.tokens if self.params.repetition_penalty != 1 else ()
-        return sample_next(logits_V, self.params, seen, self.rng)
+            kept = suppress(logits_V, self.stop_ids)
+            logits_V = kept if self.constraint is None or np.isfinite(kept).any() else logits_V
+        adjusted = adjust_logits(logits_V, self.params, self.prompt_ids, self.out_ids)
+        if self.constraint is not None and not (adjusted > -np.inf).any():
+            adjusted = logits_V  # a penalty overflowed every allowed token: the grammar wins
+        token = sample_next(adjusted, self.params, self.rng)
+        if self.params.logprobs is not None:
+            self.logprobs = token_logprobs(raw, token, self.params.logprobs)
+        return token
 
     def accept(self, token_id: int, room: int) -> str:
         """Record a token, update text and finish state; return the new text piece."""
         self.out_ids.append(token_id)
         piece = self._detok.push(token_id) if self._detok else ""
-        if token_id in self.stop_ids:
+        complete = self.constraint is not None and self.constraint.accept(token_id)
+        if token_id in self.stop_ids or complete:
             self.finish_reason = "stop"
         elif len(self.out_ids) >= min(self.params.max_new_tokens, room):
             self.finish_reason = "length"
@@ -166,7 +191,7 @@ def decode_step(
     """
     token = seq.choose(logits_V)
     text = seq.accept(token, backend.max_context - len(seq.prompt_ids))
-    event = Event(seq.index, token, text, seq.finish_reason)
+    event = Event(seq.index, token, text, seq.finish_reason, seq.logprobs)
     if seq.done:
         return event, None
     if not use_cache or backend.length(slot) == reprefill_at:

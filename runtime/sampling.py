@@ -1,21 +1,36 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, penalties, logprobs.
 
-The order and semantics are those of transformers' `generate()` (RepetitionPenaltyLogitsProcessor,
-then TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, then a draw from the softmax),
+The warps follow transformers' `generate()` (RepetitionPenaltyLogitsProcessor, then
+TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, then a draw from the softmax),
 written in numpy so a serving image needs no PyTorch; tests compare each step with the
 transformers processor on the same logits.
+
+The OpenAI API's adjustments come first, in vLLM's order (its v1 sampler): `logit_bias` added
+to the raw logits, then the repetition penalty (over prompt and output, as transformers), then
+the frequency penalty (`count * alpha` subtracted, counted over the generated tokens only) and
+the presence penalty (`alpha` subtracted from every token generated at least once), as OpenAI
+defines them and vLLM's `apply_penalties` computes them. A token constraint (a grammar's mask,
+runtime/structured.py) then removes tokens, and the warps and the draw follow.
+
+Logprobs are the log-softmax of the model's raw logits, before any bias, penalty, mask,
+temperature or truncation: the model's own distribution, as OpenAI reports and as vLLM's default
+`logprobs_mode="raw_logprobs"` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
 from kiln.errors import ConfigError
 
 # Letters in names: B batch, V vocab.
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs (and vLLM's default max_logprobs)
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    logprobs: int | None = None  # None: none; k: the chosen token's and the top k's logprobs
 
     def __post_init__(self) -> None:
         """Reject values that have no meaning, naming the field and the allowed range."""
@@ -58,12 +77,39 @@ class SamplingParams:
                 "must be a 64-bit integer, from -2**63 to 2**64 - 1 (negative seeds count as "
                 "their two's complement)",
             ),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (
+                all(-100 <= b <= 100 for _, b in self.logit_bias),
+                "logit_bias",
+                "must map token ids to biases in [-100, 100]",
+            ),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+                "logprobs",
+                f"must be from 0 to {MAX_TOP_LOGPROBS} (top tokens per position)",
+            ),
         ]
         for ok, name, rule in checks:
             if not ok:
                 raise ConfigError(f"Sampling {name}={getattr(self, name)!r} {rule}.")
         if any(s == "" for s in self.stop):
             raise ConfigError("Sampling stop contains an empty string; give non-empty strings.")
+
+    def for_choice(self, i: int) -> SamplingParams:
+        """The params of choice `i` of n: its seed is seed + i (as a 64-bit word).
+
+        So choice i of a seeded request draws what a single request with seed + i draws;
+        unseeded choices each draw fresh entropy.
+        """
+        if self.seed is None or i == 0:
+            return self
+        return replace(self, seed=(self.seed + i) % 2**64)
+
+    @property
+    def adjusts(self) -> bool:
+        """True when logit_bias or a presence/frequency penalty changes the logits."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def generator(self) -> np.random.Generator:
         """The sampler's random generator: seeded by the seed as a 64-bit word, else fresh."""
@@ -89,6 +135,59 @@ def apply_repetition_penalty(
     with np.errstate(over="ignore", invalid="ignore"):  # (np.where computes both branches)
         out[idx] = np.where(vals < 0, vals * penalty, vals / penalty)
     return out
+
+
+def add_logit_bias(logits_V: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """OpenAI's logit_bias: each listed token's logit plus its bias (-100 about bans it)."""
+    if not bias:
+        return logits_V
+    out = logits_V.astype(np.float32, copy=True)
+    ids, vals = zip(*bias, strict=True)
+    np.add.at(out, np.asarray(ids, dtype=np.int64), np.asarray(vals, dtype=np.float32))
+    return out
+
+
+def penalize_output(
+    logits_V: np.ndarray, params: SamplingParams, out_ids: Sequence[int]
+) -> np.ndarray:
+    """Frequency (`count * alpha`) and presence (`alpha` once seen) penalties over out_ids."""
+    if (params.frequency_penalty == 0 and params.presence_penalty == 0) or not out_ids:
+        return logits_V
+    ids, counts = np.unique(np.asarray(out_ids, dtype=np.int64), return_counts=True)
+    out = logits_V.astype(np.float32, copy=True)
+    out[ids] -= (params.frequency_penalty * counts + params.presence_penalty).astype(np.float32)
+    return out
+
+
+def adjust_logits(
+    logits_V: np.ndarray, params: SamplingParams, prompt_ids: Sequence[int], out_ids: Sequence[int]
+) -> np.ndarray:
+    """Every logit adjustment before the warps, in vLLM's order (module doc)."""
+    logits_V = add_logit_bias(logits_V, params.logit_bias)
+    if params.repetition_penalty != 1:
+        seen = itertools.chain(prompt_ids, out_ids)
+        logits_V = apply_repetition_penalty(logits_V, seen, params.repetition_penalty)
+    return penalize_output(logits_V, params, out_ids)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's logprob and the `k` most likely tokens' (id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits_V: np.ndarray, token_id: int, k: int) -> TokenLogprobs:
+    """Log-softmax of the raw logits (float64) at the chosen token, and the top k."""
+    x = logits_V.astype(np.float64)
+    top = np.max(x)
+    logp = x - top - np.log(np.sum(np.exp(x - top)))
+    best = np.argpartition(-logp, k - 1)[:k] if 0 < k < logp.shape[-1] else np.arange(logp.size)
+    best = best[np.lexsort((best, -logp[best]))][:k]  # best first; ties by id
+    pairs = tuple((int(i), float(logp[i])) for i in best)
+    return TokenLogprobs(int(token_id), float(logp[token_id]), pairs)
 
 
 def warp(logits_V: np.ndarray, *, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -117,16 +216,25 @@ def warp(logits_V: np.ndarray, *, temperature: float, top_k: int, top_p: float) 
     return out
 
 
-def sample_next(
-    logits_V: np.ndarray, params: SamplingParams, seen: Iterable[int], rng: np.random.Generator
-) -> int:
-    """The next token id for one row: penalty, then argmax or a draw from the warped softmax."""
-    logits_V = apply_repetition_penalty(logits_V, seen, params.repetition_penalty)
+def sample_next(logits_V: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """The next token id for one row of adjusted logits: argmax, or a draw from the warps."""
     if params.greedy:
         return int(np.argmax(logits_V))
     warped = warp(logits_V, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
     probs = _softmax(warped.astype(np.float64))
     return int(rng.choice(probs.shape[-1], p=probs))
+
+
+class TokenConstraint(Protocol):
+    """A rule over the next token (a grammar, runtime/structured.py): the sampler's mask hook."""
+
+    def mask(self, logits_V: np.ndarray) -> np.ndarray:
+        """The logits with every token the rule forbids next set to -inf."""
+        ...
+
+    def accept(self, token_id: int) -> bool:
+        """Advance over the chosen token; True when the rule is complete (only EOS may follow)."""
+        ...
 
 
 def suppress(logits_V: np.ndarray, token_ids: Iterable[int]) -> np.ndarray:

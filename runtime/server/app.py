@@ -29,6 +29,7 @@ from kiln.runtime.server.prepare import ModelView, Prepared, prepare_chat, prepa
 from kiln.runtime.server.responses import SSE_DONE, Reply, error_body, error_kind, sse
 from kiln.runtime.server.scheduler import Job, Scheduler
 from kiln.runtime.server.schemas import ChatRequest, CompletionRequest, parse_request
+from kiln.runtime.structured import grammars_for
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class ServerState:
                 vocab=backend.vocab,
                 eos_ids=tuple(gen.info.eos_ids),
                 tokenizer=gen.tokenizer,
+                grammars=grammars_for(gen.tokenizer, backend.vocab, tuple(gen.info.eos_ids)),
             )
             self.scheduler = Scheduler(
                 backend,
@@ -184,7 +186,12 @@ def create_app(state: ServerState) -> FastAPI:
 async def _respond(
     request: Request, scheduler: Scheduler, model: ModelView, prep: Prepared, chat: bool
 ) -> Response:
-    """Submit the job (429/503 come back here, before any byte is sent), then answer."""
+    """Submit the request's n choices as n jobs (429/503 come back before any byte), answer.
+
+    The n choices share the prompt but not a prefill: each job takes its own slot and the
+    scheduler admits them together, so their prompts go into the same graph call (one prefill
+    call, n rows). Choice i samples with SamplingParams.for_choice(i) (seed + i).
+    """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
 
@@ -193,37 +200,49 @@ async def _respond(
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    seq = Sequence(0, prep.prompt_ids, prep.params, model.eos_ids, model.tokenizer)
-    job = Job(seq, emit)
-    scheduler.submit(job)
-    reply = Reply(model.name, chat, len(prep.prompt_ids))
+    jobs = []
+    for i in range(prep.n):
+        constraint = None
+        if prep.grammar is not None and model.grammars is not None:
+            constraint = model.grammars.constraint(prep.grammar)
+        seq = Sequence(
+            i,
+            prep.prompt_ids,
+            prep.params.for_choice(i),
+            model.eos_ids,
+            model.tokenizer,
+            constraint=constraint,
+        )
+        jobs.append(Job(seq, emit))
+    scheduler.submit(*jobs)
+    reply = Reply(model.name, chat, len(prep.prompt_ids), model.tokenizer)
     if prep.stream:
-        body = _stream(scheduler, job, queue, reply, prep.include_usage)
+        body = _stream(scheduler, jobs, queue, reply, prep.include_usage)
         # The background task runs after the response, also when the client left before the
-        # stream started (then the generator never ran and its finally cannot cancel the job).
-        after = BackgroundTask(_cancel_unless_done, scheduler, job)
+        # stream started (then the generator never ran and its finally cannot cancel the jobs).
+        after = BackgroundTask(_cancel_unless_done, scheduler, jobs)
         return StreamingResponse(body, media_type="text/event-stream", background=after)
-    text, ids, reason = [], [], "length"
-    async for piece in _pieces(request, scheduler, job, queue):
-        text.append(piece.text)
-        ids.append(piece.token_id)
-        reason = piece.finish_reason or reason
-    return JSONResponse(reply.full("".join(text), ids, reason))
+    choices: list[list[Event]] = [[] for _ in jobs]
+    async for event in _pieces(request, scheduler, jobs, queue):
+        choices[event.index].append(event)
+    return JSONResponse(reply.full(choices))
 
 
-def _cancel_unless_done(scheduler: Scheduler, job: Job) -> None:
-    if not job.seq.done:
-        scheduler.cancel(job)
+def _cancel_unless_done(scheduler: Scheduler, jobs: list[Job]) -> None:
+    for job in jobs:
+        if not job.seq.done:
+            scheduler.cancel(job)
 
 
 async def _pieces(
     request: Request | None,
     scheduler: Scheduler,
-    job: Job,
+    jobs: list[Job],
     queue: asyncio.Queue[Event | BaseException],
 ) -> AsyncIterator[Event]:
-    """The job's pieces until it finishes; cancels the job if the consumer stops early."""
+    """The jobs' pieces until all finish; cancels the rest if the consumer stops early."""
     checked = time.monotonic()
+    running = len(jobs)
     item: Event | BaseException | None
     try:
         while True:
@@ -245,15 +264,16 @@ async def _pieces(
                 raise item
             yield item
             if item.finish_reason is not None:
-                return
+                running -= 1
+                if not running:
+                    return
     finally:
-        if not job.seq.done:
-            scheduler.cancel(job)
+        _cancel_unless_done(scheduler, jobs)
 
 
 async def _stream(
     scheduler: Scheduler,
-    job: Job,
+    jobs: list[Job],
     queue: asyncio.Queue[Event | BaseException],
     reply: Reply,
     include_usage: bool,
@@ -261,23 +281,23 @@ async def _stream(
     """SSE events: one chunk per text piece, the finish reason, optional usage, `[DONE]`.
 
     Starlette cancels this generator when the client disconnects (ASGI spec 2.3 disconnect
-    listener); `_pieces`' finally then cancels the job.
+    listener); `_pieces`' finally then cancels the jobs.
     """
     n = 0
     try:
         if reply.chat:
-            yield reply.chunk("", None, first=True)
-        async for piece in _pieces(None, scheduler, job, queue):
+            for i in range(len(jobs)):
+                yield reply.role_chunk(i)
+        async for piece in _pieces(None, scheduler, jobs, queue):
             n += 1  # one chunk per token, even with '' (a character not complete yet)
-            yield reply.chunk(piece.text, piece.finish_reason, token_id=piece.token_id)
+            yield reply.chunk(piece)
     except Exception as e:  # the headers are sent: report the error as an event, as OpenAI does
         status = (
             e.status if isinstance(e, RequestError) else 400 if isinstance(e, KilnError) else 500
         )
         yield sse(error_body(str(e), kind=error_kind(status)))
-    finally:  # cancelled while suspended at a yield (client gone): free the slot now
-        if not job.seq.done:
-            scheduler.cancel(job)
+    finally:  # cancelled while suspended at a yield (client gone): free the slots now
+        _cancel_unless_done(scheduler, jobs)
     if include_usage:
         yield reply.usage_chunk(n)
     yield SSE_DONE

@@ -7,6 +7,7 @@ RequestError whose message names the field, the offending value and the fix.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,12 @@ from jinja2 import TemplateError
 from kiln.errors import ConfigError, RequestError
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.server.schemas import ChatRequest, CompletionRequest, SamplingFields
+from kiln.runtime.structured import (
+    Grammars,
+    grammar_for_choice,
+    grammar_for_json_schema,
+    grammar_for_regex,
+)
 from kiln.runtime.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
@@ -29,6 +36,7 @@ class ModelView:
     vocab: int
     eos_ids: tuple[int, ...]
     tokenizer: Tokenizer | None  # None when the artifact carries no tokenizer files
+    grammars: Grammars | None = None  # structured output; None without a tokenizer
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class Prepared:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    n: int = 1  # choices, each its own Sequence with SamplingParams.for_choice(i)
+    grammar: str | None = None  # a checked llguidance grammar each choice is constrained by
 
 
 def prepare_completion(req: CompletionRequest, model: ModelView) -> Prepared:
@@ -64,7 +74,7 @@ def prepare_completion(req: CompletionRequest, model: ModelView) -> Prepared:
                 f"[0, {model.vocab}); send ids below {model.vocab}.",
                 param="prompt",
             )
-    return _prepared(req, ids, ("max_tokens", req.max_tokens), model)
+    return _prepared(req, ids, ("max_tokens", req.max_tokens), model, req.logprobs)
 
 
 def prepare_chat(req: ChatRequest, model: ModelView) -> Prepared:
@@ -90,7 +100,13 @@ def prepare_chat(req: ChatRequest, model: ModelView) -> Prepared:
     length: tuple[str, int | None] = ("max_tokens", req.max_tokens)
     if req.max_tokens is None and req.max_completion_tokens is not None:
         length = ("max_completion_tokens", req.max_completion_tokens)
-    return _prepared(req, ids, length, model)
+    if req.top_logprobs and not req.logprobs:
+        raise RequestError(
+            f"Field 'top_logprobs' = {req.top_logprobs} needs 'logprobs': true; set both.",
+            param="top_logprobs",
+        )
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return _prepared(req, ids, length, model, logprobs)
 
 
 def _check_common(req: SamplingFields, model: ModelView) -> None:
@@ -102,12 +118,80 @@ def _check_common(req: SamplingFields, model: ModelView) -> None:
             param="model",
             code="model_not_found",
         )
-    if req.n not in (None, 1):
-        raise RequestError(
-            f"Field 'n' = {req.n}: this server returns one choice per request; set n=1 (or omit "
-            "it) and send separate requests, with different seeds, for more choices.",
-            param="n",
+    for field, ids in (
+        ("stop_token_ids", req.stop_token_ids or []),
+        ("logit_bias", _bias_ids(req)),
+    ):
+        bad = [t for t in ids if not 0 <= t < model.vocab]
+        if bad:
+            raise RequestError(
+                f"Field '{field}' holds token id {bad[0]}, outside this model's vocabulary "
+                f"[0, {model.vocab}); use ids below {model.vocab}.",
+                param=field,
+            )
+
+
+def _bias_ids(req: SamplingFields) -> list[int]:
+    """logit_bias's keys as token ids (OpenAI sends them as decimal strings)."""
+    ids = []
+    for key in req.logit_bias or {}:
+        if not re.fullmatch(r"-?[0-9]{1,12}", key):
+            raise RequestError(
+                f"Field 'logit_bias' has the key {key!r}, which is no token id; key the biases "
+                'by token ids written as decimal strings ({"50256": -100}).',
+                param="logit_bias",
+            )
+        ids.append(int(key))
+    return ids
+
+
+def _grammar(req: SamplingFields, model: ModelView) -> str | None:
+    """The checked grammar of response_format, guided_regex or guided_choice (one at most)."""
+    fmt = (
+        req.response_format if req.response_format and req.response_format.type != "text" else None
+    )
+    asked = [
+        name
+        for name, value in (
+            ("response_format", fmt),
+            ("guided_regex", req.guided_regex),
+            ("guided_choice", req.guided_choice),
         )
+        if value is not None
+    ]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise RequestError(
+            f"Fields {' and '.join(repr(a) for a in asked)} each constrain the output; keep one.",
+            param=asked[1],
+        )
+    if model.grammars is None:
+        raise RequestError(
+            f"Model '{model.name}' carries no tokenizer, so '{asked[0]}' cannot map a grammar "
+            "to its tokens; remove the field.",
+            param=asked[0],
+            code="no_tokenizer",
+        )
+    if fmt is not None:
+        spec = fmt.json_schema
+        if fmt.type == "json_schema" and (spec is None or spec.json_schema is None):
+            raise RequestError(
+                "Field 'response_format' of type 'json_schema' needs 'json_schema': "
+                '{"name": ..., "schema": {...}}; add the schema.',
+                param="response_format.json_schema",
+            )
+        schema = spec.json_schema if fmt.type == "json_schema" and spec else None
+        grammar, param = grammar_for_json_schema(schema), "response_format.json_schema"
+        if fmt.type == "json_object":
+            param = "response_format"
+    elif req.guided_regex is not None:
+        grammar, param = grammar_for_regex(req.guided_regex), "guided_regex"
+    else:
+        assert req.guided_choice is not None
+        grammar, param = grammar_for_choice(req.guided_choice), "guided_choice"
+    model.grammars.check(grammar, param)
+    return grammar
 
 
 def _encode(text: str, model: ModelView) -> list[int]:
@@ -122,11 +206,16 @@ def _encode(text: str, model: ModelView) -> list[int]:
 
 
 def _prepared(
-    req: SamplingFields, ids: list[int], length: tuple[str, int | None], model: ModelView
+    req: SamplingFields,
+    ids: list[int],
+    length: tuple[str, int | None],
+    model: ModelView,
+    logprobs: int | None,
 ) -> Prepared:
     """Check the prompt and the length field against the context; build the sampling params.
 
-    `length` is the field that sets the length (max_tokens or max_completion_tokens) and its value.
+    `length` is the field that sets the length (max_tokens or max_completion_tokens) and its value;
+    `logprobs` the number of top logprobs per token (None: no logprobs).
     """
     (field, max_tokens), n, ctx = length, len(ids), model.max_context
     if n == 0:
@@ -168,16 +257,36 @@ def _prepared(
             repetition_penalty=req.repetition_penalty or 1.0,
             seed=req.seed,
             stop=tuple(stop),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=tuple(zip(_bias_ids(req), (req.logit_bias or {}).values(), strict=True)),
+            logprobs=logprobs,
         )
     except ConfigError as e:  # names the field and its allowed range
-        raise RequestError(f"{e} Change it in the request.", param=_field_of(str(e))) from None
+        name = _field_of(str(e))
+        if name == "logprobs" and isinstance(req, ChatRequest):
+            name = "top_logprobs"
+        raise RequestError(f"{e} Change it in the request.", param=name) from None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Prepared(ids, params, bool(req.stream), include_usage)
+    grammar = _grammar(req, model)
+    return Prepared(ids, params, bool(req.stream), include_usage, req.n or 1, grammar)
 
 
 def _field_of(message: str) -> str | None:
-    names = {"temperature", "top_k", "top_p", "repetition_penalty", "min_new_tokens", "seed"}
+    names = {
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "min_new_tokens",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+    }
     for name in names:
         if f" {name}=" in message:
             return "min_tokens" if name == "min_new_tokens" else name

@@ -99,8 +99,11 @@ class Scheduler:
         log.info("warm-up step in %.2f s; engine thread started", time.perf_counter() - t0)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job, or raise RequestError 429 (queue full) or 503 (shutting down)."""
+    def submit(self, *jobs: Job) -> None:
+        """Queue jobs (a request's n choices, all or none), or raise RequestError 429/503.
+
+        429: the queue is full; 503: the server is shutting down.
+        """
         with self._cv:
             if self._closing:
                 raise RequestError(
@@ -109,7 +112,8 @@ class Scheduler:
                     status=503,
                     code="shutting_down",
                 )
-            if len(self._waiting) + len(self._slots.held) >= self.backend.slots + self.max_queue:
+            held = len(self._waiting) + len(self._slots.held)
+            if held + len(jobs) > self.backend.slots + self.max_queue:
                 raise RequestError(
                     f"Server busy: all {self.backend.slots} slots are taken and "
                     f"{len(self._waiting)} requests wait (queue limit {self.max_queue}); retry "
@@ -117,7 +121,7 @@ class Scheduler:
                     status=429,
                     code="queue_full",
                 )
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self.metrics.queue_depth.set(len(self._waiting))
             self._cv.notify()
 

@@ -2,8 +2,8 @@
 
 Strict types: `"max_tokens": "5"` is an error, not a silent conversion. A field this server
 does not implement is refused with a 400 naming it (param = the field), so a client never gets
-a silently different answer: OpenAI features such as `response_format`, `tools` or `logprobs`
-unless set to their neutral value (_UNSUPPORTED), and any field the schemas do not know.
+a silently different answer: OpenAI features such as `tools`, `echo` or `best_of` unless set to
+their neutral value (_UNSUPPORTED), and any field the schemas do not know.
 Ignored, because they never change the answer: `user` and `metadata` (the caller's labels for
 its own logs), `store` when false and `service_tier` when "auto" or "default" (_IGNORED; this
 server stores nothing and has one tier). `parse_request` turns every failure into a
@@ -19,29 +19,25 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kiln.errors import RequestError
+from kiln.runtime.sampling import MAX_TOP_LOGPROBS
 
 T = TypeVar("T", bound=BaseModel)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_DEPTH = 32  # arrays and objects in a request (the request types nest 5 deep)
+MAX_N = 16  # choices per request (each takes a slot)
 
 # Fields of the OpenAI API that this server does not implement, with their neutral values
 # (sent at a neutral value they ask for nothing and pass).
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -67,6 +63,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: a named JSON Schema the output must validate against."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON valid under a schema."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(BaseModel):
     """Fields both endpoints share: model, length, sampling, stop rules, streaming."""
 
@@ -81,16 +95,24 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0)  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = None
+    stop_token_ids: list[int] | None = None  # extension (vLLM)
+    seed: int | None = None  # choice i of n samples with seed + i
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> [-100, 100]
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = None  # extension (vLLM): the whole output matches the regex
+    guided_choice: list[str] | None = Field(default=None, min_length=1)  # extension (vLLM)
 
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions: one prompt, as text or as token ids."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # top tokens listed
 
 
 class TextPart(BaseModel):
@@ -120,6 +142,8 @@ class ChatRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 def parse_request(body: bytes, schema: type[T]) -> T:

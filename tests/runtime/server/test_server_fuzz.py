@@ -113,16 +113,39 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "ignore_eos": _field(st.booleans()),
     "stop": _field(stops),
     "seed": _field(st.sampled_from(EDGE_INTS) | ints | st.none()),
-    "n": _field(st.sampled_from([1, None, 0, 2, -1])),
+    "n": _field(st.sampled_from([1, None, 0, 2, 3, -1, 17])),
     "stream": _field(st.booleans() | st.none()),
     "stream_options": _field(st.none() | st.fixed_dictionaries({"include_usage": junk})),
-    "logprobs": _field(st.sampled_from([None, False, True, 0, 5])),
+    "logprobs": _field(st.sampled_from([None, False, True, 0, 5, 20, 21, -1])),
+    "top_logprobs": _field(st.sampled_from([None, 0, 3, 20, 21])),
     "echo": _field(st.sampled_from([None, False, True])),
     "best_of": _field(st.sampled_from([None, 1, 2])),
     "suffix": _field(st.sampled_from([None, "", "x"])),
-    "presence_penalty": _field(st.sampled_from([None, 0, 0.0, 0.5])),
-    "frequency_penalty": _field(st.sampled_from([None, 0, 0.0, -2])),
-    "logit_bias": _field(st.sampled_from([None, {}, {"5": 1}])),
+    "presence_penalty": _field(st.sampled_from([None, 0, 0.0, 0.5, 2, -2.5]) | floats),
+    "frequency_penalty": _field(st.sampled_from([None, 0, 0.0, -2, 2.0000000000000004]) | floats),
+    "logit_bias": _field(
+        st.sampled_from([None, {}, {"5": 1}, {"5": -100}, {"383": 100.5}, {"384": 1}, {"x": 1}])
+        | st.dictionaries(st.integers(-1, 400).map(str) | keys, floats, max_size=3)
+    ),
+    "stop_token_ids": _field(st.lists(st.integers(-1, 400), max_size=3) | st.none()),
+    "response_format": _field(
+        st.sampled_from(
+            [
+                None,
+                {"type": "text"},
+                {"type": "json_object"},
+                {"type": "json_schema"},
+                {
+                    "type": "json_schema",
+                    "json_schema": {"name": "s", "schema": {"type": "integer"}},
+                },
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "nope"}}},
+                {"type": "xml"},
+            ]
+        )
+    ),
+    "guided_regex": _field(st.sampled_from([None, "[ab]+", "(", ""]) | texts),
+    "guided_choice": _field(st.none() | st.lists(texts, max_size=3)),
     "tools": _field(st.sampled_from([None, []])),
     "user": _field(texts),
 }
@@ -246,10 +269,11 @@ def check_ok(r: httpx.Response, chat: bool, body: Any) -> None:
         assert r.headers["content-type"] == "application/json"
         data = r.json()
         reply = (ChatCompletion if chat else Completion).model_validate(data)
-        assert len(reply.choices) == 1
-        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert [c.index for c in reply.choices] == list(range(body.get("n") or 1))
+        assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
         assert reply.usage is not None
-        assert 1 <= reply.usage.completion_tokens == len(data["choices"][0]["token_ids"])
+        tokens = [len(c["token_ids"]) for c in data["choices"]]
+        assert min(tokens) >= 1 and reply.usage.completion_tokens == sum(tokens)
         return
     assert r.headers["content-type"].startswith("text/event-stream")
     events = r.text.split("\n\n")
@@ -263,10 +287,13 @@ def check_ok(r: httpx.Response, chat: bool, body: Any) -> None:
             # OpenAI streams null there, which the Completion type does not allow
             choices = [{**choices[0], "finish_reason": "length"}]
         (ChatCompletionChunk if chat else Completion).model_validate({**data, "choices": choices})
-    tokens = [d["choices"][0] for d in datas if d["choices"]]
-    assert len(tokens) >= (2 if chat else 1)  # chat: the role chunk, then one per token
-    assert tokens[-1]["finish_reason"] in ("stop", "length")
-    assert all(t["finish_reason"] is None for t in tokens[:-1])
+    n = body.get("n") or 1
+    for i in range(n):
+        tokens = [d["choices"][0] for d in datas if d["choices"] and d["choices"][0]["index"] == i]
+        assert len(tokens) >= (2 if chat else 1)  # chat: the role chunk, then one per token
+        assert tokens[-1]["finish_reason"] in ("stop", "length")
+        assert all(t["finish_reason"] is None for t in tokens[:-1])
+    assert all(d["choices"][0]["index"] < n for d in datas if d["choices"])
     options = body.get("stream_options")
     usage = isinstance(options, dict) and options.get("include_usage") is True
     assert ("usage" in datas[-1]) == usage
