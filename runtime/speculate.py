@@ -27,13 +27,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
 from kiln.errors import KilnError
 from kiln.runtime.decode import Event, Sequence
 from kiln.runtime.slots import RewindableSlots, SlotFeed
+
+if TYPE_CHECKING:
+    from kiln.runtime.generator import Generator
 
 
 class Drafter(Protocol):
@@ -221,3 +225,49 @@ def _room(backend: RewindableSlots, seq: Sequence) -> int:
     """Tokens the sequence may still emit (its max_new_tokens and the slot's context)."""
     limit = min(seq.params.max_new_tokens, backend.max_context - len(seq.prompt_ids))
     return limit - len(seq.out_ids)
+
+
+def load_speculator(
+    target: Generator, spec: str, *, draft_tokens: int = 4, **load_options: Any
+) -> Speculator:
+    """`ngram`, or a draft artifact folder loaded with the target's slot count (`load` options).
+
+    The draft must share the target's vocabulary (the same tokenizer): its ids are fed to the
+    target as they are.
+    """
+    from kiln.runtime.concat_slots import ConcatSlotBackend
+    from kiln.runtime.generator import load
+
+    if isinstance(target.backend, ConcatSlotBackend):
+        raise _needs_static(target.info.path)
+    if spec == "ngram":
+        return Speculator(NgramDrafter(), draft_tokens=draft_tokens)
+    if not Path(spec).is_dir():
+        raise KilnError(
+            f"--speculate {spec!r} is neither 'ngram' nor an artifact folder; give 'ngram' or "
+            "the folder of a draft artifact made with the target's tokenizer."
+        )
+    draft = load(spec, slots=target.backend.slots, **load_options)
+    if isinstance(draft.backend, ConcatSlotBackend):
+        raise _needs_static(draft.info.path)
+    probe = "The quick brown fox, 12 apples; naïve café."
+    same_ids = (
+        draft.tokenizer is None
+        or target.tokenizer is None
+        or draft.tokenizer.encode(probe) == target.tokenizer.encode(probe)
+    )
+    if draft.backend.vocab != target.backend.vocab or not same_ids:
+        raise KilnError(
+            f"Draft {draft.info.path} does not share the target's tokenizer (vocab "
+            f"{draft.backend.vocab} vs {target.backend.vocab}); draft with an artifact of the "
+            "same model family and tokenizer (e.g. an int4 `kiln optimize` of the target)."
+        )
+    drafter = DraftModelDrafter(cast(RewindableSlots, draft.backend), name=str(draft.info.path))
+    return Speculator(drafter, draft_tokens=draft_tokens)
+
+
+def _needs_static(path: Path) -> KilnError:
+    return KilnError(
+        f"{path} is a concat-KV artifact; speculative decoding rewinds slots, which needs a "
+        "static one: re-export with `kiln export MODEL --kv static --max-context N`."
+    )
