@@ -173,14 +173,21 @@ class Speculator:
         self.stats = SpecStats()
 
     def draft(
-        self, backend: RewindableSlots, feeds: list[SlotFeed], held: Mapping[int, Sequence]
+        self,
+        backend: RewindableSlots,
+        feeds: list[SlotFeed],
+        held: Mapping[int, Sequence],
+        decoding: set[int] | None = None,
     ) -> tuple[list[SlotFeed], list[int]]:
-        """Each one-token decode feed gets its drafts appended; the feeds and their tails.
+        """Each decode feed gets its drafts appended; the feeds and their tails.
 
         A tail is the number of positions whose logits are wanted: drafts + 1 for a decode
-        feed, 1 for a prompt.
+        feed, 1 for a prompt. `decoding`: the slots whose feed is a sequence's last token
+        (default: every one-token feed that is not a restart; a caller that feeds prompts in
+        chunks names them, since a one-token middle chunk is not one).
         """
-        decoding = {f.slot for f in feeds if not f.restart and len(f.tokens) == 1}
+        if decoding is None:
+            decoding = {f.slot for f in feeds if not f.restart and len(f.tokens) == 1}
         contexts = {s: held[s].tokens for s in decoding}
         k = {s: min(self.k, _room(backend, held[s]) - 1) for s in decoding}
         drafts = self.drafter.propose(contexts, k) if contexts else {}
