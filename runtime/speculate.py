@@ -56,7 +56,9 @@ def ngram_draft(tokens: Seq[int], k: int, *, max_n: int = 3, min_n: int = 1) -> 
     """Up to k tokens that followed the latest earlier occurrence of the last n-gram.
 
     Tries n = max_n down to min_n and takes the first n that matches (prompt lookup decoding,
-    as transformers' `prompt_lookup_num_tokens` and vLLM's n-gram proposer do).
+    as transformers' `prompt_lookup_num_tokens` and vLLM's n-gram proposer do). The latest
+    occurrence with k tokens after it wins; without one, the earliest (the longest draft): in a
+    repeating run the latest occurrence ends one token before the end and would draft 1.
     """
     if k <= 0:
         return []
@@ -66,7 +68,8 @@ def ngram_draft(tokens: Seq[int], k: int, *, max_n: int = 3, min_n: int = 1) -> 
         windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
         hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
+            full = hits[hits + n + k <= len(arr)]
+            start = int(full[-1] if full.size else hits[0]) + n
             return [int(t) for t in arr[start : start + k]]
     return []
 

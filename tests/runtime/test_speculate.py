@@ -54,6 +54,9 @@ def test_ngram_draft_takes_the_latest_match_of_the_longest_ngram():
     assert ngram_draft([5, 6, 7, 8], 3) == []  # negative control: no earlier occurrence
     assert ngram_draft([1, 2, 1], 0) == []
     assert ngram_draft([4, 4], 5) == [4]  # a match at the end drafts what is left
+    # a repeating run: the latest match with k tokens after it, not the one just before the end
+    assert ngram_draft([3, 7, 7, 7, 7, 7, 7], 3) == [7, 7, 7]
+    assert ngram_draft([1, 2, 1, 2, 1, 2, 1], 4) == [2, 1, 2, 1]
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
