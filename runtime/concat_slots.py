@@ -43,7 +43,7 @@ class ConcatSlotBackend(SlotRunner, Generic[CacheT]):
         """The last token's logits, as `step`; more are refused (the adapter keeps only those)."""
         if any(t != 1 for t in tails):
             raise _needs_static("logits at several fed tokens (speculative decoding)")
-        return [row[None] for row in self.step(feeds)]
+        return super().step_tails(feeds, tails)
 
     def truncate(self, slot: int, length: int) -> None:
         """Refused: a concat cache is not cut back here."""

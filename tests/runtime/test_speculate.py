@@ -168,3 +168,18 @@ def test_bad_speculation_settings_are_refused(exported, tmp_path):
         load_speculator(concat, "ngram")
     with pytest.raises(KilnError, match="--kv static"):
         concat.backend.truncate(0, 0)  # type: ignore[attr-defined]
+
+
+def test_kiln_generate_speculate_prints_the_plain_text_and_the_metrics(exported, capsys):
+    from kiln.cli import main
+
+    art = str(exported("zen", "fp32", kv="static"))
+    args = ["generate", art, "--prompt", ZEN_PROMPT, "--max-new-tokens", "60"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculate", "ngram", "--draft-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain
+    assert "tokens per verify pass" in out.err and "acceptance" in out.err
+    assert main([*args, "--speculate", "nonsense"]) == 1  # a KilnError: exit 1, no traceback
+    assert "neither 'ngram' nor an artifact folder" in capsys.readouterr().err
