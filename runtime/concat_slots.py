@@ -16,6 +16,7 @@ from typing import Generic
 
 import numpy as np
 
+from kiln.errors import KilnError
 from kiln.runtime.backend import Backend, CacheT
 from kiln.runtime.slots import SlotCall, SlotFeed, SlotRunner
 
@@ -38,6 +39,16 @@ class ConcatSlotBackend(SlotRunner, Generic[CacheT]):
         super().release(slot)
         self._caches[slot] = None
 
+    def step_tails(self, feeds: Sequence[SlotFeed], tails: Sequence[int]) -> list[np.ndarray]:
+        """The last token's logits, as `step`; more are refused (the adapter keeps only those)."""
+        if any(t != 1 for t in tails):
+            raise _needs_static("logits at several fed tokens (speculative decoding)")
+        return super().step_tails(feeds, tails)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Refused: a concat cache is not cut back here."""
+        raise _needs_static("shortening a slot (speculative decoding, prefix reuse)")
+
     def _execute(
         self, call: SlotCall, ids: np.ndarray, pos: np.ndarray, index: np.ndarray, pick: np.ndarray
     ) -> np.ndarray:
@@ -48,3 +59,10 @@ class ConcatSlotBackend(SlotRunner, Generic[CacheT]):
         assert cache.length == index[0], "slot length and cache length disagree"
         mask_1T = np.ones((1, cache.length + ids.shape[1]), np.int64)
         return self.concat.forward(ids, mask_1T, pos, cache)
+
+
+def _needs_static(what: str) -> KilnError:
+    return KilnError(
+        f"A concat-KV artifact does not support {what}; re-export with "
+        "`kiln export MODEL --kv static --max-context N`."
+    )

@@ -21,7 +21,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import numpy as np
 
@@ -36,7 +36,11 @@ from kiln.runtime.sampling import (
     suppress,
     token_logprobs,
 )
-from kiln.runtime.slots import SlotBackend, SlotFeed
+from kiln.runtime.slots import RewindableSlots, SlotBackend, SlotFeed
+
+if TYPE_CHECKING:
+    from kiln.runtime.prefix_cache import PrefixCache
+    from kiln.runtime.speculate import Speculator
 
 log = logging.getLogger(__name__)
 
@@ -151,27 +155,48 @@ class SlotTable(Generic[T]):
         """Slots that hold nothing."""
         return len(self._free)
 
-    def take(self, item: T) -> int:
-        """Give `item` the lowest free slot; return it."""
-        slot = self._free.pop(0)
+    @property
+    def free_slots(self) -> list[int]:
+        """The free slots, lowest first."""
+        return list(self._free)
+
+    def take(self, item: T, slot: int | None = None) -> int:
+        """Give `item` the lowest free slot (or the free `slot` given); return it."""
+        slot = self._free.pop(0) if slot is None else self._free.pop(self._free.index(slot))
         self.held[slot] = item
         return slot
 
-    def release(self, slot: int) -> T:
-        """Free a slot (backend and table) and return what it held."""
-        self.backend.release(slot)
+    def release(self, slot: int, *, keep: bool = False) -> T:
+        """Free a slot (backend and table) and return what it held.
+
+        keep: leave the backend's length, so its rows stay valid for prefix reuse
+        (runtime/prefix_cache.py).
+        """
+        if not keep:
+            self.backend.release(slot)
         item = self.held.pop(slot)
         self._free.append(slot)
         self._free.sort()
         return item
 
 
-def prefill(table: SlotTable[Sequence], waiting: deque[Sequence]) -> list[SlotFeed]:
-    """Give free slots to waiting sequences; each is fed its whole prompt (restart)."""
+def prefill(
+    table: SlotTable[Sequence], waiting: deque[Sequence], prefix_cache: PrefixCache | None = None
+) -> list[SlotFeed]:
+    """Give free slots to waiting sequences; each is fed its whole prompt (restart).
+
+    With a prefix cache, a prompt that starts with a free slot's kept tokens continues there
+    and is fed only the rest.
+    """
     feeds = []
     while waiting and table.free:
         seq = waiting.popleft()
-        feeds.append(SlotFeed(table.take(seq), seq.prompt_ids, restart=True))
+        if prefix_cache is None:
+            feeds.append(SlotFeed(table.take(seq), seq.prompt_ids, restart=True))
+        else:
+            feed = prefix_cache.claim(seq.prompt_ids, table.free_slots)
+            feeds.append(feed)
+            table.take(seq, feed.slot)
     return feeds
 
 
@@ -205,43 +230,79 @@ def generate(
     *,
     use_cache: bool = True,
     reprefill_at: int | None = None,
+    speculator: Speculator | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[list[Event]]:
     """Run every row to completion over the backend's slots; yield each step's events.
 
     use_cache=False refeeds each sequence whole at every step (restart): the reference path.
     reprefill_at: the position at which a sequence's cache is rebuilt from all its tokens once
     (longrope's switch to its long factors, as transformers' Phi-3 generate() does).
+    speculator: draft tokens and verify them in the same pass (runtime/speculate.py); a step
+    may then yield several events per sequence.
+    prefix_cache: keep finished sequences' rows for prompts that start with their tokens
+    (runtime/prefix_cache.py); it outlives this call (the next call's prompts can hit).
     """
     for seq in rows:
         check_fits(seq, backend.max_context)
+    if (speculator or prefix_cache) and (not use_cache or reprefill_at is not None):
+        raise KilnError(
+            "Speculative decoding and prefix reuse need the cache kept as fed; they cannot "
+            "run with use_cache=False or a cache rebuild (longrope's reprefill_at). Turn "
+            "them off for this artifact."
+        )
     waiting = deque(rows)
     table: SlotTable[Sequence] = SlotTable(backend)
     feeds: list[SlotFeed] = []
     steps = 0
     while True:
-        fed = feeds + prefill(table, waiting)
-        logits_NV = backend.step(fed)
-        steps += 1
+        fed = feeds + prefill(table, waiting, prefix_cache)
         events, feeds = [], []
-        for feed, logits_V in zip(fed, logits_NV, strict=True):
-            event, feed_next = decode_step(
-                backend,
-                feed.slot,
-                table.held[feed.slot],
-                logits_V,
-                use_cache=use_cache,
-                reprefill_at=reprefill_at,
-            )
-            events.append(event)
-            if feed_next is None:
-                table.release(feed.slot)
-            else:
-                feeds.append(feed_next)
+        if speculator is not None:
+            rewind = cast("RewindableSlots", backend)
+            fed, tails = speculator.draft(rewind, fed, table.held)
+            outs = rewind.step_tails(fed, tails)
+            steps += 1
+            for feed, logits_SV in zip(fed, outs, strict=True):
+                new, feed_next = speculator.verify(rewind, feed, table.held[feed.slot], logits_SV)
+                events += new
+                _finish(table, feed.slot, feed_next, feeds, prefix_cache)
+        else:
+            logits_NV = backend.step(fed)
+            steps += 1
+            for feed, logits_V in zip(fed, logits_NV, strict=True):
+                event, feed_next = decode_step(
+                    backend,
+                    feed.slot,
+                    table.held[feed.slot],
+                    logits_V,
+                    use_cache=use_cache,
+                    reprefill_at=reprefill_at,
+                )
+                events.append(event)
+                _finish(table, feed.slot, feed_next, feeds, prefix_cache)
         yield events
         if not table.held and not waiting:
             return
         if steps % 32 == 0:
             log.debug("step %d: %d slots busy, %d waiting", steps, len(table.held), len(waiting))
+
+
+def _finish(
+    table: SlotTable[Sequence],
+    slot: int,
+    feed_next: SlotFeed | None,
+    feeds: list[SlotFeed],
+    prefix_cache: PrefixCache | None,
+) -> None:
+    """Queue the slot's next feed, or free it (kept for prefix reuse when there is a cache)."""
+    if feed_next is not None:
+        feeds.append(feed_next)
+    elif prefix_cache is None:
+        table.release(slot)
+    else:
+        prefix_cache.keep(slot, table.held[slot].tokens)
+        table.release(slot, keep=True)
 
 
 def check_fits(seq: Sequence, max_context: int) -> None:

@@ -12,8 +12,10 @@ from kiln.errors import KilnError
 from kiln.runtime import decode
 from kiln.runtime.artifact import ArtifactInfo, inspect_artifact, source_dirs
 from kiln.runtime.decode import Event
+from kiln.runtime.prefix_cache import PrefixCache
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.slots import SlotBackend
+from kiln.runtime.speculate import Speculator
 from kiln.runtime.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ class Generator:
         self.backend = backend
         self.info = info
         self.tokenizer = tokenizer
+        # Optional decode-loop features (runtime/speculate.py, runtime/prefix_cache.py).
+        self.speculator: Speculator | None = None
+        self.prefix_cache: PrefixCache | None = None
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a text prompt (with the tokenizer's BOS), or the ids as given."""
@@ -116,7 +121,12 @@ class Generator:
 
     def _run(self, rows: list[decode.Sequence], use_cache: bool) -> Iterator[list[Event]]:
         return decode.generate(
-            self.backend, rows, use_cache=use_cache, reprefill_at=self.info.reprefill_at
+            self.backend,
+            rows,
+            use_cache=use_cache,
+            reprefill_at=self.info.reprefill_at,
+            speculator=self.speculator,
+            prefix_cache=self.prefix_cache,
         )
 
     def _sequences(

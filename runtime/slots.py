@@ -60,6 +60,26 @@ class SlotBackend(Protocol):
         ...
 
 
+class RewindableSlots(SlotBackend, Protocol):
+    """A slot backend whose positions can be given back: what speculation and prefix reuse need.
+
+    Attention masks every position at or past a slot's length (export/static_kv.py), so
+    shortening a slot needs no buffer write: rows past the new length are ignored until
+    overwritten. The static backends (SlotRunner) provide it.
+    """
+
+    def step_tails(self, feeds: Sequence[SlotFeed], tails: Sequence[int]) -> list[np.ndarray]:
+        """`step`, returning float32 logits_SV at each feed's last `tails[i]` tokens (feed order).
+
+        A verify pass over k drafted tokens asks for k + 1 rows; a prompt for 1.
+        """
+        ...
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the slot's first `length` positions (at most its length now); drop the rest."""
+        ...
+
+
 def check_feeds(
     feeds: Sequence[SlotFeed], lengths: Sequence[int], *, vocab: int, max_context: int
 ) -> None:
@@ -211,16 +231,49 @@ class SlotRunner:
         """This step's calls (`plan_calls`)."""
         return plan_calls(feeds, self._lengths, self.max_context)
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the slot's first `length` positions; later rows stay masked until overwritten."""
+        if not 0 <= length <= self.length(slot):
+            raise KilnError(
+                f"Slot {slot} holds {self._lengths[slot]} positions; it cannot be truncated to "
+                f"{length}. Give a length from 0 to {self._lengths[slot]}."
+            )
+        self._lengths[slot] = length
+
     def step(self, feeds: Sequence[SlotFeed]) -> np.ndarray:
         """Run the feeds (validated first, buffers untouched on error); logits_NV, feed order."""
+        if not feeds:
+            return np.empty((0, self.vocab), np.float32)
+        return np.concatenate(self.step_tails(feeds, [1] * len(feeds)))
+
+    def step_tails(self, feeds: Sequence[SlotFeed], tails: Sequence[int]) -> list[np.ndarray]:
+        """`step` with logits_SV at each feed's last `tails[i]` tokens (a verify pass: k + 1)."""
         self.check(feeds)
-        out = np.empty((len(feeds), self.vocab), np.float32)
+        for f, t in zip(feeds, tails, strict=True):
+            if not 1 <= t <= len(f.tokens):
+                raise KilnError(
+                    f"Slot {f.slot}: logits at the last {t} tokens were asked of a feed of "
+                    f"{len(f.tokens)}; ask for 1 to {len(f.tokens)}."
+                )
+        out: list[np.ndarray] = [np.empty(0)] * len(feeds)
         order = {f.slot: n for n, f in enumerate(feeds)}
         for call in self.plan(feeds):
             ids, pos, index, pick = call_inputs(call, self._lengths)
-            logits_NV = self._execute(call, ids, pos, index, pick)
-            for f, row in zip(call.feeds, logits_NV, strict=True):
-                out[order[f.slot]] = row
+            want = [tails[order[f.slot]] for f in call.feeds]
+            if any(t > 1 for t in want):  # (row, last - t + 1 .. last) for each feed
+                pick = np.array(
+                    [
+                        (r, j)
+                        for (r, last), t in zip(pick, want, strict=True)
+                        for j in range(last - t + 1, last + 1)
+                    ],
+                    np.int64,
+                )
+            logits = self._execute(call, ids, pos, index, pick)
+            at = 0
+            for f, t in zip(call.feeds, want, strict=True):
+                out[order[f.slot]] = logits[at : at + t]
+                at += t
             advance(self._lengths, call)
         return out
 

@@ -62,6 +62,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="auto",
         help="ONNX Runtime device (cuda needs onnxruntime-gpu)",
     )
+    p.add_argument(
+        "--speculate",
+        metavar="ngram|ARTIFACT",
+        help="speculative decoding (same output, fewer passes): draft by prompt lookup "
+        "(ngram) or with a draft artifact of the same tokenizer; needs a --kv static artifact",
+    )
+    p.add_argument(
+        "--draft-tokens", type=int, default=4, help="tokens drafted per verify pass (default 4)"
+    )
     p.add_argument("--no-prompt-echo", action="store_true", help="print only the generated text")
     p.set_defaults(func=_run)
 
@@ -77,6 +86,12 @@ def _run(args: argparse.Namespace) -> int:
         raise KilnError(
             f"{args.artifact} carries no tokenizer, so --prompt text cannot be encoded; export "
             "from a model folder with tokenizer files."
+        )
+    if args.speculate:
+        from kiln.runtime.speculate import load_speculator
+
+        gen.speculator = load_speculator(
+            gen, args.speculate, draft_tokens=args.draft_tokens, device=args.device
         )
     echo = "" if args.no_prompt_echo else None
     t0 = time.perf_counter()
@@ -104,4 +119,12 @@ def _run(args: argparse.Namespace) -> int:
         f"[kiln] {n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tok/s, {gen.backend.name})",
         file=sys.stderr,
     )
+    if gen.speculator is not None:
+        st = gen.speculator.stats
+        print(
+            f"[kiln] speculate {gen.speculator.drafter.name}: acceptance "
+            f"{st.acceptance_rate:.0%} ({st.accepted}/{st.drafted} drafted), "
+            f"{st.tokens_per_pass:.2f} tokens per verify pass",
+            file=sys.stderr,
+        )
     return 0

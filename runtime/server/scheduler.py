@@ -31,13 +31,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.decode import Event, Sequence, SlotTable, decode_step
+from kiln.runtime.prefix_cache import PrefixCache
 from kiln.runtime.server.metrics import Metrics
-from kiln.runtime.slots import SlotBackend, SlotFeed
+from kiln.runtime.slots import RewindableSlots, SlotBackend, SlotFeed
+from kiln.runtime.speculate import Speculator
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,16 @@ class Scheduler:
         prefill_chunk: int = 64,
         retry_after_s: int = 1,
         reprefill_at: int | None = None,
+        prefix_cache: PrefixCache | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
+        if (prefix_cache or speculator) and reprefill_at is not None:
+            raise KilnError(
+                "Prefix reuse and speculative decoding cannot run with a cache rebuild "
+                "(longrope's reprefill_at); serve this artifact without them."
+            )
+        self.prefix_cache = prefix_cache  # runtime/prefix_cache.py
+        self.speculator = speculator  # runtime/speculate.py
         self.backend = backend
         self.metrics = metrics
         self.max_queue = max_queue
@@ -183,7 +195,12 @@ class Scheduler:
             if job.cancelled:
                 self.metrics.finished.labels("cancelled").inc()
                 continue
-            job.slot = self._slots.take(job)
+            if self.prefix_cache is None:
+                job.slot = self._slots.take(job)
+            else:  # continue in a kept slot that holds the prompt's start: feed only the rest
+                feed = self.prefix_cache.claim(job.seq.prompt_ids, self._slots.free_slots)
+                job.slot = self._slots.take(job, feed.slot)
+                job.fed = len(job.seq.prompt_ids) - len(feed.tokens)
         self.metrics.queue_depth.set(len(self._waiting))
         self.metrics.active.set(len(self._slots.held))
 
@@ -198,7 +215,13 @@ class Scheduler:
     def _release(self, job: Job, reason: str) -> None:
         """Free a job's slot (lock held, or engine thread with the job no longer fed)."""
         assert job.slot is not None
-        self._slots.release(job.slot)
+        if self.prefix_cache is not None and reason != "error":
+            self.prefix_cache.keep(job.slot, job.seq.tokens)  # its rows hold what was fed
+            self._slots.release(job.slot, keep=True)
+        else:
+            if self.prefix_cache is not None:
+                self.prefix_cache.forget(job.slot)
+            self._slots.release(job.slot)
         job.slot = None
         self.metrics.finished.labels(reason).inc()
         self.metrics.active.set(len(self._slots.held))
@@ -232,12 +255,19 @@ class Scheduler:
 
     def _step(self, batch: list[Job]) -> None:
         """One slot step over the fed jobs, then sample, emit and free finished slots."""
+        decoding = {j.slot for j in batch if j.fed >= len(j.seq.prompt_ids) and j.slot is not None}
         plan = self._plan(batch)
         batch = [job for job, _ in plan]
         feeds = [feed for _, feed in plan]
         t0 = time.perf_counter()
         try:
-            logits_NV = self.backend.step(feeds)
+            if self.speculator is None:
+                logits_NV: list[np.ndarray] | np.ndarray = self.backend.step(feeds)
+            else:
+                rewind = cast("RewindableSlots", self.backend)
+                held = {j.slot: j.seq for j in batch if j.slot is not None}
+                feeds, tails = self.speculator.draft(rewind, feeds, held, decoding)
+                logits_NV = rewind.step_tails(feeds, tails)
         except Exception as e:  # the requests fail, the server keeps serving
             if not isinstance(e, KilnError):
                 log.exception("graph step failed (%d slots fed)", len(feeds))
@@ -252,11 +282,11 @@ class Scheduler:
         self.metrics.batch_size.observe(len(feeds))
         done = []
         failed = []
-        for job, logits_V in zip(batch, logits_NV, strict=True):
+        for job, feed, logits_V in zip(batch, feeds, logits_NV, strict=True):
             if job.fed < len(job.seq.prompt_ids) or job.cancelled:
                 continue  # a prompt chunk that is not the last: nothing to sample yet
             try:
-                self._sample(job, np.asarray(logits_V), now)
+                self._sample(job, feed, np.asarray(logits_V), now)
             except Exception as e:  # a bug in sampling or detokenization: fail this request only
                 log.exception("sampling failed in slot %s", job.slot)
                 job.emit(e)
@@ -271,18 +301,25 @@ class Scheduler:
                 for job in failed:
                     self._release(job, "error")
 
-    def _sample(self, job: Job, logits_V: np.ndarray, now: float) -> None:
+    def _sample(self, job: Job, feed: SlotFeed, logits: np.ndarray, now: float) -> None:
+        """Sample (logits_V), or accept along the drafts (logits_SV, with a speculator)."""
         assert job.slot is not None
-        event, job.next_feed = decode_step(
-            self.backend, job.slot, job.seq, logits_V, reprefill_at=self.reprefill_at
-        )
-        if job.last_token_s is None:
-            self.metrics.ttft.observe(now - job.submitted_s)
+        if self.speculator is None:
+            event, job.next_feed = decode_step(
+                self.backend, job.slot, job.seq, logits, reprefill_at=self.reprefill_at
+            )
+            events = [event]
         else:
-            self.metrics.token_latency.observe(now - job.last_token_s)
-        job.last_token_s = now
-        self.metrics.generated.inc()
-        job.emit(event)
+            rewind = cast("RewindableSlots", self.backend)
+            events, job.next_feed = self.speculator.verify(rewind, feed, job.seq, logits)
+        for event in events:
+            if job.last_token_s is None:
+                self.metrics.ttft.observe(now - job.submitted_s)
+            else:
+                self.metrics.token_latency.observe(now - job.last_token_s)
+            job.last_token_s = now
+            self.metrics.generated.inc()
+            job.emit(event)
 
     def _fail_all(self, error: BaseException) -> None:
         for job in [*self._waiting, *self._slots.held.values()]:
