@@ -182,7 +182,9 @@ def _bandwidth(where: _Where, data: dict[str, Any]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise where.error("", "memory_bandwidth_gbs", value, "must be a positive number (GB/s)")
     if not data.get("memory_bandwidth_source"):
-        raise where.error("", "memory_bandwidth_source", None, "missing; say where the figure is from")
+        raise where.error(
+            "", "memory_bandwidth_source", None, "missing; say where the figure is from"
+        )
     return float(value)
 
 

@@ -24,12 +24,18 @@ from kiln.tune.choose import choose, closest, rank_agreement
 from kiln.tune.recipe import BuildSection, Recipe, RuntimeSection, save_recipe
 from kiln.tune.search import Search, Trial, context_for, run_search
 from kiln.tune.space import target_named
+from kiln.tune.speed import ratio_band
 
 __all__ = ["NothingFitsError", "TuneResult", "tune_model"]
 
 log = logging.getLogger(__name__)
 
-TUNE_FILE, RECIPE_FILE, REPORT_FILE, CHART_FILE = "tune.json", "recipe.toml", "report.md", "pareto.png"
+TUNE_FILE, RECIPE_FILE, REPORT_FILE, CHART_FILE = (
+    "tune.json",
+    "recipe.toml",
+    "report.md",
+    "pareto.png",
+)
 
 
 class NothingFitsError(KilnError):
@@ -71,11 +77,15 @@ def tune_model(
     model = Path(model)
     tgt = target_named(target)
     if measure and tgt.is_cpu:
-        raise KilnError("--measure times GPU engines; cpu candidates are always measured (drop it).")
+        raise KilnError(
+            "--measure times GPU engines; cpu candidates are always measured (drop it)."
+        )
     recipe = replace(recipe or Recipe(), target=tgt.name)
     out = Path(out) if out is not None else default_out(model, target)
     out.mkdir(parents=True, exist_ok=True)
-    s = Search(model, context_for(model, tgt, recipe), recipe, out, text, proxy, full, repeats, measure)
+    s = Search(
+        model, context_for(model, tgt, recipe), recipe, out, text, proxy, full, repeats, measure
+    )
     run_search(s)
     chosen, ties = choose(s.trials)
     if chosen is not None:
@@ -111,14 +121,19 @@ def _summary(s: Search, chosen: Trial | None, ties: list[Trial], wall_s: float) 
     for t in s.trials:
         if t.rule:
             rules[t.rule] = rules.get(t.rule, 0) + 1
-    base = s.baseline.get("tokens_per_s")
-    speed = chosen.speed["tokens_per_s"] if chosen and chosen.speed else None
+    ratio = None
+    if chosen is not None and chosen.speed and s.baseline.get("tokens_per_s"):
+        if "samples" in chosen.speed and "samples" in s.baseline:
+            lo, mid, hi = ratio_band(chosen.speed, s.baseline)
+            ratio = {"median": round(mid, 3), "q25": round(lo, 3), "q75": round(hi, 3)}
+        else:
+            ratio = {"median": round(chosen.speed["tokens_per_s"] / s.baseline["tokens_per_s"], 3)}
     return {
         "chosen": chosen.candidate.key if chosen else None,
         "chosen_label": chosen.candidate.label() if chosen else None,
         "ties": [t.candidate.key for t in ties],
         "measured": s.ctx.target.is_cpu or s.measure,
-        "speedup_vs_fp32": round(speed / base, 3) if speed and base else None,
+        "speedup_vs_fp32": ratio,  # per-repeat ratios to the fp32 export (cpu), quartiles
         "counts": counts,
         "rejections": rules,
         "rank_agreement": rank_agreement(

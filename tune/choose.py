@@ -1,8 +1,8 @@
 """The choice among accepted candidates, the closest miss, the Pareto front, rank agreement.
 
-Choice: the fastest accepted candidate; candidates whose speed is within noise of it (each
-median inside the other's min..max, tune/speed.py `tied`) are ties, broken by lower full-protocol
-KL, then by candidate key, so the same figures always give the same choice whatever the order.
+Choice: the fastest accepted candidate; candidates within noise of it (the middle half of
+their per-repeat speed ratios straddles 1, tune/speed.py `tied`) are ties, broken by lower
+full-protocol KL, then by candidate key: the same figures give the same choice in any order.
 """
 
 from __future__ import annotations
@@ -24,15 +24,9 @@ def choose(trials: list[Trial]) -> tuple[Trial | None, list[Trial]]:
     if not ok:
         return None, []
     fastest = max(ok, key=lambda t: (t.speed["tokens_per_s"], t.candidate.key))  # type: ignore[index]
-    ties = [t for t in ok if t is fastest or _tie(t.speed, fastest.speed)]  # type: ignore[arg-type]
+    ties = [t for t in ok if t is fastest or tied(t.speed, fastest.speed)]  # type: ignore[arg-type]
     best = min(ties, key=lambda t: (t.full["kl_mean"], t.candidate.key))  # type: ignore[index]
     return best, sorted(ties, key=lambda t: t.candidate.key)
-
-
-def _tie(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    if "min" not in a or "min" not in b:  # cost-model figures have no spread: exact ties only
-        return bool(a["tokens_per_s"] == b["tokens_per_s"])
-    return tied(a, b)
 
 
 def closest(trials: list[Trial], budget: Budget) -> Trial | None:

@@ -79,7 +79,9 @@ def make_artifact(export: Path, section: OptimizeSection, out: Path) -> dict[str
     return {"path": str(out), "onnx_bytes": sum(p.stat().st_size for p in files)}
 
 
-def evaluate(artifact: Path, reference: Path, text: Path | None, opts: EvalOptions, out: Path) -> dict[str, Any]:
+def evaluate(
+    artifact: Path, reference: Path, text: Path | None, opts: EvalOptions, out: Path
+) -> dict[str, Any]:
     """The eval protocol's figures for `artifact` against the fp32 `reference`."""
     from kiln.evaluate import evaluate_model
 

@@ -50,8 +50,12 @@ def measure_engines(s: Search, built: list[Trial]) -> None:
             "Measure on a GPU the profile targets, or tune a profile for this GPU."
         )
     if not built:
-        raise KilnError(f"--measure: no engine of profile {profile.name} was built; nothing to time.")
-    runners = [Runner(t.candidate.key, Path(t.build["path"]), 0, t.candidate["slots"]) for t in built]  # type: ignore[index]
+        raise KilnError(
+            f"--measure: no engine of profile {profile.name} was built; nothing to time."
+        )
+    runners = [
+        Runner(t.candidate.key, Path(t.build["path"]), 0, t.candidate["slots"]) for t in built
+    ]  # type: ignore[index]
     result = time_runners(runners, s.ctx.workload, s.repeats, backend="tensorrt")
     for t in built:
         t.speed = {**result[t.candidate.key], "measured": True, "cost_model": t.speed}

@@ -122,7 +122,9 @@ def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe TOML; errors name the file, table and key."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} not found; pass a TOML written by `kiln tune` or by hand.")
+        raise ConfigError(
+            f"recipe {path} not found; pass a TOML written by `kiln tune` or by hand."
+        )
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -225,3 +227,43 @@ def _toml(value: Any) -> str:
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+def apply_optimize_recipe(args: Any) -> None:
+    """Fill `kiln optimize` arguments the command line left unset from the recipe's [optimize].
+
+    The recipe's [export] names the KV layout its graph was chosen with; an export artifact of
+    another layout is refused (kiln/manifests.py ExportManifest).
+    """
+    from kiln.manifests import ExportManifest
+
+    recipe = load_recipe(args.recipe)
+    section = recipe.optimize
+    if section is None:
+        raise ConfigError(f"{args.recipe} has no [optimize] table; `kiln tune` writes one.")
+    export = ExportManifest.read(args.artifact)
+    have = export.layout.name
+    if have != recipe.export.kv or export.max_context != recipe.export.max_context:
+        ctx = f" --max-context {recipe.export.max_context}" if recipe.export.max_context else ""
+        raise ConfigError(
+            f"{args.recipe} was chosen for a {recipe.export.kv} KV export, but {args.artifact} is "
+            f"{have} (max_context {export.max_context}); re-export with "
+            f"`kiln export MODEL --kv {recipe.export.kv}{ctx}`."
+        )
+    args.target = args.target or section.target
+    args.precision = args.precision or section.precision
+    args.passes = args.passes or (list(section.passes) or None)
+    args.skip = args.skip or list(section.skip)
+
+
+def build_profile(path: Path) -> Any:
+    """The GPU profile of a recipe's [build], at the recipe's precision."""
+    from kiln.engine.profiles import load_profile
+
+    recipe = load_recipe(path)
+    if recipe.build is None or not recipe.build.profile:
+        raise ConfigError(
+            f"{path} has no [build] profile; `kiln tune --target PROFILE` writes one."
+        )
+    profile = load_profile(recipe.build.profile)
+    return replace(profile, precision=recipe.build.precision or profile.precision)

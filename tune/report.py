@@ -81,15 +81,19 @@ def _row(t: Trial) -> str:
 def write_markdown(s: Search, path: Path, summary: dict[str, Any], chart: Path | None) -> None:
     """report.md: the choice, the rung counts, the rank agreement and every candidate."""
     measured = s.ctx.target.is_cpu or s.measure
-    speed = "tokens/s measured (median, min..max)" if measured else "tokens/s by cost model (measured: false)"
+    speed = (
+        "tokens/s measured (median, min..max)"
+        if measured
+        else "tokens/s by cost model (measured: false)"
+    )
     lines = [
         f"# kiln tune: {s.model} on {s.ctx.target.name}",
         "",
         f"- budget: {asdict(s.recipe.budget)}",
         f"- workload: {asdict(s.recipe.workload)}",
         f"- chosen: {summary['chosen_label'] or 'nothing meets the budget'}",
-        f"- fp32 baseline: {s.baseline.get('tokens_per_s', 0):.1f} tokens/s; chosen "
-        f"{summary['speedup_vs_fp32'] or '-'}x",
+        f"- fp32 export: {s.baseline.get('tokens_per_s', 0):.1f} tokens/s; chosen / fp32 per "
+        f"repeat: {summary['speedup_vs_fp32'] or '-'}",
         f"- counts: {summary['counts']}",
         f"- proxy-to-full rank agreement of KL: {summary['rank_agreement']}",
         f"- trials: {summary['trials']['computed']} computed, {summary['trials']['reused']} reused",
@@ -103,7 +107,10 @@ def write_markdown(s: Search, path: Path, summary: dict[str, Any], chart: Path |
         "|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"chosen": 0, "accepted": 1, "rejected": 2, "pruned": 3}
-    lines += [_row(t) for t in sorted(s.trials, key=lambda t: (order.get(t.status, 4), t.candidate.label()))]
+    lines += [
+        _row(t)
+        for t in sorted(s.trials, key=lambda t: (order.get(t.status, 4), t.candidate.label()))
+    ]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
@@ -125,11 +132,18 @@ def write_chart(s: Search, path: Path) -> Path | None:
     xy = [(t.speed["tokens_per_s"], max(_metric(t, "kl_mean"), 1e-12)) for t in pts]  # type: ignore[index]
     front = sorted(pareto(xy), key=lambda i: xy[i][0])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for status, color in (("accepted", "tab:blue"), ("rejected", "tab:gray"), ("chosen", "tab:red")):
+    for status, color in (
+        ("accepted", "tab:blue"),
+        ("rejected", "tab:gray"),
+        ("chosen", "tab:red"),
+    ):
         sel = [i for i, t in enumerate(pts) if t.status == status]
         if sel:
-            ax.scatter([xy[i][0] for i in sel], [xy[i][1] for i in sel], c=color, label=status,
-                       marker="*" if status == "chosen" else "o", s=120 if status == "chosen" else 30)  # fmt: skip
+            star = status == "chosen"
+            xs, ys = [xy[i][0] for i in sel], [xy[i][1] for i in sel]
+            ax.scatter(
+                xs, ys, c=color, label=status, marker="*" if star else "o", s=120 if star else 30
+            )
     ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "k--", lw=1, label="Pareto front")
     if s.baseline.get("tokens_per_s"):
         ax.axvline(s.baseline["tokens_per_s"], color="tab:green", lw=1, label="fp32 export")

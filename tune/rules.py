@@ -74,7 +74,9 @@ def _sparse_target(c: Candidate, ctx: Context) -> str | None:
     if c["sparsity"] == "dense":
         return None
     if ctx.target.is_cpu:
-        return "ONNX Runtime CPU has no 2:4 sparse kernels: the zeros would cost accuracy for no speed"
+        return (
+            "ONNX Runtime CPU has no 2:4 sparse kernels: the zeros would cost accuracy for no speed"
+        )
     low = [cc for cc in ctx.target.profile.compute_capabilities if float(cc) < 8.0]  # type: ignore[union-attr]
     if low:
         return f"2:4 sparse tensor cores start at SM80; the profile targets {', '.join(low)}"

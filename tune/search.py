@@ -131,7 +131,11 @@ def _screen(s: Search, key: str, members: list[Trial]) -> None:
     export = make.export_section(c, s.ctx, s.full)
     section = make.optimize_section(c, s.ctx)
     name = "-".join(str(v) for v in c.artifact_knobs.values()).replace(":", "")
-    out = s.out.parent / "artifacts" / f"{section.target}-{name.replace('True', 'fused').replace('False', 'unfused')}"
+    out = (
+        s.out.parent
+        / "artifacts"
+        / f"{section.target}-{name.replace('True', 'fused').replace('False', 'unfused')}"
+    )
     spec = {"export": asdict(export), "optimize": asdict(section)}
     try:
         src = _export(s, export)
@@ -181,7 +185,9 @@ def _score_speed(s: Search, evaluated: list[Trial]) -> None:
 def _time_cpu(s: Search, accepted: list[Trial]) -> None:
     """Time every accepted candidate and the fp32 export, interleaved, in one cached round."""
     w = s.ctx.workload
-    base = Runner(BASELINE, s.exports[sha256_json(asdict(ExportSection()))], s.ctx.target.cores, w.concurrency)
+    base = Runner(
+        BASELINE, s.exports[sha256_json(asdict(ExportSection()))], s.ctx.target.cores, w.concurrency
+    )
     runners = [base] + [
         Runner(t.candidate.key, Path(t.artifact), t.candidate["threads"], t.candidate["slots"])
         for t in accepted
@@ -213,27 +219,42 @@ def _cost_gpu(s: Search, evaluated: list[Trial]) -> None:
         act = 4 if c["precision"] == "fp32" else 2
         kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * act
         wb = weight_bytes(Path(t.artifact) / "model.onnx")
-        t.speed = decode_cost(wb["read_per_step"], kv, s.ctx.workload, c["slots"], profile.memory_bandwidth_gbs)
+        t.speed = decode_cost(
+            wb["read_per_step"], kv, s.ctx.workload, c["slots"], profile.memory_bandwidth_gbs
+        )
         if t.status == "accepted":
-            spec = {"artifact": t.artifact, "profile": profile.to_dict(), "precision": c["precision"]}
-            out = s.out.parent / "engines" / f"{profile.name}-{Path(t.artifact).name}"
-            try:
-                t.build = s.store.run("engine", spec, lambda: make.build(Path(t.artifact), s.ctx, c["precision"], out))
-            except KilnError as e:
-                t.reject("engine", str(e).splitlines()[0])
-                continue
-            t.elapsed_s += t.build["elapsed_s"]
+            _engine(s, t)
     ref = s.exports[sha256_json(asdict(ExportSection()))]
     wb = weight_bytes(ref / "model.onnx")
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * 4
     s.baseline = {
         "label": "fp32 export (cost model)",
-        **decode_cost(wb["read_per_step"], kv, s.ctx.workload, s.ctx.workload.concurrency, profile.memory_bandwidth_gbs),
+        **decode_cost(
+            wb["read_per_step"],
+            kv,
+            s.ctx.workload,
+            s.ctx.workload.concurrency,
+            profile.memory_bandwidth_gbs,
+        ),
     }
     if s.measure:
         from kiln.tune.measure import measure_engines
 
         measure_engines(s, [t for t in evaluated if t.build and t.build.get("status") == "built"])
+
+
+def _engine(s: Search, t: Trial) -> None:
+    """Build the candidate's engine for the profile at its precision (a cached trial)."""
+    profile, precision, art = s.ctx.target.profile, t.candidate["precision"], Path(t.artifact)
+    assert profile is not None
+    spec = {"artifact": t.artifact, "profile": profile.to_dict(), "precision": precision}
+    out = s.out.parent / "engines" / f"{profile.name}-{art.name}"
+    try:
+        t.build = s.store.run("engine", spec, lambda: make.build(art, s.ctx, precision, out))
+    except KilnError as e:
+        t.reject("engine", str(e).splitlines()[0])
+        return
+    t.elapsed_s += t.build["elapsed_s"]
 
 
 def _progress(i: int, n: int, label: str) -> None:

@@ -115,8 +115,12 @@ def _threads(ctx: Context) -> tuple[int, ...]:
 
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("precision", "what the graph computes in (kiln/precisions.py)", lambda c: tuple(PRECISIONS)),
-    Knob("method", "weight quantizer: round-to-nearest or calibrated", lambda c: tuple(METHOD_PASSES)),
+    Knob(
+        "precision", "what the graph computes in (kiln/precisions.py)", lambda c: tuple(PRECISIONS)
+    ),
+    Knob(
+        "method", "weight quantizer: round-to-nearest or calibrated", lambda c: tuple(METHOD_PASSES)
+    ),
     Knob("sparsity", "2:4 structured weight sparsity", lambda c: tuple(SPARSITY_PASSES)),
     Knob("fusions", "the target's fusion passes on or off", lambda c: (True, False)),
     Knob("kv", "KV-cache layout (kiln/layouts.py)", lambda c: ("concat", "static")),
@@ -169,4 +173,6 @@ def candidates(ctx: Context, search: dict[str, tuple[Any, ...]]) -> list[Candida
             f"{', '.join(KNOB_NAMES)}."
         )
     axes = [search.get(k.name) or k.values(ctx) for k in KNOBS]
-    return [Candidate(tuple(zip(KNOB_NAMES, combo, strict=True))) for combo in itertools.product(*axes)]
+    return [
+        Candidate(tuple(zip(KNOB_NAMES, combo, strict=True))) for combo in itertools.product(*axes)
+    ]

@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         full=full,
     )
     s = result.summary
-    print(f"[kiln] chosen: {s['chosen_label']} ({s['speedup_vs_fp32']}x the fp32 export)")
+    print(f"[kiln] chosen: {s['chosen_label']} (speed / fp32 export: {s['speedup_vs_fp32']})")
     print(f"[kiln] trials: {s['trials']['computed']} computed, {s['trials']['reused']} reused")
     print(f"[kiln] wrote {result.out / TUNE_FILE}, recipe.toml, report.md, pareto.png")
     return 0
