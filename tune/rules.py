@@ -96,16 +96,24 @@ def _sparse_size(c: Candidate, ctx: Context) -> str | None:
 
 
 def _weight_blocks(c: Candidate, ctx: Context) -> str | None:
+    """TensorRT-target weight-only passes need K divisible by a block (DequantizeLinear opset 21).
+
+    ONNX Runtime's MatMulNBits pads K, so the cpu target has no such limit.
+    """
+    from kiln.optimize.passes import PASSES
     from kiln.optimize.precision.weight_only import pick_block
 
-    p = PRECISIONS[c["precision"]]
-    if not any(k.startswith("weights int") for k in p.quantized):
+    quantizer = PRECISIONS[c["precision"]].quantizer
+    if ctx.target.is_cpu or quantizer is None:
         return None
-    odd = [k for k in (ctx.shape.hidden, ctx.shape.intermediate) if pick_block(k, k) is None]
+    block = getattr(PASSES[quantizer].for_model({}), "block", None)
+    if block is None:
+        return None
+    odd = [k for k in (ctx.shape.hidden, ctx.shape.intermediate) if pick_block(k, block) is None]
     if odd:
         return (
-            f"{p.name} block quantization needs in-features divisible by a block "
-            f"(optimize/precision/weight_only.py pick_block); {odd} are not, so those weights "
+            f"{quantizer} quantizes in blocks along K (optimize/precision/weight_only.py "
+            f"pick_block, preferred {block}); in-features {odd} fit no block, so those weights "
             "would stay float"
         )
     return None
