@@ -114,6 +114,10 @@ def _threads(ctx: Context) -> tuple[int, ...]:
     return tuple(sorted({1, ctx.target.cores})) if ctx.target.is_cpu else (0,)
 
 
+def _kv(ctx: Context) -> tuple[str, ...]:
+    return ("concat", "static") if ctx.target.is_cpu else ("concat",)
+
+
 KNOBS: tuple[Knob, ...] = (
     Knob(
         "precision", "what the graph computes in (kiln/precisions.py)", lambda c: tuple(PRECISIONS)
@@ -123,7 +127,9 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob("sparsity", "2:4 structured weight sparsity", lambda c: tuple(SPARSITY_PASSES)),
     Knob("fusions", "the target's fusion passes on or off", lambda c: (True, False)),
-    Knob("kv", "KV-cache layout (kiln/layouts.py)", lambda c: ("concat", "static")),
+    # GPU engines: concat only by default (each static graph is one more eval and build);
+    # [search] kv = ["concat", "static"] widens it.
+    Knob("kv", "KV-cache layout (kiln/layouts.py)", _kv),
     Knob("slots", "sequences held at once", lambda c: (c.workload.concurrency,)),
     Knob("threads", "ONNX Runtime intra-op threads (cpu)", _threads),
 )
