@@ -116,3 +116,19 @@ def test_rank_agreement() -> None:
     assert rank_agreement([1, 2, 3, 4], [10, 20, 30, 40])["kendall"] == pytest.approx(1.0)
     assert rank_agreement([1, 2, 3, 4], [40, 30, 20, 10])["spearman"] == pytest.approx(-1.0)
     assert rank_agreement([1, 2], [1, 2])["spearman"] is None
+
+
+def test_measure_without_the_gpu_says_where_to_run() -> None:
+    """`kiln tune --measure` on a host without the profile's GPU stops with what to do."""
+    from types import SimpleNamespace
+
+    from kiln.engine.profiles import load_profile
+    from kiln.errors import KilnError
+    from kiln.tune.measure import gpu_compute_capability, measure_engines
+
+    if gpu_compute_capability() in ("8.6", "8.9"):
+        pytest.skip("this host has a GPU of the profile: --measure would run")
+    target = SimpleNamespace(profile=load_profile("rtx-ampere-ada-fp16"))
+    s = SimpleNamespace(ctx=SimpleNamespace(target=target))
+    with pytest.raises(KilnError, match=r"--measure .*rtx-ampere-ada-fp16.*(has none|cannot run)"):
+        measure_engines(s, [])  # type: ignore[arg-type]
