@@ -53,9 +53,10 @@ def measure_engines(s: Search, built: list[Trial]) -> None:
         raise KilnError(
             f"--measure: no engine of profile {profile.name} was built; nothing to time."
         )
+    paths = {t.candidate.key: Path((t.build or {})["path"]) for t in built}
     runners = [
-        Runner(t.candidate.key, Path(t.build["path"]), 0, t.candidate["slots"]) for t in built
-    ]  # type: ignore[index]
+        Runner(t.candidate.key, paths[t.candidate.key], 0, t.candidate["slots"]) for t in built
+    ]
     result = time_runners(runners, s.ctx.workload, s.repeats, backend="tensorrt")
     for t in built:
         t.speed = {**result[t.candidate.key], "measured": True, "cost_model": t.speed}
