@@ -87,7 +87,7 @@ def tune_model(
         model, context_for(model, tgt, recipe), recipe, out, text, proxy, full, repeats, measure
     )
     run_search(s)
-    chosen, ties = choose(s.trials)
+    chosen, ties = choose(s.trials, s.baseline)
     if chosen is not None:
         chosen.status = "chosen"
     summary = _summary(s, chosen, ties, time.perf_counter() - t0)

@@ -11,18 +11,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.tune.speed import tied
+from kiln.tune.speed import ratio_band, tied
 
 if TYPE_CHECKING:
     from kiln.tune.recipe import Budget
     from kiln.tune.search import Trial
 
 
-def choose(trials: list[Trial]) -> tuple[Trial | None, list[Trial]]:
-    """(the chosen trial or None, the candidates tied with the fastest)."""
+def choose(
+    trials: list[Trial], baseline: dict[str, Any] | None = None
+) -> tuple[Trial | None, list[Trial]]:
+    """(the chosen trial or None, the candidates tied with the fastest).
+
+    With timed `baseline` figures (the fp32 export, same rounds), only candidates faster than
+    it beyond noise (a quarter of the per-repeat ratios at most at or below 1) compete, when
+    any is; on a loaded host the tie band is wide, and a tie with the fp32 export is no gain.
+    """
     ok = [t for t in trials if t.status in ("accepted", "chosen") and t.speed and t.full]
     if not ok:
         return None, []
+    if baseline and "samples" in baseline:
+        faster = [t for t in ok if ratio_band(t.speed, baseline)[0] > 1.0]  # type: ignore[arg-type]
+        ok = faster or ok
     fastest = max(ok, key=lambda t: (t.speed["tokens_per_s"], t.candidate.key))  # type: ignore[index]
     ties = [t for t in ok if t is fastest or tied(t.speed, fastest.speed)]  # type: ignore[arg-type]
     best = min(ties, key=lambda t: (t.full["kl_mean"], t.candidate.key))  # type: ignore[index]

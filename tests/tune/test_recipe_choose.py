@@ -132,3 +132,12 @@ def test_measure_without_the_gpu_says_where_to_run() -> None:
     s = SimpleNamespace(ctx=SimpleNamespace(target=target))
     with pytest.raises(KilnError, match=r"--measure .*rtx-ampere-ada-fp16.*(has none|cannot run)"):
         measure_engines(s, [])  # type: ignore[arg-type]
+
+
+def test_only_candidates_faster_than_the_fp32_export_compete() -> None:
+    base = {"tokens_per_s": 100.0, "samples": [100, 100, 100, 100, 100]}
+    same = _trial("fp32", [150, 90, 140, 95, 135], 0.0)  # vs base: q25 0.95, no clear gain
+    fast = _trial("int8", [130, 125, 135, 128, 132], 1e-5)  # faster in every repeat
+    assert choose([same, fast])[0] is same  # tied with each other: the lower KL wins ...
+    assert choose([same, fast], base)[0] is fast  # ... unless it does not beat the export
+    assert choose([same], base)[0] is same  # nothing beats it: the choice falls back to all
