@@ -29,6 +29,9 @@ BACKENDS: dict[str, tuple[str, ...]] = {
 MODULES = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}
 
 _TOP_KEYS = {"name", "description", "backend", "compute_capabilities", "precision", "profile"}
+# The GPU's memory bandwidth and where the figure comes from: `kiln tune`'s decode cost model
+# reads it; it does not change the engine, so it stays out of to_dict() (the cache key).
+_HARDWARE_KEYS = {"memory_bandwidth_gbs", "memory_bandwidth_source"}
 _BUILDER_KEYS = {"optimization_level", "workspace_mib", "tactic_shared_memory_mib"}
 _SHAPE_KEYS = {
     "max_batch",
@@ -89,6 +92,8 @@ class GpuProfile:
     builder: BuilderSettings = field(default_factory=BuilderSettings)
     description: str = ""
     source: str = ""  # the file it came from; not part of the cache key
+    memory_bandwidth_gbs: float | None = None  # not part of the cache key
+    memory_bandwidth_source: str = ""
 
     @property
     def module(self) -> str:
@@ -98,7 +103,8 @@ class GpuProfile:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for manifests and cache keys (without `source`)."""
         d = asdict(self)
-        d.pop("source")
+        for key in ("source", *_HARDWARE_KEYS):
+            d.pop(key)
         return d
 
 
@@ -132,7 +138,7 @@ def load_profile(name_or_path: str | Path) -> GpuProfile:
 
 def _profile_from_dict(data: dict[str, Any], path: Path) -> GpuProfile:
     where = _Where(path)
-    where.unknown(data, _TOP_KEYS | {"builder"}, "")
+    where.unknown(data, _TOP_KEYS | _HARDWARE_KEYS | {"builder"}, "")
     backend = where.choice(data, "backend", "", tuple(BACKENDS))
     # The label the ONNX must already have (kiln/precisions.py; engine/precision.py reads it).
     precision = where.choice(data, "precision", "", tuple(PRECISIONS))
@@ -164,7 +170,22 @@ def _profile_from_dict(data: dict[str, Any], path: Path) -> GpuProfile:
         builder=builder,
         description=str(data.get("description", "")),
         source=str(path),
+        memory_bandwidth_gbs=_bandwidth(where, data),
+        memory_bandwidth_source=str(data.get("memory_bandwidth_source", "")),
     )
+
+
+def _bandwidth(where: _Where, data: dict[str, Any]) -> float | None:
+    value = data.get("memory_bandwidth_gbs")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise where.error("", "memory_bandwidth_gbs", value, "must be a positive number (GB/s)")
+    if not data.get("memory_bandwidth_source"):
+        raise where.error(
+            "", "memory_bandwidth_source", None, "missing; say where the figure is from"
+        )
+    return float(value)
 
 
 def _check_targets(where: _Where, backend: str, ccs: tuple[str, ...], precision: str) -> None:

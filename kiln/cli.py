@@ -27,6 +27,7 @@ COMMANDS = (
     "kiln.commands.generate",
     "kiln.commands.serve",
     "kiln.commands.eval",
+    "kiln.commands.tune",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.errors import ConfigError
 from kiln.extras import require_extra
 
 
@@ -32,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--profile",
         action="append",
-        required=True,
+        default=[],
         metavar="NAME_OR_TOML",
         help="GPU profile name in models/gpus/ or a path to a .toml; repeat or comma-separate; "
         "'all' builds every shipped profile (profiles whose backend is missing are skipped)",
@@ -47,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--force", action="store_true", help="rebuild even when engine.json is up to date"
     )
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        default=None,
+        help="recipe TOML (as `kiln tune` writes): builds its [build] profile at its precision",
+    )
     p.set_defaults(func=_run)
 
 
@@ -54,7 +61,13 @@ def _run(args: argparse.Namespace) -> int:
     require_extra("engine", "kiln build")
     from kiln.engine.matrix import build_matrix, format_table, resolve_profiles
 
-    profiles = resolve_profiles(args.profile)
+    profiles = resolve_profiles(args.profile) if args.profile else []
+    if args.recipe is not None:
+        from kiln.tune.recipe import build_profile
+
+        profiles.append(build_profile(args.recipe))
+    if not profiles:
+        raise ConfigError("kiln build needs --profile NAME (models/gpus/) or --recipe FILE.")
     out = args.out or args.artifacts[0].resolve().parent / "engines"
     rows = build_matrix(args.artifacts, profiles, out, force=args.force)
     print(format_table(rows))

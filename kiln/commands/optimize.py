@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--precision",
         choices=names_for("tensorrt"),
-        default="fp16",
+        default=None,
         help="fp32 | fp16 | bf16 (weights and activations); int8 / int4: fp16 activations with "
         "block-wise weight-only DequantizeLinear (opset 21); fp8: fp16 with FP8 E4M3 Q/DQ "
         "(SM89+ only). Default fp16.",
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--target",
         choices=OPTIMIZE_TARGETS,
-        default="tensorrt",
+        default=None,
         help="which runtime the fused ops are chosen for: tensorrt (TensorRT / TensorRT-RTX, "
         "standard ONNX ops) or onnxruntime (ONNX Runtime CPU: com.microsoft "
         "GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization, MatMulNBits "
@@ -85,6 +85,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--force", action="store_true", help="redo the work even when the artifact is current"
     )
     p.add_argument("--list-passes", action="store_true", help="print the default passes and exit")
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        default=None,
+        help="recipe TOML (as `kiln tune` writes): its [optimize] target, precision, passes and "
+        "skip, checked against its [export] KV layout; flags given too override it",
+    )
     p.set_defaults(func=_run)
 
 
@@ -92,6 +99,12 @@ def _run(args: argparse.Namespace) -> int:
     require_extra("export", "kiln optimize")
     from kiln.optimize import default_passes, optimize_model
 
+    if args.recipe is not None:
+        from kiln.tune.recipe import apply_optimize_recipe
+
+        apply_optimize_recipe(args)
+    args.precision = args.precision or "fp16"
+    args.target = args.target or "tensorrt"
     if args.list_passes:
         names = default_passes(
             args.precision, tied_embedding=args.tied_embedding, target=args.target

@@ -1,0 +1,127 @@
+"""Make what a candidate needs, through the stages' own entry points.
+
+The fp32 export per KV layout (`kiln.export.export_model`), the candidate's graph
+(`kiln.optimize.optimize_model` with the recipe's options), its engine for a GPU profile at the
+candidate's precision (`kiln.engine.build_engine`), and its quality (`kiln.evaluate`). Each
+stage reuses an unchanged output by its own cache key; tune's trial cache (tune/trials.py)
+records the figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from kiln.evaluate import PROMPT_TOKENS, EvalOptions
+from kiln.tune.recipe import ExportSection, OptimizeSection
+from kiln.tune.space import METHOD_PASSES, SPARSITY_PASSES, Candidate, Context
+
+# The proxy: a short text, one prompt; the full protocol: kiln eval's defaults on more text.
+PROXY = EvalOptions(tokens=512, window=128, stride=64, prompts=1, greedy_tokens=16)
+FULL = EvalOptions(tokens=4096)
+
+
+def export_section(c: Candidate, ctx: Context, full: EvalOptions) -> ExportSection:
+    """The export a candidate starts from: concat, or static slots long enough for the eval."""
+    if c["kv"] == "concat":
+        return ExportSection("concat")
+    need = max(ctx.workload.context, full.window, PROMPT_TOKENS + full.greedy_tokens)
+    top = ctx.shape.max_positions or need
+    return ExportSection("static", max_context=min(need, top))
+
+
+def optimize_section(c: Candidate, ctx: Context) -> OptimizeSection:
+    """`kiln optimize` options for the candidate: fusions off = the target's fusions skipped."""
+    from kiln.optimize import default_passes
+    from kiln.optimize.ort import ORT_FUSIONS
+    from kiln.optimize.passes import FUSIONS
+
+    target, precision = ctx.target.optimize_target, c["precision"]
+    names = default_passes(precision, target=target)
+    fusions = [p.name for p in ORT_FUSIONS] if target == "onnxruntime" else list(FUSIONS)
+    skip = () if c["fusions"] else tuple(n for n in names if n in fusions)
+    method = METHOD_PASSES[c["method"]](precision)
+    sparsity = SPARSITY_PASSES[c["sparsity"]]
+    passes: tuple[str, ...] = ()
+    if method or sparsity:  # the calibrated pass takes the round-to-nearest quantizer's place
+        from kiln.precisions import PRECISIONS
+
+        rtn = {PRECISIONS[precision].quantizer, PRECISIONS[precision].ort_quantizer}
+        kept = [n for n in names if n not in skip]
+        passes = tuple(method if n in rtn and method else n for n in kept)
+        passes = (*passes[:-2], sparsity, *passes[-2:]) if sparsity else passes
+        skip = ()
+    return OptimizeSection(target=target, precision=precision, skip=skip, passes=passes)
+
+
+def make_export(model: Path, section: ExportSection, out: Path) -> Path:
+    """The fp32 export of `model` with the section's KV layout."""
+    from kiln.export import export_model
+
+    return export_model(model, out, kv=section.kv, max_context=section.max_context)
+
+
+def make_artifact(export: Path, section: OptimizeSection, out: Path) -> dict[str, Any]:
+    """Optimize `export` as the section says; the result's path and weight bytes."""
+    from kiln.optimize import optimize_model
+
+    optimize_model(
+        export,
+        out,
+        target=section.target,
+        precision=section.precision,
+        passes=list(section.passes) or None,
+        skip=section.skip,
+        check_torch=False,  # the eval judges the graph against the fp32 export
+    )
+    files = sorted(p for p in out.glob("model.onnx*") if p.is_file())
+    return {"path": str(out), "onnx_bytes": sum(p.stat().st_size for p in files)}
+
+
+def evaluate(
+    artifact: Path, reference: Path, text: Path | None, opts: EvalOptions, out: Path
+) -> dict[str, Any]:
+    """The eval protocol's figures for `artifact` against the fp32 `reference`."""
+    from kiln.evaluate import evaluate_model
+
+    report = evaluate_model(artifact, reference=reference, text=text, out=out, options=opts)
+    r = report.results
+    return {
+        "kl_mean": r["kl_mean"],
+        "kl_max": r["kl_max"],
+        "top1_agreement": r["top1_agreement"],
+        "greedy_agreement": r["greedy_agreement"],
+        "perplexity": r["perplexity"],
+        "reference_perplexity": r["reference_perplexity"],
+        "ppl_increase": (r["perplexity"] - r["reference_perplexity"]) / r["reference_perplexity"],
+        "tokens_scored": report.protocol["perplexity"]["tokens_scored"],
+    }
+
+
+def build(artifact: Path, ctx: Context, precision: str, out: Path) -> dict[str, Any]:
+    """Build the engine of `artifact` for the target's profile at `precision`.
+
+    Returns size, build time and what the built engine says of its precision (engine.json: a
+    TensorRT-RTX plan cannot be inspected per layer without a GPU), or why it was skipped.
+    """
+    import importlib.util
+
+    from kiln.engine import build_engine, read_engine
+
+    profile = ctx.target.profile
+    assert profile is not None
+    gpu = replace(profile, precision=precision)
+    if importlib.util.find_spec(gpu.module) is None:
+        return {"status": f"skipped: needs {gpu.module} (a {gpu.backend} host)"}
+    build_engine(artifact, gpu, out)
+    m = read_engine(out, verify=False)
+    return {
+        "status": "built",
+        "path": str(out),
+        "plan_bytes": m.plan["bytes"],
+        "build_s": m.build["elapsed_s"]["build"],
+        "precision": m.precision,
+        "layer_types": m.build.get("layer_types", {}),
+        "layer_precisions": "engine inspector needs the target GPU; engine.json precision above",
+    }

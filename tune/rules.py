@@ -1,0 +1,182 @@
+"""Named rules that drop a candidate before anything is built or measured.
+
+Each rule reads kiln's own records (kiln/precisions.py for precisions and compute capability,
+optimize/passes.py PASSES for what can be made, the GPU profile for shapes) rather than
+repeating their facts, and says why in words. `first_violation` gives the first rule a
+candidate breaks, in RULES order; tune.json records its id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kiln.errors import ConfigError
+from kiln.precisions import PRECISIONS, precision_named
+from kiln.tune.space import METHOD_PASSES, SPARSITY_PASSES, Candidate, Context
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`check` returns why the candidate is hopeless on this target, or None."""
+
+    id: str
+    check: Callable[[Candidate, Context], str | None]
+
+
+def _offered(c: Candidate, ctx: Context) -> str | None:
+    try:
+        precision_named(c["precision"], target=ctx.target.optimize_target)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _compute_capability(c: Candidate, ctx: Context) -> str | None:
+    profile = ctx.target.profile
+    if profile is None:
+        return None
+    p = PRECISIONS[c["precision"]]
+    low = [cc for cc in profile.compute_capabilities if float(cc) < p.min_compute_capability]
+    if low:
+        return (
+            f"{p.name} needs compute capability >= {p.min_compute_capability} ({p.sm}), but "
+            f"profile {profile.name} targets {', '.join(low)}"
+        )
+    return None
+
+
+def _method_needs_weights(c: Candidate, ctx: Context) -> str | None:
+    p = PRECISIONS[c["precision"]]
+    if c["method"] != "rtn" and not any(k.startswith("weights int") for k in p.quantized):
+        return f"{c['method']} calibrates integer weight quantization; {p.name} has none"
+    return None
+
+
+def _needed_passes(c: Candidate) -> list[str]:
+    method = METHOD_PASSES[c["method"]](c["precision"])
+    return [n for n in (method, SPARSITY_PASSES[c["sparsity"]]) if n]
+
+
+def _pass_missing(c: Candidate, ctx: Context) -> str | None:
+    from kiln.optimize.passes import PASSES
+
+    missing = [n for n in _needed_passes(c) if n not in PASSES]
+    if missing:
+        return (
+            f"not available: no optimize pass {', '.join(missing)} in optimize/passes.py PASSES "
+            "(registering the pass makes the knob value live)"
+        )
+    return None
+
+
+def _sparse_target(c: Candidate, ctx: Context) -> str | None:
+    if c["sparsity"] == "dense":
+        return None
+    if ctx.target.is_cpu:
+        return (
+            "ONNX Runtime CPU has no 2:4 sparse kernels: the zeros would cost accuracy for no speed"
+        )
+    low = [cc for cc in ctx.target.profile.compute_capabilities if float(cc) < 8.0]  # type: ignore[union-attr]
+    if low:
+        return f"2:4 sparse tensor cores start at SM80; the profile targets {', '.join(low)}"
+    return None
+
+
+# TensorRT's sparse tactics pay off only with large channels (NVIDIA in TensorRT issue 4065:
+# "256 or above"); below, TensorRT picks dense tactics anyway.
+SPARSE_MIN_CHANNELS = 256
+
+
+def _sparse_size(c: Candidate, ctx: Context) -> str | None:
+    small = min(ctx.shape.hidden, ctx.shape.intermediate)
+    if c["sparsity"] != "dense" and small < SPARSE_MIN_CHANNELS:
+        return f"GEMM dimension {small} < {SPARSE_MIN_CHANNELS}: TensorRT keeps dense tactics"
+    return None
+
+
+def _weight_blocks(c: Candidate, ctx: Context) -> str | None:
+    """TensorRT-target weight-only passes need K divisible by a block (DequantizeLinear opset 21).
+
+    ONNX Runtime's MatMulNBits pads K, so the cpu target has no such limit.
+    """
+    from kiln.optimize.passes import PASSES
+    from kiln.optimize.precision.weight_only import pick_block
+
+    quantizer = PRECISIONS[c["precision"]].quantizer
+    if ctx.target.is_cpu or quantizer is None:
+        return None
+    block = getattr(PASSES[quantizer].for_model({}), "block", None)
+    if block is None:
+        return None
+    odd = [k for k in (ctx.shape.hidden, ctx.shape.intermediate) if pick_block(k, block) is None]
+    if odd:
+        return (
+            f"{quantizer} quantizes in blocks along K (optimize/precision/weight_only.py "
+            f"pick_block, preferred {block}); in-features {odd} fit no block, so those weights "
+            "would stay float"
+        )
+    return None
+
+
+# modelopt's H200 benchmark (Llama3.1-8B): INT4 AWQ decodes 1.33x fp16 at batch 1 but 0.75x at
+# batch 8 and 0.83x at 64: the dequantization cost outgrows the bytes saved.
+INT4_MAX_BATCH = 8
+
+
+def _int4_batch(c: Candidate, ctx: Context) -> str | None:
+    if ctx.target.is_cpu or c["precision"] != "int4" or c["slots"] < INT4_MAX_BATCH:
+        return None
+    return (
+        f"int4 weight-only at {c['slots']} slots: measured slower than fp16 from batch "
+        f"{INT4_MAX_BATCH} on GPUs; kept only by `kiln tune --measure`"
+    )
+
+
+def _slots_fit(c: Candidate, ctx: Context) -> str | None:
+    profile = ctx.target.profile
+    if profile is None:
+        return None
+    most = max(s.max_batch for s in profile.shapes)
+    if c["slots"] > most:
+        return f"{c['slots']} slots > the profile's max_batch {most}"
+    return None
+
+
+def _threads_fit(c: Candidate, ctx: Context) -> str | None:
+    if ctx.target.is_cpu and c["threads"] > ctx.target.cores:
+        return f"{c['threads']} threads > the {ctx.target.cores} cores this process may use"
+    if not ctx.target.is_cpu and c["threads"]:
+        return "threads are an ONNX Runtime CPU setting; GPU candidates leave them at 0"
+    return None
+
+
+def _context_fits(c: Candidate, ctx: Context) -> str | None:
+    need, have = ctx.workload.context, ctx.shape.max_positions
+    if have and need > have:
+        return f"the workload needs {need} positions; the model has {have}"
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("precision-not-offered", _offered),
+    Rule("compute-capability", _compute_capability),
+    Rule("method-needs-int-weights", _method_needs_weights),
+    Rule("sparsity-target", _sparse_target),
+    Rule("sparsity-gemm-size", _sparse_size),
+    Rule("pass-not-available", _pass_missing),
+    Rule("weight-blocks", _weight_blocks),
+    Rule("int4-large-batch", _int4_batch),
+    Rule("slots-exceed-profile", _slots_fit),
+    Rule("threads", _threads_fit),
+    Rule("context", _context_fits),
+)
+
+
+def first_violation(c: Candidate, ctx: Context) -> tuple[str, str] | None:
+    """(rule id, why) of the first rule `c` breaks, or None when it may be measured."""
+    for rule in RULES:
+        why = rule.check(c, ctx)
+        if why is not None:
+            return rule.id, why
+    return None

@@ -1,0 +1,184 @@
+"""The candidate space: the target, the knobs, and the candidates they span.
+
+A knob is one decision with a default value set per target (`Knob.values`). Candidates are
+the cartesian product of the knobs' values in registry order; [search] in the recipe narrows
+or widens any knob's values. Adding a method (say calibrated int4 from a new optimize pass)
+is a value in a knob and, where it needs a pass, an entry in `METHOD_PASSES` / `SPARSITY_PASSES`:
+tune/rules.py then drops it by name until the pass is registered (optimize/passes.py PASSES).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kiln.artifacts import sha256_json
+from kiln.errors import ConfigError
+from kiln.precisions import PRECISIONS
+from kiln.tune.recipe import Workload
+
+if TYPE_CHECKING:
+    from kiln.engine.profiles import GpuProfile
+
+CPU = "cpu"
+
+# Quantization method -> the optimize pass that makes it for a precision ("rtn": the precision's
+# own quantizer, kiln/precisions.py). Calibrated methods need their pass in optimize/passes.py.
+METHOD_PASSES: dict[str, Callable[[str], str | None]] = {
+    "rtn": lambda precision: None,
+    "awq": lambda precision: f"{precision}-awq",
+    "gptq": lambda precision: f"{precision}-gptq",
+}
+SPARSITY_PASSES: dict[str, str | None] = {"dense": None, "2:4": "sparsity-2-4"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the recipe will run: the CPU (ONNX Runtime) or one GPU profile (TensorRT)."""
+
+    name: str
+    profile: GpuProfile | None = None
+    cores: int = 1
+
+    @property
+    def is_cpu(self) -> bool:
+        """True for the ONNX Runtime CPU target."""
+        return self.profile is None
+
+    @property
+    def optimize_target(self) -> str:
+        """The `kiln optimize --target` whose graphs this target runs."""
+        return "onnxruntime" if self.is_cpu else "tensorrt"
+
+
+def target_named(name: str) -> Target:
+    """`cpu` or a GPU profile name / TOML path (models/gpus/)."""
+    if name == CPU:
+        return Target(CPU, cores=len(os.sched_getaffinity(0)))
+    from kiln.engine.profiles import load_profile
+
+    profile = load_profile(name)
+    return Target(profile.name, profile=profile)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the rules and the cost model read from the model's config.json."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
+        """From a Hugging Face config (llama-style names, gpt2 names as fallback)."""
+        hidden = int(cfg.get("hidden_size") or cfg["n_embd"])
+        heads = int(cfg.get("num_attention_heads") or cfg["n_head"])
+        return cls(
+            layers=int(cfg.get("num_hidden_layers") or cfg["n_layer"]),
+            hidden=hidden,
+            intermediate=int(cfg.get("intermediate_size") or 4 * hidden),
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab=int(cfg["vocab_size"]),
+            max_positions=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything the knobs and rules may ask about."""
+
+    target: Target
+    workload: Workload
+    shape: ModelShape
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One decision; `values(ctx)` is its default value set on that target."""
+
+    name: str
+    help: str
+    values: Callable[[Context], tuple[Any, ...]]
+
+
+def _threads(ctx: Context) -> tuple[int, ...]:
+    return tuple(sorted({1, ctx.target.cores})) if ctx.target.is_cpu else (0,)
+
+
+def _kv(ctx: Context) -> tuple[str, ...]:
+    return ("concat", "static") if ctx.target.is_cpu else ("concat",)
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob(
+        "precision", "what the graph computes in (kiln/precisions.py)", lambda c: tuple(PRECISIONS)
+    ),
+    Knob(
+        "method", "weight quantizer: round-to-nearest or calibrated", lambda c: tuple(METHOD_PASSES)
+    ),
+    Knob("sparsity", "2:4 structured weight sparsity", lambda c: tuple(SPARSITY_PASSES)),
+    Knob("fusions", "the target's fusion passes on or off", lambda c: (True, False)),
+    # GPU engines: concat only by default (each static graph is one more eval and build);
+    # [search] kv = ["concat", "static"] widens it.
+    Knob("kv", "KV-cache layout (kiln/layouts.py)", _kv),
+    Knob("slots", "sequences held at once", lambda c: (c.workload.concurrency,)),
+    Knob("threads", "ONNX Runtime intra-op threads (cpu)", _threads),
+)
+KNOB_NAMES = tuple(k.name for k in KNOBS)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the space: a value per knob, in KNOBS order."""
+
+    values: tuple[tuple[str, Any], ...]
+
+    def __getitem__(self, name: str) -> Any:
+        return dict(self.values)[name]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Knob name -> value."""
+        return dict(self.values)
+
+    @property
+    def key(self) -> str:
+        """Content key of the candidate (stable across runs and orderings)."""
+        return sha256_json(self.as_dict())[:16]
+
+    @property
+    def artifact_knobs(self) -> dict[str, Any]:
+        """The knobs that change the graph (the rest are runtime settings)."""
+        d = self.as_dict()
+        return {k: d[k] for k in ("precision", "method", "sparsity", "fusions", "kv")}
+
+    def label(self) -> str:
+        """Short text: int4 rtn dense fused concat s1 t2."""
+        d = self.as_dict()
+        fused = "fused" if d["fusions"] else "unfused"
+        tail = f" t{d['threads']}" if d["threads"] else ""
+        return (
+            f"{d['precision']} {d['method']} {d['sparsity']} {fused} {d['kv']} s{d['slots']}{tail}"
+        )
+
+
+def candidates(ctx: Context, search: dict[str, tuple[Any, ...]]) -> list[Candidate]:
+    """Every candidate of the space, the recipe's [search] values replacing the defaults."""
+    unknown = sorted(set(search) - set(KNOB_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"[search] {', '.join(unknown)}: unknown knob(s); kiln tune knows "
+            f"{', '.join(KNOB_NAMES)}."
+        )
+    axes = [search.get(k.name) or k.values(ctx) for k in KNOBS]
+    return [
+        Candidate(tuple(zip(KNOB_NAMES, combo, strict=True))) for combo in itertools.product(*axes)
+    ]
