@@ -54,16 +54,16 @@ class ScaleOptions:
 def build_app(spec: EngineSpec, scale: ScaleOptions) -> Any:
     """The Serve Application (`serve.run(build_app(...))`)."""
     from ray import serve
-    from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+    from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
 
     from kiln.runtime.server.ray_autoscale import POLICY_PATH
     from kiln.runtime.server.ray_ingress import KilnIngress
-    from kiln.runtime.server.ray_placement import engine_label_selector
+    from kiln.runtime.server.ray_placement import artifact_label_selector
     from kiln.runtime.server.ray_replica import KilnEngine
     from kiln.runtime.server.ray_routing import SessionAffinityRouter
 
     actor: dict[str, Any] = {"num_cpus": scale.engine_cpus}
-    selector = engine_label_selector(Path(spec.artifact))
+    selector = artifact_label_selector(Path(spec.artifact))
     if selector:
         actor["label_selector"] = selector
     options: dict[str, Any] = {
@@ -71,6 +71,8 @@ def build_app(spec: EngineSpec, scale: ScaleOptions) -> Any:
         "max_ongoing_requests": spec.slots + spec.queue,
         "max_queued_requests": scale.max_queue,
         "request_router_config": RequestRouterConfig(request_router_class=SessionAffinityRouter),
+        # The ingress answers BackPressureError itself (OpenAI shape); this is Serve's own.
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
         "graceful_shutdown_timeout_s": scale.drain_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.5,
         "health_check_period_s": 2.0,

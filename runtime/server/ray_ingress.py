@@ -19,6 +19,7 @@ layer adds what a single process cannot need:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
@@ -95,15 +96,15 @@ class _Forward:
                 start = await gen.__anext__()
                 first = await _next_or_none(gen)  # hold the headers until a body byte exists
             except BackPressureError as e:
-                gen.cancel()
-                await _send_error(send, 429, str(e), "queue_full", ing.retry_after_s)
+                msg = f"Server busy: {e.message} Retry after {ing.retry_after_s} s or lower your concurrency."
+                await _send_error(send, 429, msg, "queue_full", ing.retry_after_s)
                 return
             except gone as e:
-                gen.cancel()
                 log.warning("replica gone before answering (attempt %d): %s", attempt, e)
+                _cancel(gen)
                 continue
             except BaseException:
-                gen.cancel()
+                _cancel(gen)
                 raise
             break
         else:
@@ -139,7 +140,13 @@ class _Forward:
                         )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:  # the client left (send raised or Serve cancelled us): stop the replica's work
-            gen.cancel()
+            _cancel(gen)
+
+
+def _cancel(gen: Any) -> None:
+    """Cancel a handle's response; one whose routing already failed re-raises that: ignore it."""
+    with contextlib.suppress(Exception):
+        gen.cancel()
 
 
 async def _next_or_none(gen: Any) -> bytes | None:

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiln.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from kiln.manifests import EngineManifest
 
 ENGINE_TARGET_LABEL = "kiln.io/engine-target"
 
@@ -38,7 +42,7 @@ def node_labels(compute_capability: str, library: str, version: str) -> dict[str
     return {ENGINE_TARGET_LABEL: engine_target(compute_capability, library, version)}
 
 
-def engine_label_selector(artifact: Path) -> dict[str, str]:
+def artifact_label_selector(artifact: Path) -> dict[str, str]:
     """Ray `label_selector` for replicas of `artifact` (empty for an ONNX artifact)."""
     from kiln.manifests import EngineManifest
     from kiln.runtime.artifact import inspect_artifact
@@ -46,12 +50,16 @@ def engine_label_selector(artifact: Path) -> dict[str, str]:
     info = inspect_artifact(artifact)
     if info.kind != "engine":
         return {}
-    targets: set[str] = set()
-    for folder in info.engines:
-        m = EngineManifest.read(folder)
-        lib = m.library
-        for cc in m.compute_capabilities:
-            targets.add(engine_target(cc, lib["name"], lib["version"]))
+    return engine_label_selector([EngineManifest.read(folder) for folder in info.engines])
+
+
+def engine_label_selector(manifests: list[EngineManifest]) -> dict[str, str]:
+    """The selector matching a node that can load any of these engines."""
+    targets = {
+        engine_target(cc, m.library["name"], m.library["version"])
+        for m in manifests
+        for cc in m.compute_capabilities
+    }
     ordered = sorted(targets)
     value = ordered[0] if len(ordered) == 1 else f"in({','.join(ordered)})"
     return {ENGINE_TARGET_LABEL: value}
