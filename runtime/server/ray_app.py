@@ -46,6 +46,7 @@ class ScaleOptions:
     max_queue: int = 64  # requests waiting at the ingress beyond every replica's slots: 429
     drain_timeout_s: float = 30.0
     engine_cpus: float = 1.0  # Ray CPUs per engine replica (its ONNX Runtime threads)
+    engine_gpus: float = 0.0  # Ray GPUs per engine replica (1 for an engine or device=cuda)
     attempts: int = 3  # replicas tried for a request that has sent nothing yet
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 120.0
@@ -62,7 +63,7 @@ def build_app(spec: EngineSpec, scale: ScaleOptions) -> Any:
     from kiln.runtime.server.ray_replica import KilnEngine
     from kiln.runtime.server.ray_routing import SessionAffinityRouter
 
-    actor: dict[str, Any] = {"num_cpus": scale.engine_cpus}
+    actor: dict[str, Any] = {"num_cpus": scale.engine_cpus, "num_gpus": scale.engine_gpus}
     selector = artifact_label_selector(Path(spec.artifact))
     if selector:
         actor["label_selector"] = selector
@@ -156,7 +157,7 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """A Serve config's application builder: `import_path: kiln.runtime.server.ray_app:app_builder`."""
+    """The application of a Serve config (`import_path: ...ray_app:app_builder`, `args`)."""
     spec, scale = specs_from_args(dict(args))
     return build_app(spec, scale)
 
@@ -185,7 +186,7 @@ def serve_config(
 
 
 def run(spec: EngineSpec, scale: ScaleOptions, *, host: str, port: int) -> None:
-    """Start (or join, with RAY_ADDRESS) a Ray cluster, deploy, serve until SIGTERM/SIGINT, drain."""
+    """Start (or join: RAY_ADDRESS) a Ray cluster, deploy, serve until SIGTERM/SIGINT, drain."""
     import ray
     from ray import serve
 

@@ -96,7 +96,10 @@ class _Forward:
                 start = await gen.__anext__()
                 first = await _next_or_none(gen)  # hold the headers until a body byte exists
             except BackPressureError as e:
-                msg = f"Server busy: {e.message} Retry after {ing.retry_after_s} s or lower your concurrency."
+                msg = (
+                    f"Server busy: {e.message} Retry after {ing.retry_after_s} s or lower "
+                    "your concurrency."
+                )
                 await _send_error(send, 429, msg, "queue_full", ing.retry_after_s)
                 return
             except gone as e:

@@ -24,6 +24,7 @@ class SessionAffinityRouter(ConsistentHashRouter):  # type: ignore[misc]  # ray 
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        """Ranks of candidates: the session's ring order, or one rank of two random replicas."""
         if pending_request is not None and pending_request.metadata.session_id:
             ranks: list[list[RunningReplica]] = await super().choose_replicas(
                 candidate_replicas, pending_request
