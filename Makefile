@@ -21,7 +21,7 @@ setup: $(STAMP)  ## a .venv with every extra at the tested versions (constraints
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[export,engine,serve,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[export,engine,serve,ray,dev]"
 	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	@touch $@
 

@@ -33,13 +33,21 @@ class Streamed:
 
 
 async def stream_completion(
-    client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str] | None = None
+    client: httpx.AsyncClient,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    live: list[Streamed] | None = None,
 ) -> Streamed:
-    """POST a streamed /v1/completions and read every SSE event until the connection ends."""
+    """POST a streamed /v1/completions and read every SSE event until the connection ends.
+
+    `live` gets the Streamed as soon as the headers arrive: a test can watch it fill.
+    """
     async with client.stream(
         "POST", "/v1/completions", json={**body, "stream": True}, headers=headers
     ) as r:
         out = Streamed(r.status_code, dict(r.headers))
+        if live is not None:
+            live.append(out)
         if r.status_code != 200:
             out.body = (await r.aread()).decode()
             return out
