@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ class KilnEngine:
         self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> AsyncIterator[Start | bytes]:
         """Run one HTTP request through the app; yield its start message, then body chunks."""
-        sent: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        sent: asyncio.Queue[MutableMapping[str, Any] | None] = asyncio.Queue()
         gone = asyncio.Event()
         body_read = False
 
@@ -94,7 +94,7 @@ class KilnEngine:
             await gone.wait()  # the consumer stopped: tell the app its client left
             return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             await sent.put(message)
 
         scope = {
