@@ -91,7 +91,7 @@ serve: $(STAMP)  ## OpenAI-compatible server with continuous batching on 127.0.0
 
 load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients: req/s, TTFT p50/p99, tok/s; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server; RAY=1: single-process vs Ray Serve with RAY_REPLICAS replicas and a replica kill, out/load/load_ray.json)
 	@if [ -z "$(URL)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
-	if [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load --artifact $(SERVE_ARTIFACT) --replicas $(RAY_REPLICAS) --kill $(LOAD_FLAGS); \
+	if [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load --artifact $(SERVE_ARTIFACT) --replicas $(RAY_REPLICAS) --kill --autoscale $(LOAD_FLAGS); \
 	else $(PY) -m bench.loadtest --out out/load --artifact $(SERVE_ARTIFACT) $(if $(URL),--url $(URL)) $(LOAD_FLAGS); fi
 	@if [ -z "$(URL)" ] && [ -z "$(RAY)" ]; then $(PY) -m bench.stall $(SERVE_ARTIFACT) --out out/load; fi
 

@@ -81,7 +81,7 @@ async def _level(url: str, model: str, target: str, clients: int, args: argparse
     )
 
 
-def _deploy(args: argparse.Namespace, replicas: int) -> float:
+def _deploy(args: argparse.Namespace, replicas: int, **scale_kw: object) -> float:
     """(Re)deploy the kiln app with `replicas` engine replicas; seconds until it is ready."""
     from ray import serve
 
@@ -89,7 +89,7 @@ def _deploy(args: argparse.Namespace, replicas: int) -> float:
     from kiln.runtime.server.ray_replica import EngineSpec
 
     spec = EngineSpec(str(args.artifact), slots=args.slots, threads=args.threads, device="cpu")
-    scale = ScaleOptions(replicas=replicas, max_queue=max(args.clients) * 4)
+    scale = ScaleOptions(replicas=replicas, max_queue=max(args.clients) * 4, **scale_kw)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     serve.run(build_app(spec, scale), name=APP_NAME, route_prefix="/")
     return time.perf_counter() - t0
@@ -133,6 +133,42 @@ async def _kill_run(url: str, model: str, args: argparse.Namespace) -> dict[str,
     return counts
 
 
+async def _autoscale_run(url: str, model: str, args: argparse.Namespace) -> dict[str, float]:
+    """Autoscale 1:2 under 32 streaming clients: seconds until the second replica is RUNNING."""
+    from openai import AsyncOpenAI
+    from ray import serve
+    from ray.serve.schema import ReplicaState
+
+    from kiln.runtime.server.ray_app import APP_NAME
+
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=300)
+    prompts = _prompts()
+    stop = False
+
+    async def worker(w: int) -> None:
+        i = 0
+        while not stop:
+            i += 1
+            await _one(client, model, prompts[(w + i) % len(prompts)], i, args.max_tokens)
+
+    def running() -> int:
+        deployments = serve.status().applications[APP_NAME].deployments
+        return int(deployments["KilnEngine"].replica_states.get(ReplicaState.RUNNING, 0))
+
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(worker(w)) for w in range(32)]
+    scaled = float("nan")
+    while time.perf_counter() - t0 < 120:
+        await asyncio.sleep(0.5)
+        if running() >= 2:
+            scaled = time.perf_counter() - t0
+            break
+    stop = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await client.close()
+    return {"second_replica_running_after_s": round(scaled, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure the three targets round-robin; optionally the replica kill; write the report."""
     p = argparse.ArgumentParser(prog="python -m bench.load_ray", description=__doc__)
@@ -145,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=1, help="round-robin rounds")
     p.add_argument("--kill", action="store_true", help="then kill a replica under 32 streams")
+    p.add_argument("--autoscale", action="store_true", help="then autoscale 1:2 under 32 streams")
     p.add_argument("--out", type=Path, default=Path("out/load"))
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -159,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     proc, single_url = _start_server(args)
     port = free_port()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     rows: list[Row] = []
     report: dict = {"cold_start_s": {}}
     try:
@@ -179,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             _deploy(args, 2)
             report["kill"] = asyncio.run(_kill_run(ray_url, _model(ray_url), args))
             print(f"[load-ray] replica kill: {report['kill']}", file=sys.stderr)
+        if args.autoscale:
+            _deploy(args, 1)  # back to one replica, then let the policy add one
+            _deploy(args, 1, autoscale=(1, 2), upscale_delay_s=2.0)
+            report["autoscale"] = asyncio.run(_autoscale_run(ray_url, _model(ray_url), args))
+            print(f"[load-ray] autoscale: {report['autoscale']}", file=sys.stderr)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

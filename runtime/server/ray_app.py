@@ -55,7 +55,12 @@ class ScaleOptions:
 def build_app(spec: EngineSpec, scale: ScaleOptions) -> Any:
     """The Serve Application (`serve.run(build_app(...))`)."""
     from ray import serve
-    from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
+    from ray.serve.config import (
+        AutoscalingConfig,
+        AutoscalingPolicy,
+        BackpressureConfig,
+        RequestRouterConfig,
+    )
 
     from kiln.runtime.server.ray_autoscale import POLICY_PATH
     from kiln.runtime.server.ray_ingress import KilnIngress
@@ -67,11 +72,12 @@ def build_app(spec: EngineSpec, scale: ScaleOptions) -> Any:
     selector = artifact_label_selector(Path(spec.artifact))
     if selector:
         actor["label_selector"] = selector
+    router: dict[str, Any] = {"request_router_class": SessionAffinityRouter}
     options: dict[str, Any] = {
         "name": "KilnEngine",
         "max_ongoing_requests": spec.slots + spec.queue,
         "max_queued_requests": scale.max_queue,
-        "request_router_config": RequestRouterConfig(request_router_class=SessionAffinityRouter),
+        "request_router_config": RequestRouterConfig(**router),
         # The ingress answers BackPressureError itself (OpenAI shape); this is Serve's own.
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
         "graceful_shutdown_timeout_s": scale.drain_timeout_s,
@@ -91,17 +97,17 @@ def build_app(spec: EngineSpec, scale: ScaleOptions) -> Any:
             look_back_period_s=5.0,
             upscale_delay_s=scale.upscale_delay_s,
             downscale_delay_s=scale.downscale_delay_s,
-            policy={"policy_function": POLICY_PATH},
+            policy=AutoscalingPolicy(policy_function=POLICY_PATH),
         )
-    engine = serve.deployment(KilnEngine).options(**options).bind(spec)
-    ingress = serve.deployment(serve.ingress()(KilnIngress)).options(
+    engine = serve.deployment(**options)(KilnEngine).bind(spec)
+    ingress = serve.deployment(
         name="KilnIngress",
         num_replicas=1,
         # Requests wait at the engine's handle (where 429 is decided), not in front of this.
         max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=scale.drain_timeout_s,
         ray_actor_options={"num_cpus": 0},
-    )
+    )(serve.ingress()(KilnIngress))
     return ingress.bind(engine, attempts=scale.attempts)
 
 

@@ -16,7 +16,7 @@ from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 
-class SessionAffinityRouter(ConsistentHashRouter):  # type: ignore[misc]  # ray is untyped
+class SessionAffinityRouter(ConsistentHashRouter):
     """Consistent hash on the session id when there is one, power of two choices otherwise."""
 
     async def choose_replicas(

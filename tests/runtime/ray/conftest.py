@@ -22,7 +22,8 @@ def ray_local() -> Iterator[None]:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # "local": a new cluster even where another one runs on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

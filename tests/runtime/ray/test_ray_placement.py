@@ -50,9 +50,9 @@ def cluster() -> Iterator[dict[str, str]]:
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "labels": ADA})
-    hopper = c.add_node(num_cpus=1, labels=HOPPER)
-    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
     try:
+        hopper = c.add_node(num_cpus=1, labels=HOPPER)
+        ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
         yield {"ada": c.head_node.node_id, "hopper": hopper.node_id}
     finally:
         serve.shutdown()
