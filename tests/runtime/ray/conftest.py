@@ -22,8 +22,15 @@ def ray_local() -> Iterator[None]:
     import ray
     from ray import serve
 
-    # "local": a new cluster even where another one runs on this machine
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    for attempt in (1, 2):  # a loaded host may miss Ray's 30 s raylet start window once
+        try:
+            # "local": a new cluster even where another one runs on this machine
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield
     finally:
