@@ -196,14 +196,16 @@ def run(spec: EngineSpec, scale: ScaleOptions, *, host: str, port: int) -> None:
     import ray
     from ray import serve
 
+    # Before anything starts: the app may answer before serve.run returns, and a signal in
+    # that window must drain too, not kill the driver (and with it a local cluster).
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(spec, scale), name=APP_NAME, route_prefix="/", blocking=False)
         log.info("serving %s on http://%s:%d (Ray Serve)", spec.artifact, host, port)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         log.info("draining: running requests get up to %.0f s", scale.drain_timeout_s)
         serve.delete(APP_NAME)  # waits for each replica's graceful shutdown
