@@ -89,7 +89,7 @@ def _deploy(args: argparse.Namespace, replicas: int, **scale_kw: object) -> floa
     from kiln.runtime.server.ray_replica import EngineSpec
 
     spec = EngineSpec(str(args.artifact), slots=args.slots, threads=args.threads, device="cpu")
-    scale = ScaleOptions(replicas=replicas, max_queue=max(args.clients) * 4, **scale_kw)  # type: ignore[arg-type]
+    scale = ScaleOptions(replicas=replicas, max_queue=max(args.clients) * 4, **scale_kw)
     t0 = time.perf_counter()
     serve.run(build_app(spec, scale), name=APP_NAME, route_prefix="/")
     return time.perf_counter() - t0
