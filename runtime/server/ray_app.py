@@ -196,12 +196,12 @@ def run(spec: EngineSpec, scale: ScaleOptions, *, host: str, port: int) -> None:
     import ray
     from ray import serve
 
-    # Before anything starts: the app may answer before serve.run returns, and a signal in
-    # that window must drain too, not kill the driver (and with it a local cluster).
+    ray.init(include_dashboard=False, log_to_driver=False)
+    # After ray.init (its core worker installs a C handler that dies on SIGTERM) and before
+    # serve.run: the app answers before serve.run returns, and a signal then must drain too.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(spec, scale), name=APP_NAME, route_prefix="/", blocking=False)

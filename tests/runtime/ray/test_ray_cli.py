@@ -19,13 +19,14 @@ from kiln.runtime.server.serve import free_port
 pytestmark = pytest.mark.ray
 
 
-def test_sigterm_lets_the_running_stream_finish_then_exits_0(zen_static: Path):
+def test_sigterm_lets_the_running_stream_finish_then_exits_0(zen_static: Path, tmp_path: Path):
     port = free_port()
     cli = "import sys; from kiln.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", cli, "serve", str(zen_static), "--ray", "--port", str(port)]
     cmd += ["--slots", "2", "--threads", "1", "--device", "cpu"]
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -54,6 +55,9 @@ def test_sigterm_lets_the_running_stream_finish_then_exits_0(zen_static: Path):
         got = asyncio.run(run())
         assert (got.status, got.error, got.done, got.chunks) == (200, None, True, 40)
         assert proc.wait(120) == 0
+    except BaseException:
+        print((tmp_path / "serve.log").read_text()[-4000:])
+        raise
     finally:
         if proc.poll() is None:
             proc.kill()
