@@ -21,7 +21,7 @@ setup: $(STAMP)  ## a .venv with every extra at the tested versions (constraints
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[export,engine,serve,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[export,engine,serve,ray,dev]"
 	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	@touch $@
 
@@ -93,6 +93,7 @@ bench-deps: $(STAMP)  ## llama.cpp for `make bench` and the serving peer (not CI
 # Serving: the bundled model exported with static KV slots, unless ARTIFACT= names a static folder.
 .PHONY: serve load
 STATIC_OUT ?= $(OUT)/onnx-static
+RAY_REPLICAS ?= 1,2
 MAX_CONTEXT ?= 512
 SERVE_ARTIFACT = $(if $(filter command line environment,$(origin ARTIFACT)),$(ARTIFACT),$(STATIC_OUT))
 $(STATIC_OUT)/export.json: $(STAMP) $(wildcard $(MODEL)/*)
@@ -102,10 +103,11 @@ serve: $(STAMP)  ## OpenAI-compatible server with continuous batching on 127.0.0
 	@if [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
 	$(KILN) serve $(SERVE_ARTIFACT) $(SERVE_FLAGS)
 
-load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients: req/s, TTFT p50/p99, tok/s; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server)
+load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients: req/s, TTFT p50/p99, tok/s; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server; RAY=1: single-process vs Ray Serve with RAY_REPLICAS replicas and a replica kill, out/load/load_ray.json)
 	@if [ -z "$(URL)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
-	$(PY) -m bench.loadtest --out out/load --artifact $(SERVE_ARTIFACT) $(if $(URL),--url $(URL)) $(LOAD_FLAGS)
-	@if [ -z "$(URL)" ]; then $(PY) -m bench.stall $(SERVE_ARTIFACT) --out out/load; fi
+	if [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load --artifact $(SERVE_ARTIFACT) --replicas $(RAY_REPLICAS) --kill --autoscale $(LOAD_FLAGS); \
+	else $(PY) -m bench.loadtest --out out/load --artifact $(SERVE_ARTIFACT) $(if $(URL),--url $(URL)) $(LOAD_FLAGS); fi
+	@if [ -z "$(URL)" ] && [ -z "$(RAY)" ]; then $(PY) -m bench.stall $(SERVE_ARTIFACT) --out out/load; fi
 
 gpu-check: $(STAMP)  ## on a GPU host: build an engine for this GPU and prove the TensorRT backend end to end
 	$(PY) -m bench.gpu_check --out out/gpu-check

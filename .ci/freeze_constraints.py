@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("export", "engine", "serve", "dev")
+EXTRAS = ("export", "engine", "serve", "ray", "dev")
 
 
 def _name(req: str) -> str:
@@ -63,7 +63,7 @@ def main() -> int:
         "# `make setup` and CI install with `-c constraints.txt`; pyproject.toml holds the ranges.",
         "# Regenerate from the tested .venv: .venv/bin/python .ci/freeze_constraints.py",
     ]
-    for name in sorted(pins):
+    for name in sorted(pins.keys() - {"kiln"}):  # an extra may name another: kiln[serve]
         version = pins[name].split("+")[0]  # torch 2.13.0+cpu: the local label is the build
         lines.append(f"{name}=={version}")
     (ROOT / "constraints.txt").write_text("\n".join(lines) + "\n")

@@ -17,6 +17,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnx_ir", "ml_dtypes"),
     "engine": ("onnx",),  # the TensorRT library itself is checked per GPU profile (engine/)
     "serve": ("fastapi", "uvicorn", "prometheus_client", "llguidance"),
+    "ray": ("ray", "fastapi", "uvicorn", "prometheus_client", "llguidance"),
 }
 
 

@@ -40,10 +40,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all)")
+    ray = p.add_argument_group("Ray Serve (the 'ray' extra; RAY_ADDRESS joins a running cluster)")
+    ray.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve")
+    ray.add_argument("--replicas", type=int, default=1, help="engine replicas (with --ray)")
+    ray.add_argument(
+        "--autoscale", default=None, metavar="MIN:MAX", help="scale replicas on engine load"
+    )
+    ray.add_argument(
+        "--serve-config",
+        action="store_true",
+        help="print the Serve config (serve deploy, KubeRay serveConfigV2) and exit",
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.ray or args.serve_config:
+        return _run_ray(args)
     require_extra("serve", "kiln serve")
     from kiln.errors import ConfigError
     from kiln.runtime.server import ServerState, serve
@@ -67,4 +80,37 @@ def _run(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
     )
     serve(state, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
+    return 0
+
+
+def _run_ray(args: argparse.Namespace) -> int:
+    require_extra("ray", "kiln serve --ray")
+    from kiln.runtime.server import ray_app
+    from kiln.runtime.server.ray_replica import EngineSpec
+    from kiln.runtime.server.serve import check_static
+
+    check_static(args.artifact)
+    spec = EngineSpec(
+        artifact=str(args.artifact.resolve()),
+        slots=args.slots,
+        prefill_chunk=args.prefill_chunk,
+        model_name=args.model_name,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+    )
+    autoscale = ray_app.parse_autoscale(args.autoscale) if args.autoscale else None
+    scale = ray_app.ScaleOptions(
+        replicas=args.replicas,
+        autoscale=autoscale,
+        max_queue=args.max_queue,
+        drain_timeout_s=args.drain_timeout,
+    )
+    ray_app.check_options(spec, scale)
+    if args.serve_config:
+        import yaml
+
+        print(yaml.safe_dump(ray_app.serve_config(spec, scale, port=args.port), sort_keys=False))
+        return 0
+    ray_app.run(spec, scale, host=args.host, port=args.port)
     return 0

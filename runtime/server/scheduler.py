@@ -149,6 +149,17 @@ class Scheduler:
         with self._cv:
             return not self._waiting and not self._slots.held
 
+    def engine_load(self) -> dict[str, float]:
+        """Free slots, waiting jobs and the oldest one's wait: what a router or autoscaler reads."""
+        with self._cv:
+            oldest = self._waiting[0].submitted_s if self._waiting else None
+            return {
+                "free_slots": float(self._slots.free),
+                "queued": float(len(self._waiting)),
+                "oldest_wait_s": 0.0 if oldest is None else time.perf_counter() - oldest,
+                "running": float(self._thread.is_alive()),
+            }
+
     def close(self) -> None:
         """Refuse new jobs from now on (jobs already in finish normally)."""
         with self._cv:

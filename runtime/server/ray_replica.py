@@ -1,0 +1,159 @@
+"""One Ray Serve engine replica: the single-process server's FastAPI app, called in-process.
+
+The replica loads the artifact once in its constructor (Serve marks it RUNNING only after that,
+so no request reaches a loading replica), then answers `http(...)` calls from the ingress
+(runtime/server/ray_ingress.py) by running the SAME app as `kiln serve` (runtime/server/app.py:
+routes, schemas, SSE, metrics, errors) over an in-memory ASGI exchange, streaming the response
+back as a start message and body chunks. Each response names its replica in `x-kiln-replica`.
+
+The replica reports its engine state to Serve: `record_autoscaling_stats` (free slots, queue
+depth, oldest queue wait) feeds the autoscaling policy of runtime/server/ray_autoscale.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.runtime.server.app import ServerState, create_app
+from kiln.runtime.server.serve import slots_loader
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEADER = "x-kiln-replica"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What each replica serves and how (picklable: Serve ships it to every replica)."""
+
+    artifact: str
+    slots: int = 8
+    prefill_chunk: int = 64
+    model_name: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    threads: int = 0
+    queue: int = 2  # jobs the scheduler may hold beyond its slots (Serve queues the rest)
+
+
+# Messages of `KilnEngine.http`: first a Start, then body chunks (bytes).
+Start = dict[str, Any]  # {"status": int, "headers": [[name, value], ...]} (latin-1 strings)
+
+
+class KilnEngine:
+    """The engine replica's user class (`serve.deployment` options are set in ray_app.py)."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        from ray import serve
+
+        t0 = time.perf_counter()
+        self.spec = spec
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        loader = slots_loader(
+            Path(spec.artifact),
+            slots=spec.slots,
+            backend=spec.backend,
+            device=spec.device,
+            threads=spec.threads,
+        )
+        self.state = ServerState(
+            loader,
+            model_name=spec.model_name,
+            max_queue=spec.queue,
+            prefill_chunk=spec.prefill_chunk,
+        )
+        self.state.load()  # in the constructor: Serve routes nothing here until it returns
+        if self.state.load_error:
+            raise RuntimeError(
+                f"kiln replica failed to load {spec.artifact}: {self.state.load_error}"
+            )
+        self.app = create_app(self.state)  # its lifespan (a second load) is never run here
+        self.load_s = time.perf_counter() - t0
+        log.info("replica %s loaded %s in %.2f s", self.replica_id, spec.artifact, self.load_s)
+
+    async def http(
+        self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> AsyncIterator[Start | bytes]:
+        """Run one HTTP request through the app; yield its start message, then body chunks."""
+        sent: asyncio.Queue[MutableMapping[str, Any] | None] = asyncio.Queue()
+        gone = asyncio.Event()
+        body_read = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_read
+            if not body_read:
+                body_read = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()  # the consumer stopped: tell the app its client left
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            await sent.put(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query,
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 0),
+            "server": ("127.0.0.1", 0),
+        }
+
+        async def run() -> None:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                await sent.put(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (message := await sent.get()) is not None:
+                if message["type"] == "http.response.start":
+                    names = [
+                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]
+                    ]
+                    names.append((REPLICA_HEADER, self.replica_id))
+                    yield {"status": message["status"], "headers": names}
+                elif message["type"] == "http.response.body":
+                    if message.get("body"):
+                        yield bytes(message["body"])
+                    if not message.get("more_body", False):
+                        break
+            await task
+        finally:  # the ingress cancelled (its client left) or the response ended
+            gone.set()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Engine state for the autoscaling policy (runtime/server/ray_autoscale.py)."""
+        scheduler = self.state.scheduler
+        if scheduler is None:
+            return {}
+        return {**scheduler.engine_load(), "slots": float(scheduler.backend.slots)}
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose health check raises: a dead engine thread fails it."""
+        scheduler = self.state.scheduler
+        if self.state.load_error or scheduler is None or not scheduler.engine_load()["running"]:
+            raise RuntimeError(f"kiln replica {self.replica_id}: the engine thread is not running")
+
+    def __del__(self) -> None:
+        # Serve calls this after graceful_shutdown_timeout_s has let running requests finish.
+        with contextlib.suppress(Exception):
+            self.state.drain(0.0)
