@@ -15,6 +15,7 @@ Letters in names: N slots fed this step, R rows (slots) in one call, S new token
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -165,6 +166,21 @@ def call_inputs(
     return ids, pos, index, pick
 
 
+@dataclass(frozen=True)
+class CallTime:
+    """What one graph call of a step cost: its shape and its wall time (the server's metrics)."""
+
+    rows: int  # R: slots the call binds
+    width: int  # S: positions per row
+    tokens: int  # real (fed) tokens; rows * width - tokens is padding
+    seconds: float
+
+    @property
+    def kind(self) -> str:
+        """'prefill' for a wide call (S > 1), 'decode' for a one-token call."""
+        return "prefill" if self.width > 1 else "decode"
+
+
 def advance(lengths: list[int], call: SlotCall) -> None:
     """Record the positions a finished call wrote into each fed slot."""
     for f in call.feeds:
@@ -188,6 +204,7 @@ class SlotRunner:
         self.max_context = max_context
         self.vocab = vocab
         self._lengths = [0] * slots
+        self.last_calls: list[CallTime] = []  # the calls of the last step, in run order
 
     def length(self, slot: int) -> int:
         """Positions this slot's sequence holds now (0 when free or just restarted)."""
@@ -216,9 +233,14 @@ class SlotRunner:
         self.check(feeds)
         out = np.empty((len(feeds), self.vocab), np.float32)
         order = {f.slot: n for n, f in enumerate(feeds)}
+        self.last_calls = []
         for call in self.plan(feeds):
             ids, pos, index, pick = call_inputs(call, self._lengths)
+            t0 = time.perf_counter()
             logits_NV = self._execute(call, ids, pos, index, pick)
+            real = sum(len(f.tokens) for f in call.feeds)
+            took = time.perf_counter() - t0
+            self.last_calls.append(CallTime(call.hi - call.lo, call.width, real, took))
             for f, row in zip(call.feeds, logits_NV, strict=True):
                 out[order[f.slot]] = row
             advance(self._lengths, call)

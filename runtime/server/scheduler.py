@@ -15,7 +15,8 @@ whole.
 
 Per-request state (sampling with its seed, stop tokens and strings, incremental detokenization)
 is runtime/decode.py's `Sequence`, and the per-slot phases are that module's too (`SlotTable`
-holds who has which slot, `decode_step` samples, makes the `Event` and picks the next feed);
+holds who has which slot, `choose_all` samples the step's rows, `follow` makes the `Event` and
+picks the next feed);
 this module only decides which jobs run and how much of each prompt is fed.
 The graph call blocks, so the loop runs in its own thread; results reach asyncio through the
 `emit` callback each job carries (the server wraps `loop.call_soon_threadsafe`).
@@ -32,10 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from kiln.errors import KilnError, RequestError
-from kiln.runtime.decode import Event, Sequence, SlotTable, decode_step
+from kiln.runtime.decode import Event, Sequence, SlotTable, choose_all, follow
 from kiln.runtime.server.metrics import Metrics
 from kiln.runtime.slots import SlotBackend, SlotFeed
 
@@ -51,7 +50,7 @@ class Job:
     cancelled: bool = False
     slot: int | None = None
     fed: int = 0  # prompt tokens fed so far (a long prompt is fed over several steps)
-    next_feed: SlotFeed | None = None  # once the prompt is in: what decode_step chose
+    next_feed: SlotFeed | None = None  # once the prompt is in: what `follow` chose
     submitted_s: float = field(default_factory=time.perf_counter)
     last_token_s: float | None = None
 
@@ -155,8 +154,10 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                t_wait = time.perf_counter()
                 while not self._abort and not self._waiting and not self._slots.held:
                     self._cv.wait()
+                self.metrics.engine_seconds.labels("idle").inc(time.perf_counter() - t_wait)
                 if self._abort:
                     self._fail_all(
                         RequestError(
@@ -227,11 +228,19 @@ class Scheduler:
         return plan
 
     def _step(self, batch: list[Job]) -> None:
-        """One slot step over the fed jobs, then sample, emit and free finished slots."""
+        """One slot step over the fed jobs, then sample, emit and free finished slots.
+
+        Each phase's wall time goes to `kiln_engine_seconds{phase}` (runtime/server/README.md
+        reads the split): the graph calls by kind, the host work around them, choosing,
+        accepting (detokenize, stop rules) and the hand-off to the event loop.
+        """
+        m = self.metrics
+        t_plan = time.perf_counter()
         plan = self._plan(batch)
         batch = [job for job, _ in plan]
         feeds = [feed for _, feed in plan]
         t0 = time.perf_counter()
+        m.engine_seconds.labels("plan").inc(t0 - t_plan)
         try:
             logits_NV = self.backend.step(feeds)
         except Exception as e:  # the requests fail, the server keeps serving
@@ -244,15 +253,34 @@ class Scheduler:
             return
         now = time.perf_counter()
         self.steps += 1
-        self.metrics.step_time.observe(now - t0)
-        self.metrics.batch_size.observe(len(feeds))
-        done = []
-        failed = []
-        for job, logits_V in zip(batch, logits_NV, strict=True):
-            if job.fed < len(job.seq.prompt_ids) or job.cancelled:
-                continue  # a prompt chunk that is not the last: nothing to sample yet
+        m.step_time.observe(now - t0)
+        m.batch_size.observe(len(feeds))
+        in_calls = 0.0
+        for call in getattr(self.backend, "last_calls", ()):
+            m.engine_seconds.labels(f"graph_{call.kind}").inc(call.seconds)
+            m.graph_calls.labels(call.kind).inc()
+            m.graph_positions.labels(call.kind).inc(call.rows * call.width)
+            in_calls += call.seconds
+        m.engine_seconds.labels("graph_host").inc(max(0.0, now - t0 - in_calls))
+        rows = [
+            n
+            for n, job in enumerate(batch)
+            if job.fed >= len(job.seq.prompt_ids) and not job.cancelled
+        ]  # a prompt chunk that is not the last: nothing to sample yet
+        jobs = [batch[n] for n in rows]
+        try:
+            tokens = choose_all([job.seq for job in jobs], logits_NV[rows])
+        except Exception:  # a bug in a sampler: find the row it belongs to, row by row
+            log.exception("batched choice failed; choosing row by row")
+            tokens = [-1] * len(jobs)
+        t_chosen = time.perf_counter()
+        m.engine_seconds.labels("sample").inc(t_chosen - now)
+        done, failed, events = [], [], []
+        for job, token, n in zip(jobs, tokens, rows, strict=True):
             try:
-                self._sample(job, np.asarray(logits_V), now)
+                if token < 0:
+                    token = job.seq.choose(logits_NV[n])
+                events.append((job, self._accept(job, token, now)))
             except Exception as e:  # a bug in sampling or detokenization: fail this request only
                 log.exception("sampling failed in slot %s", job.slot)
                 job.emit(e)
@@ -260,6 +288,11 @@ class Scheduler:
                 continue
             if job.seq.done:
                 done.append(job)
+        t_accepted = time.perf_counter()
+        m.engine_seconds.labels("accept").inc(t_accepted - t_chosen)
+        for job, event in events:
+            job.emit(event)
+        m.engine_seconds.labels("emit").inc(time.perf_counter() - t_accepted)
         if done or failed:
             with self._cv:
                 for job in done:
@@ -267,10 +300,11 @@ class Scheduler:
                 for job in failed:
                     self._release(job, "error")
 
-    def _sample(self, job: Job, logits_V: np.ndarray, now: float) -> None:
+    def _accept(self, job: Job, token: int, now: float) -> Event:
+        """Record the job's chosen token (text, stop rules, next feed) and its latency."""
         assert job.slot is not None
-        event, job.next_feed = decode_step(
-            self.backend, job.slot, job.seq, logits_V, reprefill_at=self.reprefill_at
+        event, job.next_feed = follow(
+            self.backend, job.slot, job.seq, token, reprefill_at=self.reprefill_at
         )
         if job.last_token_s is None:
             self.metrics.ttft.observe(now - job.submitted_s)
@@ -278,7 +312,7 @@ class Scheduler:
             self.metrics.token_latency.observe(now - job.last_token_s)
         job.last_token_s = now
         self.metrics.generated.inc()
-        job.emit(event)
+        return event
 
     def _fail_all(self, error: BaseException) -> None:
         for job in [*self._waiting, *self._slots.held.values()]:
