@@ -39,10 +39,11 @@ def converter(root: Path = DEPS_DIR) -> Path | None:
     return found[-1] if found else None
 
 
-def missing() -> str | None:
-    """Why the llama.cpp runners cannot run here, or None when they can."""
+def missing(*, library: bool = True) -> str | None:
+    """Why the llama.cpp runners (or, library=False, only the converter) cannot run here."""
     try:
-        import llama_cpp  # noqa: F401
+        if library:
+            import llama_cpp  # noqa: F401
         import sentencepiece  # noqa: F401  (the converter's Llama vocabulary path imports it)
     except ImportError as e:
         return f"{e.name} is not installed (make bench-deps installs llama.cpp's Python deps)"
@@ -88,9 +89,15 @@ def _byte_fallback_tokenizer(folder: Path, vocab_size: int) -> None:
         "unk_token": "<unk>"}))  # fmt: skip
 
 
-def build_gguf(hf_dir: Path, out: Path, quant: str) -> tuple[Path | None, str]:
-    """`out`/model-QUANT.gguf from the HF folder (F32 via the converter, then quantized)."""
-    if why := missing():
+def build_gguf(
+    hf_dir: Path, out: Path, quant: str, quantize_bin: Path | None = None
+) -> tuple[Path | None, str]:
+    """`out`/model-QUANT.gguf from the HF folder (F32 via the converter, then quantized).
+
+    `quantize_bin`: llama.cpp's `llama-quantize` program instead of the Python library (the
+    load test's llama-server build has one; default parameters either way).
+    """
+    if why := missing(library=quantize_bin is None):
         return None, why
     target = out / f"model-{quant}.gguf"
     if target.is_file():
@@ -117,7 +124,12 @@ def build_gguf(hf_dir: Path, out: Path, quant: str) -> tuple[Path | None, str]:
         if proc.returncode != 0 or not f32.is_file():
             last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:]
             return None, f"convert_hf_to_gguf.py failed: {last[0] if last else proc.returncode}"
-    if quant != "F32":
+    if quant != "F32" and quantize_bin is not None:
+        proc = subprocess.run([str(quantize_bin), str(f32), str(target), quant],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if proc.returncode != 0 or not target.is_file():
+            return None, f"llama-quantize to {quant} returned {proc.returncode}"
+    elif quant != "F32":
         import llama_cpp as L
 
         params = L.llama_model_quantize_default_params()

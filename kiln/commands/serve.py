@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all)")
+    p.add_argument(
+        "--spin", action="store_true", help="ONNX Runtime threads spin between ops (default off)"
+    )
     p.set_defaults(func=_run)
 
 
@@ -59,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         threads=args.threads,
+        spin=args.spin,
     )
     state = ServerState(
         loader,
