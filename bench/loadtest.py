@@ -328,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             commands["kiln"] = kiln_command(args, free_port())
             procs["kiln"], urls["kiln"] = _start(commands["kiln"], "kiln")
-        if args.peer:
+        if args.peer and not args.llama_server.is_file():
+            print(f"[load] no peer: {args.llama_server} is absent (build llama.cpp's tools "
+                  "with cmake, or give --llama-server PATH)", file=sys.stderr)  # fmt: skip
+        elif args.peer:
             commands[args.peer] = llama_command(args, llama_gguf(args, hf), free_port())
             procs[args.peer], urls[args.peer] = _start(commands[args.peer], args.peer)
         health = _get(f"{urls['kiln']}/health")
