@@ -30,8 +30,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--prefill-chunk",
         type=int,
-        default=64,
-        help="prompt tokens fed per step while streams decode (bounds their stall; 0: no cap)",
+        default=0,
+        help="prompt tokens fed per step while streams decode (bounds their stall); 0 (default): "
+        "what fits --prefill-stall-ms at the measured cost per prompt token",
+    )
+    p.add_argument(
+        "--prefill-stall-ms",
+        type=float,
+        default=200,
+        help="with --prefill-chunk 0: the time a step's prompt chunks may take (0: whole prompts)",
     )
     p.add_argument("--model-name", default=None, help="name clients use (default: model folder)")
     p.add_argument(
@@ -69,6 +76,9 @@ def _run(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
+        prefill_stall_s=args.prefill_stall_ms / 1000
+        if args.prefill_chunk == 0 and args.prefill_stall_ms > 0
+        else None,
     )
     serve(state, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
     return 0

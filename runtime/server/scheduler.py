@@ -6,18 +6,20 @@ slot at the next step, so its prefill runs in the same `step` as the others' dec
 or cancelled sequence frees its slot at once and the others never wait for it.
 
 The static graph takes right-padded rows: one call over a prefill of P tokens runs S=P for each
-row it binds (OrtSlotBackend runs the prefill feeds as one call and the one-token feeds as a
-second, back to back in the same step). Either way the running streams' next token waits for
-the prefill's work. `prefill_chunk` bounds that wait: while a stream decodes, all prompts
-together feed at most that many tokens per step (a long prompt is fed over several steps,
-sampling only after its last chunk); when no stream is decoding, nobody waits and prompts go in
-whole.
+row it binds, so a step runs the prompt chunks as one call and the one-token feeds as a second
+(merged, each decoding row would compute P positions). The chunks' call runs first and its
+first tokens go out before the decode call: a newcomer's time to first token does not include
+it. The running streams' next token waits for the prefill's work; a budget bounds that wait:
+while a stream decodes, all prompts together feed at most `prefill_budget()` tokens per step
+(a long prompt is fed over several steps, sampling only after its last chunk). The budget is
+`prefill_chunk`, or with `prefill_stall_s` what fits that time at the measured cost per prefill
+position (the server's default). When no stream is decoding, prompts go in whole.
 
 Per-request state (sampling with its seed, stop tokens and strings, incremental detokenization)
 is runtime/decode.py's `Sequence`, and the per-slot phases are that module's too (`SlotTable`
-holds who has which slot, `choose_all` samples the step's rows, `follow` makes the `Event` and
-picks the next feed);
-this module only decides which jobs run and how much of each prompt is fed.
+holds who has which slot, `choose_all` picks the step's tokens, `follow` makes the `Event` and
+picks the next feed); this module only decides which jobs run and how much of each prompt is
+fed.
 The graph call blocks, so the loop runs in its own thread; results reach asyncio through the
 `emit` callback each job carries (the server wraps `loop.call_soon_threadsafe`).
 
@@ -69,6 +71,7 @@ class Scheduler:
         *,
         max_queue: int = 64,
         prefill_chunk: int = 64,
+        prefill_stall_s: float | None = None,
         retry_after_s: int = 1,
         reprefill_at: int | None = None,
     ) -> None:
@@ -76,6 +79,8 @@ class Scheduler:
         self.metrics = metrics
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk if prefill_chunk > 0 else backend.max_context
+        self.prefill_stall_s = prefill_stall_s  # None: every chunk is prefill_chunk
+        self._position_s: float | None = None  # measured seconds per prefill position (EWMA)
         self.retry_after_s = retry_after_s
         self.reprefill_at = reprefill_at  # longrope's cache rebuild (runtime/artifact.py)
         self.steps = 0
@@ -200,22 +205,34 @@ class Scheduler:
         self.metrics.finished.labels(reason).inc()
         self.metrics.active.set(len(self._slots.held))
 
+    def prefill_budget(self) -> int:
+        """Prompt tokens all prefilling jobs may feed this step while some stream decodes.
+
+        Fixed (`prefill_chunk`) unless `prefill_stall_s` is set: then the tokens the last
+        prefill calls' measured cost per position says fit in that time, between 16 and
+        `prefill_chunk` (a GPU takes whole prompts, a busy CPU smaller chunks).
+        """
+        if self.prefill_stall_s is None or self._position_s is None:
+            return self.prefill_chunk
+        fit = int(self.prefill_stall_s / self._position_s)
+        return max(min(16, self.prefill_chunk), min(self.prefill_chunk, fit))
+
     def _plan(self, batch: list[Job]) -> list[tuple[Job, SlotFeed]]:
         """This step's feeds: each decoding job its last token, prefilling jobs prompt chunks.
 
-        While some job decodes, prompts share a budget of `prefill_chunk` tokens per step, in
-        admission order (a job left out this step waits for the next): the running streams'
+        While some job decodes, prompts share a budget of `prefill_budget()` tokens per step,
+        in admission order (a job left out this step waits for the next): the running streams'
         stall stays bounded however many requests arrive at once. With nobody decoding, each
         prompt goes in whole.
         """
         decoding = any(job.fed >= len(job.seq.prompt_ids) for job in batch)
-        budget = self.prefill_chunk if decoding else sum(len(j.seq.prompt_ids) for j in batch)
+        budget = self.prefill_budget() if decoding else sum(len(j.seq.prompt_ids) for j in batch)
         plan = []
         for job in batch:
             prompt = job.seq.prompt_ids
             assert job.slot is not None
             if job.fed >= len(prompt):
-                assert job.next_feed is not None  # set by _sample after the last chunk
+                assert job.next_feed is not None  # set by _accept after the last chunk
                 plan.append((job, job.next_feed))
                 continue
             if budget <= 0:
@@ -228,19 +245,33 @@ class Scheduler:
         return plan
 
     def _step(self, batch: list[Job]) -> None:
-        """One slot step over the fed jobs, then sample, emit and free finished slots.
+        """One slot step: the prompt chunks' call first, their first tokens out, then decode.
+
+        A newcomer's first token leaves before the decoding streams' call runs (its time to
+        first token does not include that call); the calls are the ones a single `step` over
+        all feeds would run (runtime/slots.py plan_calls splits wide from one-token feeds).
+        """
+        t_plan = time.perf_counter()
+        plan = self._plan(batch)
+        self.metrics.engine_seconds.labels("plan").inc(time.perf_counter() - t_plan)
+        wide = [(job, f) for job, f in plan if f.restart or len(f.tokens) > 1]
+        narrow = [(job, f) for job, f in plan if not (f.restart or len(f.tokens) > 1)]
+        for part in (wide, narrow):
+            if part:
+                self._run(part)
+        self.steps += 1
+
+    def _run(self, plan: list[tuple[Job, SlotFeed]]) -> None:
+        """Run feeds in one backend step, then sample, emit and free finished slots.
 
         Each phase's wall time goes to `kiln_engine_seconds{phase}` (runtime/server/README.md
         reads the split): the graph calls by kind, the host work around them, choosing,
         accepting (detokenize, stop rules) and the hand-off to the event loop.
         """
         m = self.metrics
-        t_plan = time.perf_counter()
-        plan = self._plan(batch)
         batch = [job for job, _ in plan]
         feeds = [feed for _, feed in plan]
         t0 = time.perf_counter()
-        m.engine_seconds.labels("plan").inc(t0 - t_plan)
         try:
             logits_NV = self.backend.step(feeds)
         except Exception as e:  # the requests fail, the server keeps serving
@@ -252,7 +283,6 @@ class Scheduler:
                     self._release(job, "error")
             return
         now = time.perf_counter()
-        self.steps += 1
         m.step_time.observe(now - t0)
         m.batch_size.observe(len(feeds))
         in_calls = 0.0
@@ -261,6 +291,10 @@ class Scheduler:
             m.graph_calls.labels(call.kind).inc()
             m.graph_positions.labels(call.kind).inc(call.rows * call.width)
             in_calls += call.seconds
+            if call.kind == "prefill":
+                cost = call.seconds / (call.rows * call.width)
+                old = self._position_s
+                self._position_s = cost if old is None else 0.7 * old + 0.3 * cost
         m.engine_seconds.labels("graph_host").inc(max(0.0, now - t0 - in_calls))
         rows = [
             n
