@@ -176,7 +176,7 @@ def _server_counts(url: str, server: str) -> dict[str, float]:
     want = {"kiln_batch_size_count": "steps", "kiln_batch_size_sum": "fed"}
     want["kiln_step_seconds_sum"] = "step_s"
     out = dict.fromkeys(want.values(), 0.0)
-    if server != "kiln":
+    if not server.startswith("kiln"):
         return out
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -284,7 +284,7 @@ def llama_gguf(args: argparse.Namespace, hf: Path | None) -> Path:
         return Path(args.gguf)
     if hf is None:
         raise SystemExit("--peer llama-server needs --gguf FILE or --model smollm")
-    quantize = Path(args.llama_server).parent / "llama-quantize"
+    quantize = args.llama_quantize or Path(args.llama_server).parent / "llama-quantize"
     gguf, why = build_gguf(hf, args.work / "gguf", "Q4_0", quantize if quantize.is_file() else None)
     if gguf is None:
         raise SystemExit(f"--peer llama-server: no GGUF ({why})")
@@ -309,7 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("out/load-smollm"), help="--model's folder")
     p.add_argument("--peer", choices=["llama-server"], default=None, help="also drive this server")
     p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER, help="the program")
+    p.add_argument(
+        "--llama-quantize", type=Path, default=None, help="default: beside --llama-server"
+    )
     p.add_argument("--gguf", type=Path, default=None, help="llama-server's model (default: built)")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="NAME=URL: one more running loopback server driven in turn (e.g. kiln-before=...)",
+    )
     p.add_argument("--out", type=Path, default=Path("out/load"))
     args = p.parse_args(argv)
     args.clients = [int(c) for c in str(args.clients).split(",")]
@@ -334,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.peer:
             commands[args.peer] = llama_command(args, llama_gguf(args, hf), free_port())
             procs[args.peer], urls[args.peer] = _start(commands[args.peer], args.peer)
+        for extra in args.extra:
+            name, _, url = extra.partition("=")
+            if urlparse(url).hostname not in LOOPBACK:
+                raise SystemExit(f"--extra {extra}: load runs against loopback only.")
+            procs[name], urls[name] = None, url.rstrip("/")
         health = _get(f"{urls['kiln']}/health")
         levels = []
         for n in args.clients:  # servers in turn at each level: they share the host's noise
