@@ -145,7 +145,9 @@ async def _level(
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     itl = [d for r in results for d in np.diff(r["stamps"])]
     tokens = sum(r["tokens"] for r in results)
-    split = {ph: round((after[ph] - before[ph]) / elapsed, 3) for ph in PHASES if ph in after}
+    split = {
+        ph: round((after[ph] - before.get(ph, 0.0)) / elapsed, 3) for ph in PHASES if ph in after
+    }
     return Level(
         server=server,
         clients=clients,
