@@ -236,6 +236,7 @@ def llama_command(args: argparse.Namespace, gguf: Path, port: int) -> list[str]:
         str(args.slots),
         *LLAMA_SERVER_FLAGS[2:],
         *("-t", threads, "-tb", threads),
+        *args.llama_flags.split(),
     ]
 
 
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--llama-quantize", type=Path, default=None, help="default: beside --llama-server"
     )
+    p.add_argument("--llama-flags", default="", help="more llama-server flags (e.g. --poll 0)")
     p.add_argument("--gguf", type=Path, default=None, help="llama-server's model (default: built)")
     p.add_argument(
         "--extra",
