@@ -164,8 +164,9 @@ def plain_greedy(seq: Sequence) -> bool:
     p = seq.params
     if not p.greedy or len(seq.out_ids) < p.min_new_tokens:
         return False
-    reset = {f.name: f.default for f in dataclasses.fields(p) if f.name in _NOT_CHOOSING}
-    return dataclasses.replace(p, **reset, temperature=0.0, top_k=0) == type(p)()
+    defaults = type(p)()
+    reset: dict[str, Any] = {name: getattr(defaults, name) for name in _NOT_CHOOSING}
+    return dataclasses.replace(p, **reset, temperature=0.0, top_k=0) == defaults
 
 
 def choose_all(seqs: list[Sequence], logits_NV: np.ndarray) -> list[int]:
