@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -80,7 +81,7 @@ def test_chunked_prefill_beside_decoding_equals_each_prompt_alone(tiny_static):
     assert max(sum(n for _, n in step) for step in backend.fed) <= 8 + 2
     # A step runs the chunks' call, then the decoding streams' one-token call right after it.
     steps = backend.fed
-    beside = [a for a, b in zip(steps, steps[1:]) if max(n for _, n in a) > 1 and b[0][1] == 1]
+    beside = [a for a, b in itertools.pairwise(steps) if max(n for _, n in a) > 1 and b[0][1] == 1]
     assert len(beside) >= 6
     # control: alone (nobody decoding) a prompt goes in whole
     alone_sched = Scheduler(CountingSteps(gen.backend), Metrics(), prefill_chunk=8)
