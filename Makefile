@@ -103,11 +103,19 @@ serve: $(STAMP)  ## OpenAI-compatible server with continuous batching on 127.0.0
 	@if [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
 	$(KILN) serve $(SERVE_ARTIFACT) $(SERVE_FLAGS)
 
-load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients: req/s, TTFT p50/p99, tok/s; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server; RAY=1: single-process vs Ray Serve with RAY_REPLICAS replicas and a replica kill, out/load/load_ray.json)
-	@if [ -z "$(URL)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
-	if [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load --artifact $(SERVE_ARTIFACT) --replicas $(RAY_REPLICAS) --kill --autoscale $(LOAD_FLAGS); \
-	else $(PY) -m bench.loadtest --out out/load --artifact $(SERVE_ARTIFACT) $(if $(URL),--url $(URL)) $(LOAD_FLAGS); fi
-	@if [ -z "$(URL)" ] && [ -z "$(RAY)" ]; then $(PY) -m bench.stall $(SERVE_ARTIFACT) --out out/load; fi
+# `make load` by default: the SmolLM-135M-shaped bench model (random weights) as a static int4
+# ONNX Runtime artifact, 8 slots, 2 threads, 128-token id prompts, 64 new tokens, 48 requests a
+# level, with llama.cpp's llama-server beside it on the same weights at Q4_0 (skipped, saying
+# why, when build/llamacpp/cmake/bin/llama-server is absent). ARTIFACT=folder serves that alone.
+# RAY=1: the served artifact (ARTIFACT, default the bundled model's static export) single-process
+# vs Ray Serve with RAY_REPLICAS replicas, then a replica kill (out/load/load_ray.json).
+LOAD_FLAGS ?= --prompt-tokens 128 --requests 48 --threads 2 --slots 8
+LOAD_ARTIFACT = $(if $(filter command line environment,$(origin ARTIFACT)),$(ARTIFACT),out/load-smollm/ort-int4)
+load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients, kiln and llama-server side by side: req/s, TTFT p50/p99, tok/s, kiln's engine time split; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server; RAY=1: single-process vs Ray Serve replicas and a replica kill)
+	@if [ -n "$(RAY)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
+	if [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load --artifact $(SERVE_ARTIFACT) --replicas $(RAY_REPLICAS) --kill --autoscale; \
+	else $(PY) -m bench.loadtest --out out/load $(if $(filter command line environment,$(origin ARTIFACT)),--artifact $(ARTIFACT),--model smollm --peer llama-server) $(if $(URL),--url $(URL)) $(LOAD_FLAGS); fi
+	@if [ -z "$(URL)" ] && [ -z "$(RAY)" ]; then $(PY) -m bench.stall $(LOAD_ARTIFACT) --out out/load; fi
 
 gpu-check: $(STAMP)  ## on a GPU host: build an engine for this GPU and prove the TensorRT backend end to end
 	$(PY) -m bench.gpu_check --out out/gpu-check

@@ -3,9 +3,17 @@
 Starts `kiln serve` on a free loopback port (or targets URL=, which must be loopback), then for
 each client count runs a bounded number of streaming completions (and stops issuing new ones
 after a bounded duration), with the official `openai` client. Reports requests/s, time to first
-token p50/p99, inter-token latency p50/p99 and generated tokens/s; prints a table and writes
-load.json. The clients share the machine with the server: on a 2-core host they take CPU from
-it, so the figures are a floor.
+token p50/p99, inter-token latency p50/p99 and generated tokens/s, and where the kiln engine
+thread's time went (`kiln_engine_seconds{phase}` from /metrics, as shares of the level's wall
+time); prints a table and writes load.json. The clients share the machine with the server: on
+a 2-core host they take CPU from it, so the figures are a floor.
+
+`--model smollm` builds the SmolLM-135M-shaped model (random weights, bench/race.py) as a
+static int4 ONNX Runtime artifact; `--peer llama-server` starts llama.cpp's server on the same
+weights at Q4_0 (GGUF from bench/llamacpp_runner.py) and drives both with the same requests,
+level by level in turn (both servers stay up; the idle one sleeps), so they share the noise.
+`--prompt-tokens N` sends distinct seeded random token-id prompts of N tokens (no shared
+prefix, so llama-server's prompt cache has nothing to reuse).
 """
 
 from __future__ import annotations
@@ -25,15 +33,24 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from bench.llamacpp_runner import LLAMA_SERVER
 from kiln.runtime.server.serve import free_port
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+# llama.cpp's documented CPU settings (tools/server/README.md, tools/completion/README.md
+# "Number of Threads": the physical core count for generation and batch threads); the rest at
+# llama-server's defaults (continuous batching on, flash attention auto, ubatch 512, batch 2048).
+LLAMA_SERVER_FLAGS = ("-np", "8", "-c", "4096", "-ngl", "0", "--no-webui")
+PHASES = ("graph_prefill", "graph_decode", "graph_host", "sample", "accept", "emit", "plan")
 
 
 @dataclass
 class Level:
     """One concurrency level's figures."""
 
+    server: str
     clients: int
     requests: int
     errors: int
@@ -48,11 +65,16 @@ class Level:
     mean_batch: float  # server side: slots fed per step
     engine_busy: float  # server side: fraction of the time inside graph steps
     server_cpu_ms_per_token: float | None  # CPU time of the server process (when started here)
+    load_avg_1m: float  # os.getloadavg() when the level started (the host is shared)
+    split: dict[str, float]  # kiln: engine-thread seconds per phase / wall time (idle: rest)
 
 
-async def _one(client: object, model: str, prompt: str, seed: int, max_tokens: int) -> dict:
+async def _one(
+    client: object, model: str, prompt: str | list[int], seed: int, max_tokens: int
+) -> dict:
     t0 = time.perf_counter()
     stamps: list[float] = []
+    usage = None
     stream = await client.completions.create(  # type: ignore[attr-defined]
         model=model,
         prompt=prompt,
@@ -60,12 +82,16 @@ async def _one(client: object, model: str, prompt: str, seed: int, max_tokens: i
         temperature=0.8,
         seed=seed,
         stream=True,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},  # every request generates max_tokens
     )
     async for chunk in stream:
-        if chunk.choices:  # one chunk per token (its text may be '': a special token)
-            stamps.append(time.perf_counter())
-    return {"t0": t0, "stamps": stamps}
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+        for c in chunk.choices:  # kiln: one chunk per token (its text may be '')
+            if c.text or c.finish_reason is None:  # not a bare closing chunk (llama-server)
+                stamps.append(time.perf_counter())
+    return {"t0": t0, "stamps": stamps, "tokens": usage if usage is not None else len(stamps)}
 
 
 def _cpu_s(pid: int | None) -> float | None:
@@ -78,16 +104,23 @@ def _cpu_s(pid: int | None) -> float | None:
 
 
 async def _level(
-    url: str, model: str, clients: int, requests: int, args: argparse.Namespace, pid: int | None
+    server: str,
+    url: str,
+    model: str,
+    clients: int,
+    requests: int,
+    args: argparse.Namespace,
+    pid: int | None,
 ) -> Level:
     from openai import AsyncOpenAI
 
-    prompts = _prompts()
+    prompts = _prompts(args.prompt_tokens)
+    load_avg = os.getloadavg()[0]
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=300)
     todo = list(range(requests))
     results: list[dict] = []
     errors = 0
-    before = _server_counts(url)
+    before = _server_counts(url, server)
     cpu_before = _cpu_s(pid)
     start = time.perf_counter()
 
@@ -106,13 +139,17 @@ async def _level(
     await asyncio.gather(*(worker() for _ in range(clients)))
     elapsed = time.perf_counter() - start
     await client.close()
-    after = _server_counts(url)
+    after = _server_counts(url, server)
     cpu_after = _cpu_s(pid)
     steps = after["steps"] - before["steps"]
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     itl = [d for r in results for d in np.diff(r["stamps"])]
-    tokens = sum(len(r["stamps"]) for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    split = {
+        ph: round((after[ph] - before.get(ph, 0.0)) / elapsed, 3) for ph in PHASES if ph in after
+    }
     return Level(
+        server=server,
         clients=clients,
         requests=len(results),
         errors=errors,
@@ -129,22 +166,28 @@ async def _level(
         server_cpu_ms_per_token=None
         if cpu_before is None or cpu_after is None or not tokens
         else round((cpu_after - cpu_before) / tokens * 1e3, 3),
+        load_avg_1m=round(load_avg, 2),
+        split=split,
     )
 
 
-def _server_counts(url: str) -> dict[str, float]:
-    """Steps, slots fed and seconds in steps so far, from the server's /metrics."""
+def _server_counts(url: str, server: str) -> dict[str, float]:
+    """Steps, slots fed, seconds in steps and per engine phase so far, from kiln's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
-        text = r.read().decode()
     want = {"kiln_batch_size_count": "steps", "kiln_batch_size_sum": "fed"}
     want["kiln_step_seconds_sum"] = "step_s"
     out = dict.fromkeys(want.values(), 0.0)
+    if not server.startswith("kiln"):
+        return out
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        text = r.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in want:
                 out[want[sample.name]] = float(sample.value)
+            elif sample.name == "kiln_engine_seconds_total":
+                out[sample.labels["phase"]] = float(sample.value)
     return out
 
 
@@ -152,8 +195,16 @@ def _ms(values: list[float], q: int) -> float:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else float("nan")
 
 
-def _prompts() -> list[str]:
-    """The first words of each line of the bundled model's text: prompts of varied length."""
+def _prompts(tokens: int = 0) -> list[str] | list[list[int]]:
+    """Prompts, one per request index (cycled).
+
+    tokens > 0: 256 distinct seeded random token-id prompts of that length, ids in [300, 30000)
+    (inside every bench vocabulary, clear of special tokens). Else the first words of each line
+    of the bundled model's text: prompts of varied length.
+    """
+    if tokens > 0:
+        rng = np.random.default_rng(0)
+        return [rng.integers(300, 30000, tokens).tolist() for _ in range(256)]
     from kiln.models.zen import zen_text
 
     lines = [ln for ln in zen_text().splitlines() if ln.strip()]
@@ -165,21 +216,44 @@ def _get(url: str) -> dict:
         return json.loads(r.read())
 
 
-def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def kiln_command(args: argparse.Namespace, port: int) -> list[str]:
+    """The `kiln serve` command line the load test starts."""
     cli = "import sys; from kiln.cli import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [
+    return [
         *(sys.executable, "-c", cli, "-q", "serve", str(args.artifact)),
         *("--port", str(port), "--slots", str(args.slots)),
         *("--max-queue", str(max(args.clients) + 8), "--threads", str(args.threads)),
+        *args.serve_flags.split(),
     ]
-    print(f"[load] starting: {' '.join(cmd)}", file=sys.stderr)
-    proc = subprocess.Popen(cmd)
+
+
+def llama_command(args: argparse.Namespace, gguf: Path, port: int) -> list[str]:
+    """The `llama-server` command line: the same slots and threads as kiln's server."""
+    threads = str(args.threads or os.cpu_count() or 1)
+    return [
+        *(str(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
+        *LLAMA_SERVER_FLAGS[:1],
+        str(args.slots),
+        *LLAMA_SERVER_FLAGS[2:],
+        *("-t", threads, "-tb", threads),
+        *args.llama_flags.split(),
+    ]
+
+
+def _start(cmd: list[str], name: str) -> tuple[subprocess.Popen, str]:
+    """Start a server command (its port follows --port) and wait until /health says ok."""
+    port = cmd[cmd.index("--port") + 1]
+    print(f"[load] starting {name}: {' '.join(cmd)}", file=sys.stderr)
+    env = dict(os.environ)
+    if name != "kiln":  # llama.cpp's shared libraries sit beside its programs
+        env["LD_LIBRARY_PATH"] = f"{Path(cmd[0]).parent}:{env.get('LD_LIBRARY_PATH', '')}"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if name != "kiln" else None,
+                            stderr=subprocess.DEVNULL if name != "kiln" else None)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"kiln serve exited with {proc.returncode} before it was ready")
+            raise SystemExit(f"{name} exited with {proc.returncode} before it was ready")
         try:
             if _get(f"{url}/health").get("status") == "ok":
                 return proc, url
@@ -187,7 +261,36 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.25)
     proc.terminate()
-    raise SystemExit("kiln serve was not ready after 180 s")
+    raise SystemExit(f"{name} was not ready after 300 s")
+
+
+def smollm_artifacts(work: Path, max_context: int) -> tuple[Path, Path]:
+    """(static int4 ORT artifact, HF folder) of the SmolLM-135M-shaped bench model."""
+    from bench.race import make_model, ort_target
+    from kiln.export import export_model
+
+    hf = make_model("smollm", work / "hf")
+    static = work / "onnx-static"
+    if not (static / "export.json").is_file():
+        export_model(hf, static, precision="fp32", kv="static", max_context=max_context)
+    art, why = ort_target(static, work / "ort-int4", "int4")
+    if art is None:
+        raise SystemExit(f"--model smollm: {why}")
+    return art, hf
+
+
+def llama_gguf(args: argparse.Namespace, hf: Path | None) -> Path:
+    """The Q4_0 GGUF llama-server loads: --gguf, or converted from the HF folder."""
+    from bench.llamacpp_runner import build_gguf
+
+    if args.gguf is not None:
+        return Path(args.gguf)
+    if hf is None:
+        raise SystemExit("--peer llama-server needs --gguf FILE or --model smollm")
+    gguf, why = build_gguf(hf, args.work / "gguf", "Q4_0")
+    if gguf is None:
+        raise SystemExit(f"--peer llama-server: no GGUF ({why})")
+    return gguf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,50 +304,101 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests per level (at most)")
     p.add_argument("--duration", type=float, default=60, help="seconds per level (at most)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="random token-id prompts (0: text)")
+    p.add_argument("--serve-flags", default="", help="more `kiln serve` flags, space-separated")
+    p.add_argument("--model", choices=["smollm"], default=None, help="build this bench model")
+    p.add_argument("--max-context", type=int, default=256, help="--model's static slot length")
+    p.add_argument("--work", type=Path, default=Path("out/load-smollm"), help="--model's folder")
+    p.add_argument("--peer", choices=["llama-server"], default=None, help="also drive this server")
+    p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER, help="the program")
+    p.add_argument("--llama-flags", default="", help="more llama-server flags (e.g. --poll 0)")
+    p.add_argument("--gguf", type=Path, default=None, help="llama-server's model (default: built)")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="NAME=URL: one more running loopback server driven in turn (e.g. kiln-before=...)",
+    )
     p.add_argument("--out", type=Path, default=Path("out/load"))
     args = p.parse_args(argv)
     args.clients = [int(c) for c in str(args.clients).split(",")]
-    proc = None
-    if args.url:
-        host = urlparse(args.url).hostname
-        if host not in LOOPBACK:
-            raise SystemExit(f"--url {args.url}: load runs against loopback only ({LOOPBACK}).")
-        url = args.url.rstrip("/")
-    else:
-        proc, url = _start_server(args)
+    hf = None
+    if args.model:
+        args.artifact, hf = smollm_artifacts(args.work, args.max_context)
+    procs: dict[str, subprocess.Popen | None] = {}
+    urls: dict[str, str] = {}
+    commands: dict[str, list[str]] = {}
     try:
-        health = _get(f"{url}/health")
-        model = _get(f"{url}/v1/models")["data"][0]["id"]
+        if args.url:
+            host = urlparse(args.url).hostname
+            if host not in LOOPBACK:
+                raise SystemExit(f"--url {args.url}: load runs against loopback only ({LOOPBACK}).")
+            procs["kiln"], urls["kiln"] = None, args.url.rstrip("/")
+        else:
+            commands["kiln"] = kiln_command(args, free_port())
+            procs["kiln"], urls["kiln"] = _start(commands["kiln"], "kiln")
+        if args.peer and not args.llama_server.is_file():
+            print(f"[load] no peer: {args.llama_server} is absent (build llama.cpp's tools "
+                  "with cmake, or give --llama-server PATH)", file=sys.stderr)  # fmt: skip
+        elif args.peer:
+            commands[args.peer] = llama_command(args, llama_gguf(args, hf), free_port())
+            procs[args.peer], urls[args.peer] = _start(commands[args.peer], args.peer)
+        for extra in args.extra:
+            name, _, url = extra.partition("=")
+            if urlparse(url).hostname not in LOOPBACK:
+                raise SystemExit(f"--extra {extra}: load runs against loopback only.")
+            procs[name], urls[name] = None, url.rstrip("/")
+        health = _get(f"{urls['kiln']}/health")
         levels = []
-        for n in args.clients:
-            pid = proc.pid if proc is not None else None
-            level = asyncio.run(_level(url, model, n, max(args.requests, n), args, pid))
-            levels.append(level)
-            print(f"[load] {n} clients: {level}", file=sys.stderr)
+        for n in args.clients:  # servers in turn at each level: they share the host's noise
+            for name, url in urls.items():
+                model = _get(f"{url}/v1/models")["data"][0]["id"]
+                proc = procs[name]
+                pid = proc.pid if proc is not None else None
+                req = max(args.requests, n)
+                level = asyncio.run(_level(name, url, model, n, req, args, pid))
+                levels.append(level)
+                print(f"[load] {name}, {n} clients: {level}", file=sys.stderr)
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-    _report(levels, health, args)
+        for proc in procs.values():
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+    _report(levels, health, args, commands)
     return 0
 
 
-def _report(levels: list[Level], health: dict, args: argparse.Namespace) -> None:
-    head = [f.name for f in fields(Level)]
+def _report(
+    levels: list[Level], health: dict, args: argparse.Namespace, commands: dict[str, list[str]]
+) -> None:
+    head = [f.name for f in fields(Level) if f.name != "split"]
     rows = [[getattr(lv, name) for name in head] for lv in levels]
+    prompts = f"{args.prompt_tokens}-token id prompts" if args.prompt_tokens else "text prompts"
     print(
         f"model {health.get('model')} on {health.get('backend')}, {health.get('slots')} slots, "
-        f"{args.max_tokens} tokens per request, {os.cpu_count()} CPUs (clients share them)"
+        f"{prompts}, {args.max_tokens} tokens per request, {os.cpu_count()} CPUs (clients "
+        "share them)"
     )
+    for name, cmd in commands.items():
+        print(f"{name}: {' '.join(cmd)}")
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
         print(" | ".join(str(v) for v in r))
+    split = [lv for lv in levels if lv.split]
+    if split:
+        print("\nkiln engine thread, share of wall time per phase (rest: idle or waiting):")
+        print(" | ".join(["clients", *PHASES]))
+        print(" | ".join("---" for _ in range(len(PHASES) + 1)))
+        for lv in split:
+            print(" | ".join([str(lv.clients), *(str(lv.split.get(ph, "")) for ph in PHASES)]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "load.json"
     tmp = out.with_suffix(".json.tmp")
     report = {
         "server": health,
+        "commands": commands,
+        "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "levels": [asdict(x) for x in levels],
     }

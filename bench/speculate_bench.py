@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    opts: dict[str, Any] = {"slots": 1, "spin": False, "threads": args.threads}
+    opts: dict[str, Any] = {"slots": 1, "spin": False, "threads": args.threads, "last_only": False}
     gen = load(args.artifact, **opts)
     text = zen_text()
     workloads = {

@@ -17,6 +17,7 @@ Letters in names: N slots fed this step, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Iterator
@@ -200,6 +201,41 @@ def prefill(
     return feeds
 
 
+# Fields that do not change which token a greedy row picks (they decide when it stops).
+_NOT_CHOOSING = {"max_new_tokens", "min_new_tokens", "seed", "stop", "stop_token_ids", "ignore_eos"}
+
+
+def plain_greedy(seq: Sequence) -> bool:
+    """True when `seq.choose` is exactly the argmax of the raw logits this step.
+
+    Any sampling field at a value other than its default (a penalty, or a field added to
+    SamplingParams later) takes the per-row path, so the shortcut never skips one.
+    """
+    p = seq.params
+    if not p.greedy or len(seq.out_ids) < p.min_new_tokens or seq.constraint is not None:
+        return False
+    defaults = type(p)()
+    reset: dict[str, Any] = {name: getattr(defaults, name) for name in _NOT_CHOOSING}
+    return dataclasses.replace(p, **reset, temperature=0.0, top_k=0) == defaults
+
+
+def choose_all(seqs: list[Sequence], logits_NV: np.ndarray) -> list[int]:
+    """Each row's next token, the same as choosing row by row.
+
+    Plain greedy rows take one argmax over the batch; the rest go through `Sequence.choose`.
+    """
+    greedy = [plain_greedy(seq) for seq in seqs]
+    tokens = [0] * len(seqs)
+    rows = [n for n, g in enumerate(greedy) if g]
+    if rows:
+        for n, t in zip(rows, np.argmax(logits_NV[rows], axis=-1).tolist(), strict=True):
+            tokens[n] = int(t)
+    for n, seq in enumerate(seqs):
+        if not greedy[n]:
+            tokens[n] = seq.choose(logits_NV[n])
+    return tokens
+
+
 def decode_step(
     backend: SlotBackend,
     slot: int,
@@ -209,12 +245,25 @@ def decode_step(
     use_cache: bool = True,
     reprefill_at: int | None = None,
 ) -> tuple[Event, SlotFeed | None]:
-    """Sample the slot's next token: its Event, and the feed that continues it (None: done).
+    """Sample the slot's next token: its Event, and the feed that continues it (None: done)."""
+    token = seq.choose(logits_V)
+    return follow(backend, slot, seq, token, use_cache=use_cache, reprefill_at=reprefill_at)
 
-    The next feed is the token just sampled, or the whole sequence (restart) without a cache
+
+def follow(
+    backend: SlotBackend,
+    slot: int,
+    seq: Sequence,
+    token: int,
+    *,
+    use_cache: bool = True,
+    reprefill_at: int | None = None,
+) -> tuple[Event, SlotFeed | None]:
+    """Accept a chosen token: its Event, and the feed that continues it (None: done).
+
+    The next feed is the token just chosen, or the whole sequence (restart) without a cache
     (`use_cache=False`, the reference path) or when the slot reaches `reprefill_at`.
     """
-    token = seq.choose(logits_V)
     text = seq.accept(token, backend.max_context - len(seq.prompt_ids))
     event = Event(seq.index, token, text, seq.finish_reason, seq.logprobs)
     if seq.done:
@@ -270,12 +319,13 @@ def generate(
         else:
             logits_NV = backend.step(fed)
             steps += 1
-            for feed, logits_V in zip(fed, logits_NV, strict=True):
-                event, feed_next = decode_step(
+            tokens = choose_all([table.held[f.slot] for f in fed], logits_NV)
+            for feed, token in zip(fed, tokens, strict=True):
+                event, feed_next = follow(
                     backend,
                     feed.slot,
                     table.held[feed.slot],
-                    logits_V,
+                    token,
                     use_cache=use_cache,
                     reprefill_at=reprefill_at,
                 )

@@ -191,6 +191,7 @@ def load(
     tokenizer: bool = True,
     slots: int = 4,
     spin: bool = True,
+    last_only: bool = True,
 ) -> Generator:
     """Load an ONNX artifact (ONNX Runtime) or an engine folder (TensorRT) for generation.
 
@@ -206,6 +207,8 @@ def load(
     slower on a shared one).
     cuda_graph: TensorRT-RTX whole-graph capture for decode steps.
     tokenizer: False skips the tokenizer (token-id prompts only).
+    last_only: a static ONNX graph computes logits at each row's last position only (cheaper
+    prefill); False keeps every position, which speculative decoding's verify pass needs.
     """
     info = inspect_artifact(Path(artifact))
     if backend == "auto":
@@ -223,6 +226,7 @@ def load(
             io_binding=io_binding,
             profile_dir=profile_dir,
             spin=spin,
+            last_only=last_only,
         )
     elif backend == "tensorrt":
         be = _trt_backend(info, slots=slots, cuda_graph=cuda_graph)
@@ -247,6 +251,7 @@ def _ort_backend(
     io_binding: bool,
     profile_dir: Path | None,
     spin: bool,
+    last_only: bool,
 ) -> SlotBackend:
     """OrtSlotBackend for a static graph; the concat adapter over OrtBackend otherwise."""
     if info.layout.has_slots:
@@ -259,6 +264,7 @@ def _ort_backend(
             threads=threads,
             profile_dir=profile_dir,
             spin=spin,
+            last_only=last_only,
         )
     from kiln.runtime.concat_slots import ConcatSlotBackend
     from kiln.runtime.ort_backend import OrtBackend

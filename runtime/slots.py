@@ -15,6 +15,7 @@ Letters in names: N slots fed this step, R rows (slots) in one call, S new token
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -185,6 +186,21 @@ def call_inputs(
     return ids, pos, index, pick
 
 
+@dataclass(frozen=True)
+class CallTime:
+    """What one graph call of a step cost: its shape and its wall time (the server's metrics)."""
+
+    rows: int  # R: slots the call binds
+    width: int  # S: positions per row
+    tokens: int  # real (fed) tokens; rows * width - tokens is padding
+    seconds: float
+
+    @property
+    def kind(self) -> str:
+        """'prefill' for a wide call (S > 1), 'decode' for a one-token call."""
+        return "prefill" if self.width > 1 else "decode"
+
+
 def advance(lengths: list[int], call: SlotCall) -> None:
     """Record the positions a finished call wrote into each fed slot."""
     for f in call.feeds:
@@ -208,6 +224,7 @@ class SlotRunner:
         self.max_context = max_context
         self.vocab = vocab
         self._lengths = [0] * slots
+        self.last_calls: list[CallTime] = []  # the calls of the last step, in run order
 
     def length(self, slot: int) -> int:
         """Positions this slot's sequence holds now (0 when free or just restarted)."""
@@ -257,6 +274,7 @@ class SlotRunner:
                 )
         out: list[np.ndarray] = [np.empty(0)] * len(feeds)
         order = {f.slot: n for n, f in enumerate(feeds)}
+        self.last_calls = []
         for call in self.plan(feeds):
             ids, pos, index, pick = call_inputs(call, self._lengths)
             want = [tails[order[f.slot]] for f in call.feeds]
@@ -269,7 +287,11 @@ class SlotRunner:
                     ],
                     np.int64,
                 )
+            t0 = time.perf_counter()
             logits = self._execute(call, ids, pos, index, pick)
+            real = sum(len(f.tokens) for f in call.feeds)
+            took = time.perf_counter() - t0
+            self.last_calls.append(CallTime(call.hi - call.lo, call.width, real, took))
             at = 0
             for f, t in zip(call.feeds, want, strict=True):
                 out[order[f.slot]] = logits[at : at + t]

@@ -250,6 +250,11 @@ def load_speculator(
 
     if isinstance(target.backend, ConcatSlotBackend):
         raise _needs_static(target.info.path)
+    if getattr(target.backend, "last_only", False):
+        raise KilnError(
+            f"{target.info.path} was loaded with logits at each row's last position only; "
+            "a verify pass needs every position: load it with last_only=False."
+        )
     if spec == "ngram":
         return Speculator(NgramDrafter(), draft_tokens=draft_tokens)
     if not Path(spec).is_dir():

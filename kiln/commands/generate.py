@@ -81,7 +81,12 @@ def _run(args: argparse.Namespace) -> int:
     from kiln.runtime import SamplingParams, load
 
     params = options_from(SamplingParams, args)
-    gen = load(args.artifact, backend=args.backend, device=args.device)
+    gen = load(
+        args.artifact,
+        backend=args.backend,
+        device=args.device,
+        last_only=not args.speculate,  # a verify pass reads every fed position's logits
+    )
     if gen.tokenizer is None:
         raise KilnError(
             f"{args.artifact} carries no tokenizer, so --prompt text cannot be encoded; export "

@@ -30,8 +30,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--prefill-chunk",
         type=int,
-        default=64,
-        help="prompt tokens fed per step while streams decode (bounds their stall; 0: no cap)",
+        default=0,
+        help="prompt tokens fed per step while streams decode (bounds their stall); 0 (default): "
+        "what fits --prefill-stall-ms at the measured cost per prompt token",
+    )
+    p.add_argument(
+        "--prefill-stall-ms",
+        type=float,
+        default=200,
+        help="with --prefill-chunk 0: the time a step's prompt chunks may take (0: whole prompts)",
     )
     p.add_argument("--model-name", default=None, help="name clients use (default: model folder)")
     p.add_argument(
@@ -40,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all)")
+    p.add_argument(
+        "--spin", action="store_true", help="ONNX Runtime threads spin between ops (default off)"
+    )
     ray = p.add_argument_group("Ray Serve (the 'ray' extra; RAY_ADDRESS joins a running cluster)")
     ray.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve")
     ray.add_argument("--replicas", type=int, default=1, help="engine replicas (with --ray)")
@@ -72,15 +82,24 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         threads=args.threads,
+        spin=args.spin,
     )
     state = ServerState(
         loader,
         model_name=args.model_name,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
+        prefill_stall_s=_stall_s(args),
     )
     serve(state, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
     return 0
+
+
+def _stall_s(args: argparse.Namespace) -> float | None:
+    """The scheduler's prefill stall target: None when --prefill-chunk fixes the chunk."""
+    if args.prefill_chunk == 0 and args.prefill_stall_ms > 0:
+        return float(args.prefill_stall_ms) / 1000
+    return None
 
 
 def _run_ray(args: argparse.Namespace) -> int:
@@ -98,6 +117,8 @@ def _run_ray(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         threads=args.threads,
+        spin=args.spin,
+        prefill_stall_s=_stall_s(args),
     )
     autoscale = ray_app.parse_autoscale(args.autoscale) if args.autoscale else None
     scale = ray_app.ScaleOptions(

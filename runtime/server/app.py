@@ -47,11 +47,13 @@ class ServerState:
         model_name: str | None = None,
         max_queue: int = 64,
         prefill_chunk: int = 64,
+        prefill_stall_s: float | None = None,
     ) -> None:
         self.loader = loader
         self.model_name = model_name
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.prefill_stall_s = prefill_stall_s  # runtime/server/scheduler.py prefill_budget
         self.metrics = Metrics()
         self.scheduler: Scheduler | None = None
         self.model: ModelView | None = None
@@ -79,6 +81,7 @@ class ServerState:
                 self.metrics,
                 max_queue=self.max_queue,
                 prefill_chunk=self.prefill_chunk,
+                prefill_stall_s=self.prefill_stall_s,
                 reprefill_at=gen.info.reprefill_at,
             )
             self.scheduler.start()

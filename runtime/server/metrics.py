@@ -51,6 +51,23 @@ class Metrics:
             buckets=_LATENCY_S,
             registry=r,
         )
+        self.engine_seconds = Counter(
+            "kiln_engine_seconds",
+            "Engine-thread wall time by phase: plan, graph_prefill, graph_decode (inside ONNX "
+            "Runtime or TensorRT), graph_host (feeds and logits around the calls), sample, "
+            "accept (detokenize and stop rules), emit (hand-off to the event loop), idle",
+            ["phase"],
+            registry=r,
+        )
+        self.graph_calls = Counter(
+            "kiln_graph_calls", "Graph calls by kind (prefill: width > 1)", ["kind"], registry=r
+        )
+        self.graph_positions = Counter(
+            "kiln_graph_positions",
+            "Positions computed by graph calls (rows x width, padding included), by kind",
+            ["kind"],
+            registry=r,
+        )
         self.generated = Counter(
             "kiln_generated_tokens", "Tokens generated (all requests)", registry=r
         )

@@ -40,6 +40,8 @@ class EngineSpec:
     backend: str = "auto"
     device: str = "auto"
     threads: int = 0
+    spin: bool = False
+    prefill_stall_s: float | None = None  # runtime/server/scheduler.py prefill_budget
     queue: int = 2  # jobs the scheduler may hold beyond its slots (Serve queues the rest)
 
 
@@ -62,12 +64,14 @@ class KilnEngine:
             backend=spec.backend,
             device=spec.device,
             threads=spec.threads,
+            spin=spec.spin,
         )
         self.state = ServerState(
             loader,
             model_name=spec.model_name,
             max_queue=spec.queue,
             prefill_chunk=spec.prefill_chunk,
+            prefill_stall_s=spec.prefill_stall_s,
         )
         self.state.load()  # in the constructor: Serve routes nothing here until it returns
         if self.state.load_error:

@@ -6,17 +6,20 @@ slot at the next step, so its prefill runs in the same `step` as the others' dec
 or cancelled sequence frees its slot at once and the others never wait for it.
 
 The static graph takes right-padded rows: one call over a prefill of P tokens runs S=P for each
-row it binds (OrtSlotBackend runs the prefill feeds as one call and the one-token feeds as a
-second, back to back in the same step). Either way the running streams' next token waits for
-the prefill's work. `prefill_chunk` bounds that wait: while a stream decodes, all prompts
-together feed at most that many tokens per step (a long prompt is fed over several steps,
-sampling only after its last chunk); when no stream is decoding, nobody waits and prompts go in
-whole.
+row it binds, so a step runs the prompt chunks as one call and the one-token feeds as a second
+(merged, each decoding row would compute P positions). The chunks' call runs first and its
+first tokens go out before the decode call: a newcomer's time to first token does not include
+it. The running streams' next token waits for the prefill's work; a budget bounds that wait:
+while a stream decodes, all prompts together feed at most `prefill_budget()` tokens per step
+(a long prompt is fed over several steps, sampling only after its last chunk). The budget is
+`prefill_chunk`, or with `prefill_stall_s` what fits that time at the measured cost per prefill
+position (the server's default). When no stream is decoding, prompts go in whole.
 
 Per-request state (sampling with its seed, stop tokens and strings, incremental detokenization)
 is runtime/decode.py's `Sequence`, and the per-slot phases are that module's too (`SlotTable`
-holds who has which slot, `decode_step` samples, makes the `Event` and picks the next feed);
-this module only decides which jobs run and how much of each prompt is fed.
+holds who has which slot, `choose_all` picks the step's tokens, `follow` makes the `Event` and
+picks the next feed); this module only decides which jobs run and how much of each prompt is
+fed.
 The graph call blocks, so the loop runs in its own thread; results reach asyncio through the
 `emit` callback each job carries (the server wraps `loop.call_soon_threadsafe`).
 
@@ -33,10 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-import numpy as np
-
 from kiln.errors import KilnError, RequestError
-from kiln.runtime.decode import Event, Sequence, SlotTable, decode_step
+from kiln.runtime.decode import Event, Sequence, SlotTable, choose_all, follow
 from kiln.runtime.prefix_cache import PrefixCache
 from kiln.runtime.server.metrics import Metrics
 from kiln.runtime.slots import RewindableSlots, SlotBackend, SlotFeed
@@ -54,7 +55,7 @@ class Job:
     cancelled: bool = False
     slot: int | None = None
     fed: int = 0  # prompt tokens fed so far (a long prompt is fed over several steps)
-    next_feed: SlotFeed | None = None  # once the prompt is in: what decode_step chose
+    next_feed: SlotFeed | None = None  # once the prompt is in: what `follow` chose
     submitted_s: float = field(default_factory=time.perf_counter)
     last_token_s: float | None = None
 
@@ -73,6 +74,7 @@ class Scheduler:
         *,
         max_queue: int = 64,
         prefill_chunk: int = 64,
+        prefill_stall_s: float | None = None,
         retry_after_s: int = 1,
         reprefill_at: int | None = None,
         prefix_cache: PrefixCache | None = None,
@@ -89,6 +91,8 @@ class Scheduler:
         self.metrics = metrics
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk if prefill_chunk > 0 else backend.max_context
+        self.prefill_stall_s = prefill_stall_s  # None: every chunk is prefill_chunk
+        self._position_s: float | None = None  # measured seconds per prefill position (EWMA)
         self.retry_after_s = retry_after_s
         self.reprefill_at = reprefill_at  # longrope's cache rebuild (runtime/artifact.py)
         self.steps = 0
@@ -182,8 +186,10 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                t_wait = time.perf_counter()
                 while not self._abort and not self._waiting and not self._slots.held:
                     self._cv.wait()
+                self.metrics.engine_seconds.labels("idle").inc(time.perf_counter() - t_wait)
                 if self._abort:
                     self._fail_all(
                         RequestError(
@@ -237,22 +243,34 @@ class Scheduler:
         self.metrics.finished.labels(reason).inc()
         self.metrics.active.set(len(self._slots.held))
 
+    def prefill_budget(self) -> int:
+        """Prompt tokens all prefilling jobs may feed this step while some stream decodes.
+
+        Fixed (`prefill_chunk`) unless `prefill_stall_s` is set: then the tokens the last
+        prefill calls' measured cost per position says fit in that time, between 16 and
+        `prefill_chunk` (a GPU takes whole prompts, a busy CPU smaller chunks).
+        """
+        if self.prefill_stall_s is None or self._position_s is None:
+            return self.prefill_chunk
+        fit = int(self.prefill_stall_s / self._position_s)
+        return max(min(16, self.prefill_chunk), min(self.prefill_chunk, fit))
+
     def _plan(self, batch: list[Job]) -> list[tuple[Job, SlotFeed]]:
         """This step's feeds: each decoding job its last token, prefilling jobs prompt chunks.
 
-        While some job decodes, prompts share a budget of `prefill_chunk` tokens per step, in
-        admission order (a job left out this step waits for the next): the running streams'
+        While some job decodes, prompts share a budget of `prefill_budget()` tokens per step,
+        in admission order (a job left out this step waits for the next): the running streams'
         stall stays bounded however many requests arrive at once. With nobody decoding, each
         prompt goes in whole.
         """
         decoding = any(job.fed >= len(job.seq.prompt_ids) for job in batch)
-        budget = self.prefill_chunk if decoding else sum(len(j.seq.prompt_ids) for j in batch)
+        budget = self.prefill_budget() if decoding else sum(len(j.seq.prompt_ids) for j in batch)
         plan = []
         for job in batch:
             prompt = job.seq.prompt_ids
             assert job.slot is not None
             if job.fed >= len(prompt):
-                assert job.next_feed is not None  # set by _sample after the last chunk
+                assert job.next_feed is not None  # set by _accept after the last chunk
                 plan.append((job, job.next_feed))
                 continue
             if budget <= 0:
@@ -265,9 +283,32 @@ class Scheduler:
         return plan
 
     def _step(self, batch: list[Job]) -> None:
-        """One slot step over the fed jobs, then sample, emit and free finished slots."""
+        """One slot step: the prompt chunks' call first, their first tokens out, then decode.
+
+        A newcomer's first token leaves before the decoding streams' call runs (its time to
+        first token does not include that call); the calls are the ones a single `step` over
+        all feeds would run (runtime/slots.py plan_calls splits wide from one-token feeds).
+        """
+        t_plan = time.perf_counter()
+        # slots already decoding (before `_plan` feeds a prompt's last chunk): only they draft
         decoding = {j.slot for j in batch if j.fed >= len(j.seq.prompt_ids) and j.slot is not None}
         plan = self._plan(batch)
+        self.metrics.engine_seconds.labels("plan").inc(time.perf_counter() - t_plan)
+        wide = [(job, f) for job, f in plan if f.restart or len(f.tokens) > 1]
+        narrow = [(job, f) for job, f in plan if not (f.restart or len(f.tokens) > 1)]
+        for part in (wide, narrow):
+            if part:
+                self._run(part, decoding)
+        self.steps += 1
+
+    def _run(self, plan: list[tuple[Job, SlotFeed]], decoding: set[int]) -> None:
+        """Run feeds in one backend step, then sample, emit and free finished slots.
+
+        Each phase's wall time goes to `kiln_engine_seconds{phase}` (runtime/server/README.md
+        reads the split): the graph calls by kind, the host work around them, choosing,
+        accepting (detokenize, stop rules) and the hand-off to the event loop.
+        """
+        m = self.metrics
         batch = [job for job, _ in plan]
         feeds = [feed for _, feed in plan]
         t0 = time.perf_counter()
@@ -288,16 +329,44 @@ class Scheduler:
                     self._release(job, "error")
             return
         now = time.perf_counter()
-        self.steps += 1
-        self.metrics.step_time.observe(now - t0)
-        self.metrics.batch_size.observe(len(feeds))
-        done = []
-        failed = []
-        for job, feed, logits_V in zip(batch, feeds, logits_NV, strict=True):
-            if job.fed < len(job.seq.prompt_ids) or job.cancelled:
-                continue  # a prompt chunk that is not the last: nothing to sample yet
+        m.step_time.observe(now - t0)
+        m.batch_size.observe(len(feeds))
+        in_calls = 0.0
+        for call in getattr(self.backend, "last_calls", ()):
+            m.engine_seconds.labels(f"graph_{call.kind}").inc(call.seconds)
+            m.graph_calls.labels(call.kind).inc()
+            m.graph_positions.labels(call.kind).inc(call.rows * call.width)
+            in_calls += call.seconds
+            if call.kind == "prefill":
+                cost = call.seconds / (call.rows * call.width)
+                old = self._position_s
+                self._position_s = cost if old is None else 0.7 * old + 0.3 * cost
+        m.engine_seconds.labels("graph_host").inc(max(0.0, now - t0 - in_calls))
+        rows = [
+            n
+            for n, job in enumerate(batch)
+            if job.fed >= len(job.seq.prompt_ids) and not job.cancelled
+        ]  # a prompt chunk that is not the last: nothing to sample yet
+        jobs = [batch[n] for n in rows]
+        try:
+            if self.speculator is None:
+                tokens = choose_all([job.seq for job in jobs], np.asarray(logits_NV)[rows])
+            else:  # each row accepts along its drafts (`_verify`)
+                tokens = [-1] * len(jobs)
+        except Exception:  # a bug in a sampler: find the row it belongs to, row by row
+            log.exception("batched choice failed; choosing row by row")
+            tokens = [-1] * len(jobs)
+        t_chosen = time.perf_counter()
+        m.engine_seconds.labels("sample").inc(t_chosen - now)
+        done, failed, events = [], [], []
+        for job, token, n in zip(jobs, tokens, rows, strict=True):
             try:
-                self._sample(job, feed, np.asarray(logits_V), now)
+                if self.speculator is not None:
+                    events += self._verify(job, feeds[n], np.asarray(logits_NV[n]), now)
+                    continue
+                if token < 0:
+                    token = job.seq.choose(logits_NV[n])
+                events.append((job, self._accept(job, token, now)))
             except Exception as e:  # a bug in sampling or detokenization: fail this request only
                 log.exception("sampling failed in slot %s", job.slot)
                 job.emit(e)
@@ -305,6 +374,11 @@ class Scheduler:
                 continue
             if job.seq.done:
                 done.append(job)
+        t_accepted = time.perf_counter()
+        m.engine_seconds.labels("accept").inc(t_accepted - t_chosen)
+        for job, event in events:
+            job.emit(event)
+        m.engine_seconds.labels("emit").inc(time.perf_counter() - t_accepted)
         if done or failed:
             with self._cv:
                 for job in done:
@@ -312,25 +386,34 @@ class Scheduler:
                 for job in failed:
                     self._release(job, "error")
 
-    def _sample(self, job: Job, feed: SlotFeed, logits: np.ndarray, now: float) -> None:
-        """Sample (logits_V), or accept along the drafts (logits_SV, with a speculator)."""
+    def _accept(self, job: Job, token: int, now: float) -> Event:
+        """Record the job's chosen token (text, stop rules, next feed) and its latency."""
         assert job.slot is not None
-        if self.speculator is None:
-            event, job.next_feed = decode_step(
-                self.backend, job.slot, job.seq, logits, reprefill_at=self.reprefill_at
-            )
-            events = [event]
+        event, job.next_feed = follow(
+            self.backend, job.slot, job.seq, token, reprefill_at=self.reprefill_at
+        )
+        self._observe(job, now)
+        return event
+
+    def _verify(
+        self, job: Job, feed: SlotFeed, logits_SV: np.ndarray, now: float
+    ) -> list[tuple[Job, Event]]:
+        """Accept along the fed drafts (runtime/speculate.py): every token chosen this step."""
+        assert self.speculator is not None
+        rewind = cast("RewindableSlots", self.backend)
+        events, job.next_feed = self.speculator.verify(rewind, feed, job.seq, logits_SV)
+        for _ in events:
+            self._observe(job, now)
+        return [(job, event) for event in events]
+
+    def _observe(self, job: Job, now: float) -> None:
+        """A token of the job went out: its time to first token or since its last token."""
+        if job.last_token_s is None:
+            self.metrics.ttft.observe(now - job.submitted_s)
         else:
-            rewind = cast("RewindableSlots", self.backend)
-            events, job.next_feed = self.speculator.verify(rewind, feed, job.seq, logits)
-        for event in events:
-            if job.last_token_s is None:
-                self.metrics.ttft.observe(now - job.submitted_s)
-            else:
-                self.metrics.token_latency.observe(now - job.last_token_s)
-            job.last_token_s = now
-            self.metrics.generated.inc()
-            job.emit(event)
+            self.metrics.token_latency.observe(now - job.last_token_s)
+        job.last_token_s = now
+        self.metrics.generated.inc()
 
     def _fail_all(self, error: BaseException) -> None:
         for job in [*self._waiting, *self._slots.held.values()]:

@@ -48,16 +48,20 @@ class DrainingServer(uvicorn.Server):
 
 
 def slots_loader(
-    artifact: Path, *, slots: int, backend: str, device: str, threads: int
+    artifact: Path, *, slots: int, backend: str, device: str, threads: int, spin: bool = False
 ) -> Callable[[], Any]:
-    """A loader for ServerState: the static-KV artifact as a Generator over `slots` slots."""
+    """A loader for ServerState: the static-KV artifact as a Generator over `slots` slots.
+
+    `spin` (ONNX Runtime's intra-op threads spinning between ops) is off by default: spinning
+    threads take the cores the HTTP event loop and the clients need; runtime/server/README.md
+    has the measurement under load.
+    """
 
     def load() -> Any:
         from kiln.runtime import load
 
-        # No spinning ORT threads: they would take the cores the HTTP event loop needs.
         return load(
-            artifact, slots=slots, backend=backend, device=device, threads=threads, spin=False
+            artifact, slots=slots, backend=backend, device=device, threads=threads, spin=spin
         )
 
     return load

@@ -21,7 +21,7 @@ def art(exported):
 
 
 def fresh(art, slots: int = 2, cache: bool = True) -> Generator:
-    gen = load(art, slots=slots, tokenizer=False)
+    gen = load(art, slots=slots, tokenizer=False, last_only=False)
     if cache:
         gen.prefix_cache = PrefixCache(gen.backend)
     return gen

@@ -45,7 +45,7 @@ def run(
 
 @pytest.fixture(scope="module")
 def llama(exported) -> Generator:
-    return load(exported("llama", "fp32", kv="static"), slots=3, tokenizer=False)
+    return load(exported("llama", "fp32", kv="static"), slots=3, tokenizer=False, last_only=False)
 
 
 def test_ngram_draft_takes_the_latest_match_of_the_longest_ngram():
@@ -130,7 +130,7 @@ def test_draft_model_verify_matches_plain(llama, exported):
     ps = prompts(8, seed=3)
     plain = run(llama, None, ps, max_new_tokens=30, ignore_eos=True)
     for name in ("llama", "qwen3"):
-        draft = load(exported(name, "fp32", kv="static"), slots=3, tokenizer=False)
+        draft = load(exported(name, "fp32", kv="static"), slots=3, tokenizer=False, last_only=False)
         spec = Speculator(DraftModelDrafter(draft.backend), draft_tokens=4)
         assert run(llama, spec, ps, max_new_tokens=30, ignore_eos=True) == plain
         if name == "llama":
@@ -145,7 +145,7 @@ def test_draft_model_verify_matches_plain(llama, exported):
 def test_zen_grounded_prompt_matches_and_accepts(exported):
     """The bundled model quoting its text: identical text and stop, most drafts accepted."""
     art = exported("zen", "fp32", kv="static")
-    gen = load(art, slots=2)
+    gen = load(art, slots=2, last_only=False)
     text = zen_text()
     ps = [text[:700] + "\n" + text[:40], ZEN_PROMPT, text[:120]]  # the first starts over
     plain = gen.generate(ps, max_new_tokens=120, stop=["Namespaces"])
@@ -156,7 +156,7 @@ def test_zen_grounded_prompt_matches_and_accepts(exported):
 
 
 def test_bad_speculation_settings_are_refused(exported, tmp_path):
-    gen = load(exported("llama", "fp32", kv="static"), slots=1, tokenizer=False)
+    gen = load(exported("llama", "fp32", kv="static"), slots=1, tokenizer=False, last_only=False)
     with pytest.raises(KilnError, match="draft_tokens=0"):
         Speculator(NgramDrafter(), draft_tokens=0)
     with pytest.raises(KilnError, match="neither 'ngram' nor an artifact folder"):

@@ -49,7 +49,7 @@ def test_reuse_and_speculation_match_the_plain_scheduler(tiny_static):
     ]
     results = {}
     for name in ("plain", "reuse+speculate"):
-        gen = load(tiny_static, slots=2, device="cpu", threads=1, tokenizer=False)
+        gen = load(tiny_static, slots=2, device="cpu", threads=1, tokenizer=False, last_only=False)
         cache = PrefixCache(gen.backend) if name != "plain" else None
         spec = Speculator(NgramDrafter(), draft_tokens=3) if name != "plain" else None
         sched = Scheduler(

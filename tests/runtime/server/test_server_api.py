@@ -113,6 +113,11 @@ def test_metrics_count_requests_tokens_and_latency(zen_server, client):
     assert metric(url, "kiln_batch_size_count") >= 1
     assert metric(url, "kiln_queue_depth") == 0
     assert metric(url, "kiln_active_sequences") == 0
+    for phase in ("graph_prefill", "graph_decode", "sample", "accept", "emit"):
+        assert metric(url, "kiln_engine_seconds_total", phase=phase) > 0, phase
+    assert metric(url, "kiln_engine_seconds_total", phase="no-such-phase") == 0  # control
+    assert metric(url, "kiln_graph_calls_total", kind="decode") >= 5
+    assert metric(url, "kiln_graph_positions_total", kind="prefill") >= 2
 
 
 def test_responses_validate_against_the_openai_types(zen_server):

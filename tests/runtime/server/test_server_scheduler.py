@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -78,7 +79,10 @@ def test_chunked_prefill_beside_decoding_equals_each_prompt_alone(tiny_static):
     assert max(widths) == 8  # the 45-token prompt went in 8-token chunks beside the decoding one
     # Both prompts arrive together: they share the 8-token budget (+1 token per decoding slot).
     assert max(sum(n for _, n in step) for step in backend.fed) <= 8 + 2
-    assert sum(1 for step in backend.fed if len(step) > 1 and max(n for _, n in step) > 1) >= 6
+    # A step runs the chunks' call, then the decoding streams' one-token call right after it.
+    steps = backend.fed
+    beside = [a for a, b in itertools.pairwise(steps) if max(n for _, n in a) > 1 and b[0][1] == 1]
+    assert len(beside) >= 6
     # control: alone (nobody decoding) a prompt goes in whole
     alone_sched = Scheduler(CountingSteps(gen.backend), Metrics(), prefill_chunk=8)
     alone_sched.start()
@@ -87,3 +91,22 @@ def test_chunked_prefill_beside_decoding_equals_each_prompt_alone(tiny_static):
     finally:
         alone_sched.stop()
     assert alone_sched.backend.fed[2] == [(0, 45)]  # fed[0:2] are the warm-up steps
+
+
+def test_prefill_budget_follows_the_measured_cost(tiny_static):
+    """With a stall target the budget is what fits it at the measured cost per position."""
+    gen = load(tiny_static, slots=2, device="cpu", threads=1, tokenizer=False)
+    tight = Scheduler(gen.backend, Metrics(), prefill_chunk=0, prefill_stall_s=1e-9)
+    loose = Scheduler(gen.backend, Metrics(), prefill_chunk=0, prefill_stall_s=1e9)
+    fixed = Scheduler(gen.backend, Metrics(), prefill_chunk=24)
+    m = gen.backend.max_context
+    assert tight.prefill_budget() == loose.prefill_budget() == m  # nothing measured yet
+    for sched in (tight, loose, fixed):
+        sched.start()
+        try:
+            _run(sched, [[5 + t for t in range(40)]], stagger=False)
+        finally:
+            sched.stop()
+    assert tight.prefill_budget() == 16  # 1 ns fits no token: the floor
+    assert loose.prefill_budget() == m  # 1000 s fits any prompt: the cap
+    assert fixed.prefill_budget() == 24  # control: no stall target, the fixed chunk
