@@ -116,6 +116,8 @@ class Backend:
             cfg.set_memory_pool_limit(
                 t.MemoryPoolType.TACTIC_SHARED_MEMORY, settings.tactic_shared_memory_mib * _MIB
             )
+        if settings.sparse_weights:
+            cfg.set_flag(t.BuilderFlag.SPARSE_WEIGHTS)
         for ranges in shapes:
             p = net.builder.create_optimization_profile()
             for name, (lo, opt, hi) in ranges.items():
@@ -174,8 +176,11 @@ def _capturing_logger(trt: Any) -> Any:
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.sparsity: list[str] = []  # 2:4 eligibility lines, for engine.json
 
         def log(self, severity: Any, msg: str) -> None:
+            if "sparse" in msg.lower() or "sparsity" in msg.lower():
+                self.sparsity.append(msg)
             if severity <= trt.ILogger.Severity.ERROR:
                 self.errors.append(msg)
                 log.debug("tensorrt: %s", msg)

@@ -143,3 +143,28 @@ def groups_in_order(inputs: list[ir.Value], size: int) -> Iterator[list[ir.Value
 def peak_bytes(ks: list[int], tokens: int) -> int:
     """Bytes a group holds: its float64 Hessians plus one sequence's float32 activations."""
     return sum(8 * k * k + 4 * tokens * k for k in ks)
+
+
+def log_probs(model: ir.Model, calibration: Calibration) -> list[np.ndarray]:
+    """Next-token log-probabilities [S, V] (float32) of each calibration sequence, via ORT."""
+    from kiln.graph_io import ort_session
+
+    session = ort_session(model, optimization="basic")
+    limit = max_length(model)
+    out = []
+    for seq in calibration.sequences:
+        ids = np.array(seq[:limit] if limit else seq, np.int64)
+        logits = session.run(["logits"], _prefill_feeds(session, ids))[0][0].astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        out.append((logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32))
+    return out
+
+
+def mean_kl(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """Mean KL(reference || candidate) over every position, in nats."""
+    total, n = 0.0, 0
+    for r, c in zip(reference, candidate, strict=True):
+        p = np.exp(r.astype(np.float64))
+        total += float((p * (r.astype(np.float64) - c.astype(np.float64))).sum())
+        n += r.shape[0]
+    return total / max(n, 1)

@@ -191,4 +191,4 @@ class CalibratedMatMulNBitsPass(CalibratedInt4Pass):
         return Result(model, changed=result.changed, counts=counts, notes=result.notes)
 
     def ensures(self, model: ir.Model) -> None:
-        """contrib ops have no ONNX schema to type-check against: nothing to check here."""
+        """Contrib ops have no ONNX schema to type-check against: nothing to check here."""

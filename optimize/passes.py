@@ -24,6 +24,8 @@ _PASS_MODULES = (
     "kiln.optimize.precision",
     "kiln.optimize.ort",
     "kiln.optimize.calibrated",
+    "kiln.optimize.sparsity",
+    "kiln.optimize.mixed",
 )
 
 
