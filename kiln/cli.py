@@ -27,6 +27,8 @@ COMMANDS = (
     "kiln.commands.generate",
     "kiln.commands.serve",
     "kiln.commands.eval",
+    "kiln.commands.compress",
+    "kiln.commands.prune",
 )
 
 
