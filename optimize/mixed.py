@@ -190,7 +190,8 @@ class MixedPrecisionPass(GraphPass):
         counts, self.table = mixed_precision(model, self.calibration, self.budget_mib)
         notes = [
             f"{r['precision']:5s} {'+'.join(r['weights'])} {r['shapes']}: "
-            f"KL int4 {r['kl']['int4']:.3g}, int8 {r['kl']['int8']:.3g}; bytes {r['bytes'][r['precision']]}"
+            f"KL int4 {r['kl']['int4']:.3g}, int8 {r['kl']['int8']:.3g}; "
+            f"bytes {r['bytes'][r['precision']]}"
             for r in self.table
         ]
         return Result(model, changed=True, counts=counts, notes=notes)
