@@ -9,7 +9,7 @@ NAME    ?= $(notdir $(MODEL))
 OUT     ?= out/$(NAME)
 STAMP   := $(VENV)/.kiln-setup
 
-.PHONY: help setup export optimize engines bench-engine generate bench bench-deps gpu-check demo test lint typecheck fmt tiny-model eval-model clean
+.PHONY: help setup export optimize engines compress-report bench-engine generate bench bench-deps gpu-check demo test lint typecheck fmt tiny-model eval-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -46,6 +46,9 @@ ENGINE_PRECISIONS ?= fp16 int8
 engines: $(STAMP)  ## TensorRT engines per GPU profile + table of precision, size, build time (MODEL=dir PROFILES=all|a,b)
 	@for p in $(ENGINE_PRECISIONS); do $(MAKE) --no-print-directory optimize PRECISION=$$p || exit 1; done
 	$(KILN) build $(foreach p,$(ENGINE_PRECISIONS),$(OUT)/optimized-$(p)) --profile $(PROFILES) --out $(OUT)/engines
+
+compress-report: $(STAMP)  ## every compression method on the eval model: table (out/compress/report.md) and size-vs-KL chart
+	$(PY) -m bench.compress_report --out out/compress
 
 bench-engine: $(STAMP)  ## GPT-2-small-shaped engine build, kiln vs bare polygraphy convert: overhead ratio, peak memory, size
 	$(PY) -m bench.engine_build --out out/bench-engine
