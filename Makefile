@@ -114,7 +114,7 @@ TYPECHECK := build/typecheck
 typecheck: $(STAMP)  ## mypy --strict over kiln/ and the stage folders, as the installed package
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/kiln
 	@for f in kiln/*; do ln -s $(CURDIR)/$$f $(TYPECHECK)/kiln/; done
-	@for s in export optimize engine runtime models evaluate; do ln -s $(CURDIR)/$$s $(TYPECHECK)/kiln/$$s; done
+	@for s in export optimize engine runtime models evaluate compress; do ln -s $(CURDIR)/$$s $(TYPECHECK)/kiln/$$s; done
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache kiln
 
 fmt: $(STAMP)  ## ruff format and autofix

@@ -80,8 +80,9 @@ def make_variants(out: Path, calib: Path, export: Path) -> dict[str, Path]:
         "prune-kv50": PruneSpec(kv_groups=0.5),
     }
     for name, spec in specs.items():
-        hf = prune_model(MODEL, out / f"{name}-hf", calibration=calib, spec=spec)
-        log.info("%s: %s", name, hf["gate"])
+        if not (out / f"{name}-hf" / "prune.json").is_file():  # a rerun keeps what it made
+            hf = prune_model(MODEL, out / f"{name}-hf", calibration=calib, spec=spec)
+            log.info("%s: %s", name, hf["gate"])
         onnx = export_model(out / f"{name}-hf", out / f"{name}-onnx", precision="fp32")
         v[name] = optimize_model(onnx, out / name, target="onnxruntime", precision="fp32",
                                  allow_drift=True, check_torch=False)  # fmt: skip

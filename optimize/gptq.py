@@ -92,5 +92,5 @@ def gptq_int4(
 def dequantize(q_kn: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
     """W ≈ q * scale, the DequantizeLinear(axis=0, block_size) the graph computes, float32."""
     k, n = q_kn.shape
-    out = q_kn.reshape(k // block, block, n).astype(np.float32) * scale[:, None, :]
+    out: np.ndarray = q_kn.reshape(k // block, block, n).astype(np.float32) * scale[:, None, :]
     return out.reshape(k, n)

@@ -62,8 +62,10 @@ def test_pruned_folder_exports_and_compress_gate(pruned, calib, tmp_path):
         compress_artifact(onnx, out, method="sparse24", calibration=calib, target="onnxruntime",
                           max_kl=1e-9, sequences=2, length=128)  # fmt: skip
     assert not out.exists()
-    record = compress_artifact(onnx, out, method="sparse24", calibration=calib,
-                               target="onnxruntime", max_kl=10.0, sequences=2, length=128)  # fmt: skip
+    record = compress_artifact(
+        onnx, out, method="sparse24", calibration=calib, target="onnxruntime", max_kl=10.0,
+        sequences=2, length=128,
+    )  # fmt: skip
     assert 0 < record["gate"]["kl"] < 10.0
     assert (out / COMPRESS_FILE).is_file() and (out / "optimize.json").is_file()
 
