@@ -49,28 +49,37 @@ def weight_bytes(onnx_path: Path) -> int:
     )
 
 
-def make_variants(out: Path, calib: Path, export: Path) -> dict[str, Path]:
-    """Every method's onnxruntime-target artifact, by label."""
+def make_variants(out: Path, calib: Path, export: Path, prunes: list[str]) -> dict[str, Path]:
+    """Every method's onnxruntime-target artifact, by label (a rerun keeps finished folders)."""
     from kiln.compress import PruneSpec, prune_model
     from kiln.export import export_model
     from kiln.optimize import optimize_model
     from kiln.optimize.methods import compress_artifact
 
     v: dict[str, Path] = {}
+
+    def made(name: str) -> bool:
+        return (out / name / "optimize.json").is_file()
+
     for p in ("fp32", "int8", "int4"):
         name = {"fp32": "fp32", "int8": "int8-rtn", "int4": "int4-rtn"}[p]
-        v[name] = optimize_model(export, out / name, target="onnxruntime", precision=p,
-                                 allow_drift=True, check_torch=False)  # fmt: skip
-    compress_artifact(export, out / "int4-gptq", method="gptq-int4", calibration=calib,
-                      target="onnxruntime")  # fmt: skip
+        if not made(name):
+            optimize_model(export, out / name, target="onnxruntime", precision=p,
+                           allow_drift=True, check_torch=False)  # fmt: skip
+        v[name] = out / name
+    if not made("int4-gptq"):
+        compress_artifact(export, out / "int4-gptq", method="gptq-int4", calibration=calib,
+                          target="onnxruntime")  # fmt: skip
     v["int4-gptq"] = out / "int4-gptq"
     lo, hi = (weight_bytes(v[n] / "model.onnx") for n in ("int4-rtn", "int8-rtn"))
     budget = round((lo + hi) / 2 / MIB, 2)
-    compress_artifact(export, out / "mixed", method="mixed", calibration=calib,
-                      target="onnxruntime", weight_budget_mib=budget)  # fmt: skip
+    if not made("mixed"):
+        compress_artifact(export, out / "mixed", method="mixed", calibration=calib,
+                          target="onnxruntime", weight_budget_mib=budget)  # fmt: skip
     v[f"mixed@{budget}MiB"] = out / "mixed"
     for m in ("sparse24", "sparse24-calibrated"):
-        compress_artifact(export, out / m, method=m, calibration=calib, target="onnxruntime")
+        if not made(m):
+            compress_artifact(export, out / m, method=m, calibration=calib, target="onnxruntime")
         v[m] = out / m
     specs = {
         "prune-mlp10": PruneSpec(mlp=0.1),
@@ -80,6 +89,11 @@ def make_variants(out: Path, calib: Path, export: Path) -> dict[str, Path]:
         "prune-kv50": PruneSpec(kv_groups=0.5),
     }
     for name, spec in specs.items():
+        if name not in prunes:
+            continue
+        if made(name):
+            v[name] = out / name
+            continue
         if not (out / f"{name}-hf" / "prune.json").is_file():  # a rerun keeps what it made
             hf = prune_model(MODEL, out / f"{name}-hf", calibration=calib, spec=spec)
             log.info("%s: %s", name, hf["gate"])
@@ -110,6 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("out/compress"))
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     ap.add_argument("--repeats", type=int, default=3, help="round-robin timing repeats")
+    ap.add_argument(
+        "--prunes",
+        default="prune-mlp10,prune-mlp20,prune-mlp30,prune-layers25,prune-kv50",
+        help="pruned variants to make (comma-separated)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     from kiln.evaluate import EvalOptions, evaluate_model
@@ -119,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     calib = calibration_text(out)
     export = export_model(MODEL, out / "export-fp32", precision="fp32")
-    variants = make_variants(out, calib, export)
+    variants = make_variants(out, calib, export, args.prunes.split(","))
     rows: dict[str, dict[str, Any]] = {}
     for name, path in variants.items():
         opts = EvalOptions(tokens=args.tokens)
