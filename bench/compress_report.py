@@ -49,7 +49,9 @@ def weight_bytes(onnx_path: Path) -> int:
     )
 
 
-def make_variants(out: Path, calib: Path, export: Path, prunes: list[str]) -> dict[str, Path]:
+def make_variants(
+    model: Path, out: Path, calib: Path, export: Path, prunes: list[str]
+) -> dict[str, Path]:
     """Every method's onnxruntime-target artifact, by label (a rerun keeps finished folders)."""
     from kiln.compress import PruneSpec, prune_model
     from kiln.export import export_model
@@ -95,7 +97,7 @@ def make_variants(out: Path, calib: Path, export: Path, prunes: list[str]) -> di
             v[name] = out / name
             continue
         if not (out / f"{name}-hf" / "prune.json").is_file():  # a rerun keeps what it made
-            hf = prune_model(MODEL, out / f"{name}-hf", calibration=calib, spec=spec)
+            hf = prune_model(model, out / f"{name}-hf", calibration=calib, spec=spec)
             log.info("%s: %s", name, hf["gate"])
         onnx = export_model(out / f"{name}-hf", out / f"{name}-onnx", precision="fp32")
         v[name] = optimize_model(onnx, out / name, target="onnxruntime", precision="fp32",
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     """Make the variants, score them, time them interleaved, write the table and the chart."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("out/compress"))
+    ap.add_argument("--model", type=Path, default=MODEL, help="the eval model folder")
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     ap.add_argument("--repeats", type=int, default=3, help="round-robin timing repeats")
     ap.add_argument(
@@ -137,15 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     calib = calibration_text(out)
-    export = export_model(MODEL, out / "export-fp32", precision="fp32")
-    variants = make_variants(out, calib, export, args.prunes.split(","))
+    export = export_model(args.model, out / "export-fp32", precision="fp32")
+    variants = make_variants(args.model, out, calib, export, args.prunes.split(","))
     rows: dict[str, dict[str, Any]] = {}
     for name, path in variants.items():
         opts = EvalOptions(tokens=args.tokens)
         rep = evaluate_model(
             path,
             reference=export,
-            text=MODEL / "heldout.txt",
+            text=args.model / "heldout.txt",
             out=out / "eval" / name,
             options=opts,
         )
@@ -178,10 +181,11 @@ def write(out: Path, rows: dict[str, dict[str, Any]], load: list[Any], args: Any
 
     fp32 = rows["fp32"]["tps"]
     lines = [
-        f"eval model {MODEL}, held-out tokens {args.tokens}, reference: fp32 export; onnxruntime "
-        f"target; decode tok/s median of {args.repeats} round-robin repeats, 2 threads; load "
-        f"average before {load[0][0]:.1f}, after {load[-1][0]:.1f} (2 cores, shared). 2:4 "
-        "weights are stored dense here: no CPU kernel runs them faster; GPU speed not measured.",
+        f"eval model {args.model}, held-out tokens {args.tokens}, reference: fp32 export; "
+        f"onnxruntime target; decode tok/s median of {args.repeats} round-robin repeats, 2 "
+        f"threads; load average before {load[0][0]:.1f}, after {load[-1][0]:.1f} (2 cores, "
+        "shared). 2:4 weights are stored dense here: no CPU kernel runs them faster; "
+        "GPU speed not measured.",
         "",
         "| method | weight MiB | ppl | mean KL | top-1 | greedy@64 | tok/s b1 | tok/s b4 |",
         "|---|---|---|---|---|---|---|---|",
