@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,13 @@ _DTYPES = {
 }
 
 
+# TensorRT's 2:4 lines: "(Sparsity) Layers eligible for sparse math: ...", "... picked sparse
+# implementation for layers: ..." (not file names that merely contain "sparse").
+_SPARSITY = re.compile(
+    r"\(sparsity\)|eligible for sparse|sparse (math|implementation|tactic)", re.I
+)
+
+
 def _capturing_logger(trt: Any) -> Any:
     """A TensorRT logger that forwards to `logging` and keeps errors for the failure message."""
 
@@ -179,7 +187,7 @@ def _capturing_logger(trt: Any) -> Any:
             self.sparsity: list[str] = []  # 2:4 eligibility lines, for engine.json
 
         def log(self, severity: Any, msg: str) -> None:
-            if "sparse" in msg.lower() or "sparsity" in msg.lower():
+            if _SPARSITY.search(msg):
                 self.sparsity.append(msg)
             if severity <= trt.ILogger.Severity.ERROR:
                 self.errors.append(msg)

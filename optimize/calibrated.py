@@ -58,13 +58,10 @@ def calibrated_int4(
         def rounding(item: Any, w_kn: np.ndarray, b: int, h: dict[str, np.ndarray] = h) -> Any:
             return gptq_int4(w_kn, h[item.x.name], block=b)
 
-        counts, n = quantize_weights(
-            model,
-            bits=4,
-            block=block,
-            rounding=rounding,
-            only=lambda m, names=names: m.x.name in names and (only is None or m.w.name in only),
-        )
+        def chosen(m: Any, names: set[str | None] = names) -> bool:
+            return m.x.name in names and (only is None or m.w.name in only)
+
+        counts, n = quantize_weights(model, bits=4, block=block, rounding=rounding, only=chosen)
         for key, v in counts.items():
             totals[key] += v
         notes += n

@@ -57,6 +57,15 @@ def test_sparse_engine_records_the_flag_and_the_log(exported, tmp_path):
     m = read_engine(build_engine(onnx, sparse, tmp_path / "engine"))
     record = m.build["sparse_weights"]
     assert record["flag"] is True and record["speed"] == "not measured"
-    assert isinstance(record["log"], list)
+    # Only TensorRT's sparsity lines, never others that merely name the (sparse) input file.
+    assert all("sparse/model.onnx" not in line for line in record["log"])
     dense = read_engine(build_engine(onnx, gpu, tmp_path / "dense"))
     assert dense.build["sparse_weights"] == {"flag": False, "log": [], "speed": "not measured"}
+
+
+def test_sparsity_lines_are_told_from_file_names():
+    from kiln.engine.builder import _SPARSITY
+
+    assert _SPARSITY.search("(Sparsity) Layers eligible for sparse math: gate_proj, up_proj")
+    assert _SPARSITY.search("TRT inference plan picked sparse implementation for layers: x")
+    assert not _SPARSITY.search("Input filename:   /tmp/run/sparse/model.onnx")
