@@ -209,10 +209,3 @@ class MixedMatMulNBitsPass(MixedPrecisionPass):
         to_matmul_nbits(model)
         counts = {**result.counts, **count_delta(before, op_counts(model))}
         return Result(model, changed=True, counts=counts, notes=result.notes)
-
-
-def weight_bytes(model: ir.Model) -> int:
-    """Bytes of every initializer (what the graph stores as weights)."""
-    return int(
-        sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
-    )
