@@ -9,7 +9,7 @@ NAME    ?= $(notdir $(MODEL))
 OUT     ?= out/$(NAME)
 STAMP   := $(VENV)/.kiln-setup
 
-.PHONY: help setup export optimize engines tune bench-engine generate bench bench-deps gpu-check demo test lint typecheck fmt tiny-model eval-model clean
+.PHONY: help setup export optimize engines tune compress-report bench-engine generate bench bench-deps gpu-check demo test lint typecheck fmt tiny-model eval-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -53,6 +53,9 @@ TUNE_MODEL ?= models/eval-llama
 TUNE_TARGETS ?= cpu rtx-ampere-ada-fp16 rtx-ada-fp8
 tune: $(STAMP)  ## pick the recipe per target under a quality budget: out/tune/<model>/<target>/{tune.json,recipe.toml,report.md,pareto.png} (TUNE_TARGETS="cpu l4-fp16" TUNE_FLAGS="--budget max_kl_mean=1e-3")
 	@for t in $(TUNE_TARGETS); do $(KILN) tune $(TUNE_MODEL) --target $$t $(TUNE_FLAGS) || exit 1; done
+
+compress-report: $(STAMP)  ## every compression method on the eval model: table (out/compress/report.md) and size-vs-KL chart
+	$(PY) -m bench.compress_report --out out/compress
 
 bench-engine: $(STAMP)  ## GPT-2-small-shaped engine build, kiln vs bare polygraphy convert: overhead ratio, peak memory, size
 	$(PY) -m bench.engine_build --out out/bench-engine
@@ -135,7 +138,7 @@ TYPECHECK := build/typecheck
 typecheck: $(STAMP)  ## mypy --strict over kiln/ and the stage folders, as the installed package
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/kiln
 	@for f in kiln/*; do ln -s $(CURDIR)/$$f $(TYPECHECK)/kiln/; done
-	@for s in export optimize engine runtime models evaluate tune; do ln -s $(CURDIR)/$$s $(TYPECHECK)/kiln/$$s; done
+	@for s in export optimize engine runtime models evaluate tune compress; do ln -s $(CURDIR)/$$s $(TYPECHECK)/kiln/$$s; done
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache kiln
 
 fmt: $(STAMP)  ## ruff format and autofix

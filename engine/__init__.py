@@ -205,6 +205,11 @@ def _build_plan(
             "network_layers": layers,
             "layer_types": types,
             "host": platform.node(),
+            "sparse_weights": {
+                "flag": gpu.builder.sparse_weights,
+                "log": backend.logger.sparsity if gpu.builder.sparse_weights else [],
+                "speed": "not measured",
+            },
         },
     }
 

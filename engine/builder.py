@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,8 @@ class Backend:
             cfg.set_memory_pool_limit(
                 t.MemoryPoolType.TACTIC_SHARED_MEMORY, settings.tactic_shared_memory_mib * _MIB
             )
+        if settings.sparse_weights:
+            cfg.set_flag(t.BuilderFlag.SPARSE_WEIGHTS)
         for ranges in shapes:
             p = net.builder.create_optimization_profile()
             for name, (lo, opt, hi) in ranges.items():
@@ -166,6 +169,13 @@ _DTYPES = {
 }
 
 
+# TensorRT's 2:4 lines: "(Sparsity) Layers eligible for sparse math: ...", "... picked sparse
+# implementation for layers: ..." (not file names that merely contain "sparse").
+_SPARSITY = re.compile(
+    r"\(sparsity\)|eligible for sparse|sparse (math|implementation|tactic)", re.I
+)
+
+
 def _capturing_logger(trt: Any) -> Any:
     """A TensorRT logger that forwards to `logging` and keeps errors for the failure message."""
 
@@ -174,8 +184,11 @@ def _capturing_logger(trt: Any) -> Any:
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.sparsity: list[str] = []  # 2:4 eligibility lines, for engine.json
 
         def log(self, severity: Any, msg: str) -> None:
+            if _SPARSITY.search(msg):
+                self.sparsity.append(msg)
             if severity <= trt.ILogger.Severity.ERROR:
                 self.errors.append(msg)
                 log.debug("tensorrt: %s", msg)

@@ -32,7 +32,12 @@ _TOP_KEYS = {"name", "description", "backend", "compute_capabilities", "precisio
 # The GPU's memory bandwidth and where the figure comes from: `kiln tune`'s decode cost model
 # reads it; it does not change the engine, so it stays out of to_dict() (the cache key).
 _HARDWARE_KEYS = {"memory_bandwidth_gbs", "memory_bandwidth_source"}
-_BUILDER_KEYS = {"optimization_level", "workspace_mib", "tactic_shared_memory_mib"}
+_BUILDER_KEYS = {
+    "optimization_level",
+    "workspace_mib",
+    "tactic_shared_memory_mib",
+    "sparse_weights",
+}
 _SHAPE_KEYS = {
     "max_batch",
     "opt_batch",
@@ -78,6 +83,9 @@ class BuilderSettings:
     optimization_level: int = 3
     workspace_mib: int | None = None
     tactic_shared_memory_mib: int | None = None
+    # BuilderFlag.SPARSE_WEIGHTS: let TensorRT pick 2:4 sparse kernels for weights that are
+    # 2:4 along K (optimize/sparsity.py makes them); Ampere+ only, speed-up not measured here.
+    sparse_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,7 @@ def _profile_from_dict(data: dict[str, Any], path: Path) -> GpuProfile:
         tactic_shared_memory_mib=where.int(
             raw_builder, "tactic_shared_memory_mib", "builder", 1, None, None
         ),
+        sparse_weights=_bool(where, raw_builder, "sparse_weights", "builder"),
     )
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name:
@@ -186,6 +195,13 @@ def _bandwidth(where: _Where, data: dict[str, Any]) -> float | None:
             "", "memory_bandwidth_source", None, "missing; say where the figure is from"
         )
     return float(value)
+
+
+def _bool(where: _Where, raw: dict[str, Any], key: str, table: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise where.error(table, key, value, "must be true or false")
+    return value
 
 
 def _check_targets(where: _Where, backend: str, ccs: tuple[str, ...], precision: str) -> None:

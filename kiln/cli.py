@@ -28,6 +28,8 @@ COMMANDS = (
     "kiln.commands.serve",
     "kiln.commands.eval",
     "kiln.commands.tune",
+    "kiln.commands.compress",
+    "kiln.commands.prune",
 )
 
 

@@ -45,3 +45,7 @@ class RequestError(KilnError):
         self.status = status
         self.param = param
         self.code = code
+
+
+class QualityBudgetError(KilnError):
+    """A compressed model costs more quality (KL against the original) than its budget allows."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,15 @@ def optimize_model(
     allow_drift: bool = False,
     force: bool = False,
     check_torch: bool = True,
+    pass_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Optimize the export artifact `src_artifact_dir` into `out_dir`; return `out_dir`.
 
     `passes` replaces the default pass list (`default_passes`); `skip` removes names from it.
     `tied_embedding="onehot"` adds the opt-in pass that lets TensorRT store a tied table once.
     Unchanged inputs (export hash, options, tool versions, code) reuse an existing artifact.
+    `pass_config` is added to export.json's config for the passes that read options from it
+    (calibration, weight budget: kiln/commands/compress.py).
     """
     from kiln.optimize.parity import check_against_reference
 
@@ -66,6 +70,7 @@ def optimize_model(
         "precision": precision,
         "passes": names,
         "check_torch": check_torch,
+        **({"pass_config": dict(pass_config)} if pass_config else {}),
     }
     versions = tool_versions(*_VERSIONED)
     export_sha = sha256_file(src / ExportManifest.FILE)
@@ -75,7 +80,7 @@ def optimize_model(
             return out
         t0 = time.perf_counter()
         log.info("optimize %s -> %s [%s, %s]: %d passes", src, out, target, precision, len(names))
-        model, records = _run_passes(src, export, names, precision, allow_drift)
+        model, records = _run_passes(src, export, names, precision, allow_drift, pass_config or {})
         onnx_path = stage.dir / MODEL_FILE
         _save(model, onnx_path)
         parity = check_against_reference(
@@ -93,7 +98,12 @@ def optimize_model(
 
 
 def _run_passes(
-    src: Path, export: ExportManifest, names: list[str], precision: str, allow_drift: bool
+    src: Path,
+    export: ExportManifest,
+    names: list[str],
+    precision: str,
+    allow_drift: bool,
+    pass_config: Mapping[str, Any],
 ) -> tuple[Any, list[StepRecord]]:
     """The export's graph after the passes, and each pass's record (counts, time, drift)."""
     import onnx_ir as ir
@@ -102,7 +112,10 @@ def _run_passes(
 
     model = ir.load(src / MODEL_FILE)
     steps = build_passes(
-        names, precision=precision, source_precision=export.precision, config=export.config
+        names,
+        precision=precision,
+        source_precision=export.precision,
+        config={**export.config, **pass_config},
     )
     probe = _probe(export, precision)
     return run_steps(steps, model, probe=probe, tolerances=TOL, allow_drift=allow_drift)

@@ -23,6 +23,9 @@ _PASS_MODULES = (
     "kiln.optimize.fusions",
     "kiln.optimize.precision",
     "kiln.optimize.ort",
+    "kiln.optimize.calibrated",
+    "kiln.optimize.sparsity",
+    "kiln.optimize.mixed",
 )
 
 
@@ -74,6 +77,8 @@ def build_passes(
     """
     casts = {p.cast: p.activations for p in PRECISIONS.values() if p.cast}
     quantizers = {q for p in PRECISIONS.values() for q in (p.quantizer, p.ort_quantizer) if q}
+    # opt-in quantizers outside the records (optimize/calibrated.py, mixed.py) say so themselves
+    quantizers |= {n for n, c in PASSES.items() if getattr(c, "quantizes", False)}
     current = source_precision
     steps = []
     for name in names:

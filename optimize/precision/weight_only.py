@@ -9,6 +9,7 @@ into a weight-only GEMM; ONNX Runtime CPU runs it as written, which is how drift
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -68,8 +69,23 @@ def quantize_block(w_kn: np.ndarray, bits: int, block: int) -> tuple[np.ndarray,
     return q.reshape(k, n), scale
 
 
-def quantize_weights(model: ir.Model, *, bits: int, block: int) -> tuple[dict[str, int], list[str]]:
-    """Replace each constant MatMul weight by DequantizeLinear; return counts and notes."""
+# How a weight is rounded: (its MatMul, W[K, N] float32, block) -> (q[K, N], scale[K/block, N]).
+Rounding = Callable[[_Weighted, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def quantize_weights(
+    model: ir.Model,
+    *,
+    bits: int,
+    block: int,
+    rounding: Rounding | None = None,
+    only: Callable[[_Weighted], bool] | None = None,
+) -> tuple[dict[str, int], list[str]]:
+    """Replace each constant MatMul weight by DequantizeLinear; return counts and notes.
+
+    `rounding` replaces round-to-nearest (calibrated passes, optimize/calibrated.py); `only`
+    limits the call to some MatMuls (those whose inputs were just calibrated).
+    """
     import ml_dtypes
 
     graph = model.graph
@@ -77,7 +93,10 @@ def quantize_weights(model: ir.Model, *, bits: int, block: int) -> tuple[dict[st
     counts = {"weights": 0, "skipped": 0, "bytes_before": 0, "bytes_after": 0}
     notes: list[str] = []
     done: dict[ir.Value, ir.Value] = {}
-    for node, _, w, data in _weights(graph):
+    for item in _weights(graph):
+        node, _, w, data = item
+        if only is not None and not only(item):
+            continue
         if w not in done:
             k, n = data.shape.numpy()
             b = pick_block(k, block)
@@ -85,7 +104,10 @@ def quantize_weights(model: ir.Model, *, bits: int, block: int) -> tuple[dict[st
                 counts["skipped"] += 1
                 notes.append(f"{w.name} [{k},{n}]: K not divisible by 32; left unquantized")
                 continue
-            q, scale = quantize_block(data.numpy(), bits, b)
+            if rounding is None:
+                q, scale = quantize_block(data.numpy(), bits, b)
+            else:
+                q, scale = rounding(item, data.numpy().astype(np.float32), b)
             np_scale: dict[ir.DataType, DTypeLike] = {
                 ir.DataType.FLOAT16: np.float16,
                 ir.DataType.BFLOAT16: ml_dtypes.bfloat16,

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+import numpy as np
+
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.decode import Event, Sequence, SlotTable, choose_all, follow
 from kiln.runtime.prefix_cache import PrefixCache

@@ -15,7 +15,7 @@ from kiln.precisions import PRECISIONS, names_for
 
 def test_every_pass_is_registered_under_its_class_name():
     assert all(cls.name == name and issubclass(cls, GraphPass) for name, cls in PASSES.items())
-    assert len(PASSES) == 26
+    assert len(PASSES) == 32  # 26 + calibrated int4, 2:4 sparsity, mixed (two targets each)
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
