@@ -35,13 +35,13 @@ class EngineSpec:
 
     artifact: str
     slots: int = 8
-    prefill_chunk: int = 64
+    prefill_chunk: int = 0  # 0: the budget from prefill_stall_s (kiln serve's defaults)
     model_name: str | None = None
     backend: str = "auto"
     device: str = "auto"
     threads: int = 0
     spin: bool = False
-    prefill_stall_s: float | None = None  # runtime/server/scheduler.py prefill_budget
+    prefill_stall_s: float | None = 0.2  # runtime/server/scheduler.py prefill_budget
     queue: int = 2  # jobs the scheduler may hold beyond its slots (Serve queues the rest)
 
 
