@@ -142,7 +142,8 @@ class ParityReport:
         """Figures for a manifest: worst logit and KV errors, agreement, the tolerance.
 
         Against float64, `*_max_abs` is the graph's error against it and `torch_fp32_*` PyTorch
-        fp32's own; `worst_budget_ratio` is max over outputs of max|Δ| / allowed (<= 1 passes).
+        fp32's own, `noise_capped` how many outputs had PyTorch's error capped (Tol.noise_cap);
+        `worst_budget_ratio` is max over outputs of max|Δ| / allowed (<= 1 passes).
         """
         logits = [d for d in self.diffs if "logits" in d.name]
         kv = [d for d in self.diffs if "logits" not in d.name]
@@ -159,6 +160,7 @@ class ParityReport:
                 (d.torch_max_abs or 0.0 for d in logits), default=0.0
             )
             out["torch_fp32_kv_max_abs"] = max((d.torch_max_abs or 0.0 for d in kv), default=0.0)
+            out["noise_capped"] = sum(d.noise_capped for d in self.diffs)
         ratios = [d.max_abs / d.allowed for d in self.diffs if d.allowed > 0]
         out["worst_budget_ratio"] = max(ratios, default=0.0)
         out["greedy_agreement"] = self.agreement

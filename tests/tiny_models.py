@@ -69,7 +69,7 @@ TINY_CONFIGS: dict[str, Callable[[], Any]] = {
 }
 
 
-# Real-scale shapes (tests/export/test_real_scale.py): the layer count, widths and vocabulary of
+# Real-scale shapes (tests/real_scale/): the layer count, widths and vocabulary of
 # two published checkpoints, with seeded random weights. initializer_range sets the logit spread:
 # at transformers' default 0.02 the logits of a deep random model are near zero (max |logit| < 1)
 # and any fp32 check passes; at 0.1 max |logit| is 12 (SmolLM shape) and 16 (Qwen shape) on random
