@@ -26,7 +26,10 @@ from kiln.optimize import optimize_model
 # leaves them out, `make test-real-scale` runs only them.
 pytestmark = [pytest.mark.slow, pytest.mark.real_scale]
 
-EXPORTS = [(n, kv) for n in ("smollm-135m", "qwen2.5-0.5b") for kv in ("concat", "static")]
+# The Qwen shape (494M parameters: ~9 GB at its export's peak, the float64 reference included)
+# exports in the concat layout only: the static layout's slots are checked on the SmolLM shape,
+# and a second Qwen export would add ~9 minutes to CI for no new code path.
+EXPORTS = [("smollm-135m", "concat"), ("smollm-135m", "static"), ("qwen2.5-0.5b", "concat")]
 OPTIMIZE = [(kv, t) for kv in ("concat", "static") for t in ("onnxruntime", "tensorrt")]
 
 
