@@ -139,7 +139,9 @@ def test_longrope_needs_the_in_graph_switch(tiny_model_dir, tmp_path, monkeypatc
 
     tracing = importlib.import_module("kiln.export.onnx_from_hf")  # the module, not the function
     monkeypatch.setattr(tracing, "sequence_dependent_rope_in_graph", lambda m: nullcontext(0))
-    with pytest.raises(ParityError, match=r"drifted past the fp32 tolerance.*\n  worst: .*step 0"):
+    with pytest.raises(
+        ParityError, match=r"drifted past the fp32 tolerance.*\n  worst: .*slot \d+ S\d+ at"
+    ):
         export_model(tiny_model_dir("phi3-longrope"), tmp_path / "out", kv="static", max_context=64)
 
 
