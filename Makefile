@@ -9,7 +9,7 @@ NAME    ?= $(notdir $(MODEL))
 OUT     ?= out/$(NAME)
 STAMP   := $(VENV)/.kiln-setup
 
-.PHONY: help setup export optimize engines tune compress-report bench-engine generate bench bench-deps gpu-check demo test lint typecheck fmt tiny-model eval-model clean
+.PHONY: help setup export optimize engines tune compress-report bench-engine generate bench bench-deps gpu-check demo test test-quick test-real-scale lint typecheck fmt tiny-model eval-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -127,7 +127,13 @@ demo: $(STAMP)  ## the whole pipeline on the bundled model: export, then generat
 	$(KILN) demo --out out/demo
 
 test: $(STAMP)  ## the test suite (CPU only; GPU tests skip with a reason)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+test-quick: $(STAMP)  ## the suite without the real-scale models (tests/real_scale/, the long part of make test)
+	$(PY) -m pytest -q -m "not real_scale"
+
+test-real-scale: $(STAMP)  ## only the SmolLM-135M- and Qwen2.5-0.5B-shaped export/optimize tests (make test runs them too)
+	$(PY) -m pytest -q --durations=0 tests/real_scale
 
 lint: $(STAMP) typecheck  ## ruff check, format check and mypy --strict
 	$(VENV)/bin/ruff check .

@@ -22,11 +22,32 @@ from kiln.errors import ConfigError
 
 @dataclass(frozen=True)
 class Tol:
-    """Allowed drift: |got - ref| <= atol + rtol * |ref| elementwise, and greedy agreement."""
+    """Allowed drift of one output (logits of a call, or one layer's K or V) and greedy agreement.
+
+    Against a reference of the same type (a reduced precision against fp32, one graph against
+    another): |got - ref| <= atol + scale * max|ref| + rtol * |ref| elementwise; `scale` ties the
+    budget to the output's own magnitude (the logit scale), which grows with depth and init.
+
+    Against float64 (`noise` set: fp32 graphs checked against PyTorch, export/check.py), per
+    output: max|got - f64| <= noise * min(max|torch fp32 - f64|, noise_cap * max|f64|) + floor.
+    The graph may round at most `noise` times as badly as PyTorch fp32 does on the same inputs,
+    plus a tiny absolute floor for outputs PyTorch computes (almost) exactly. PyTorch fp32's own
+    error counts only up to `noise_cap` of the output's magnitude, what fp32 rounding can
+    explain: a PyTorch reference that is further off float64 is itself wrong (a module changed
+    by tracing) and must not widen the budget.
+    """
 
     atol: float
     rtol: float
     agree: float = 1.0  # fraction of positions whose argmax must match the reference
+    scale: float = 0.0  # budget per unit of max|ref| of the output
+    noise: float | None = None  # factor over PyTorch fp32's own error against float64
+    floor: float = 0.0  # absolute floor of the float64 check
+    noise_cap: float = 0.0  # most of PyTorch fp32's error that counts, per unit of max|f64|
+
+    def budget(self, ref_max_abs: float) -> float:
+        """The elementwise absolute budget (before rtol) of an output whose max|ref| is given."""
+        return self.atol + self.scale * ref_max_abs
 
 
 # numpy-style name of each float type activations can carry (as engine/builder.py names
@@ -110,12 +131,24 @@ class Precision:
         return " or ".join(ways)
 
 
-# Tolerances: calibrated on the bundled model and tiny random models of every family
-# (optimize/NOTES.md has the per-model figures); fp32: max abs logit error <= 1e-4 against PyTorch.
+# Tolerances: calibrated on the bundled model, tiny random models of every family (max |logit|
+# ~0.6) and the real-scale shapes of tests/tiny_models.py (max |logit| 12 and 16); optimize/NOTES.md
+# has the tiny and bundled models' figures, the real-scale ones are stated below.
+# fp32 against PyTorch is judged against a float64 forward (export/check.py; export/README.md has
+# the rule and the table): per output, the graph's max error may be 8x PyTorch fp32's own plus
+# 1e-6, PyTorch's counted up to 1e-4 of the output's max|f64|. Measured graph/PyTorch error
+# ratios: median 1.2-1.6, worst 2.9 (tiny Llama, static slots) and 3.0 (SmolLM-135M shape,
+# concat; logits 2.25e-4 vs PyTorch's 1.68e-4): 8 leaves 2.7x for other CPUs' kernels. PyTorch
+# fp32's own error is at most 1.4e-5 of max|logit| (SmolLM shape) and ~4e-7 (tiny): the cap
+# leaves 7x over the first; a traced longrope module's wrong reference was 2% off. One RMSNorm
+# gain 1% off moves the logits by 2.7e-4 (tiny) and 7e-4 to 0.16 (SmolLM shape, first to last
+# layer) and K/V by >= 1.8e-3 in the layers after it: >= 1.8x past the budget. fp32 graph
+# against graph (a pass's drift, kiln/steps.py): 1e-4 + 1e-5 of max|ref|; fusing the
+# SmolLM-135M shape's norms drifts its logits by 8.2e-5 (max |logit| 12).
 FP32 = Precision(
     "fp32",
     activations="fp32",
-    tol=Tol(atol=1e-4, rtol=0.0),
+    tol=Tol(atol=1e-4, rtol=0.0, scale=1e-5, noise=8.0, floor=1e-6, noise_cap=1e-4),
     min_compute_capability=7.5,
     exported=True,
     onnxruntime=True,
@@ -123,19 +156,24 @@ FP32 = Precision(
 FP16 = Precision(
     "fp16",
     activations="fp16",
-    tol=Tol(atol=2e-2, rtol=1e-2, agree=0.99),
+    # + 2.5% of max|ref|: PyTorch in fp16 is off its fp32 by 5e-4 on a tiny Llama (max |logit|
+    # 0.6) and 0.29 on the SmolLM-135M shape (2.4% of max |logit| 12).
+    tol=Tol(atol=2e-2, rtol=1e-2, agree=0.99, scale=2.5e-2),
     min_compute_capability=7.5,
     exported=True,
 )
 BF16 = Precision(
     "bf16",
     activations="bf16",
-    tol=Tol(atol=1e-1, rtol=5e-2, agree=0.95),
+    # + 15% of max|ref|: bf16 PyTorch is off fp32 by 3.7e-3 (tiny) and 1.7 (SmolLM shape, 14%).
+    tol=Tol(atol=1e-1, rtol=5e-2, agree=0.95, scale=1.5e-1),
     min_compute_capability=8.0,  # bf16 from Ampere
 )
 # Weight-only / FP8 graphs (kiln optimize), judged against the fp32 export and PyTorch. Floors
 # calibrated on random-weight tiny models, whose near-tied logits flip easily; the bundled model
-# keeps 100% (per-model figures: optimize/NOTES.md). A broken scale gives ~0.
+# keeps 100% (per-model figures: optimize/NOTES.md). A broken scale gives ~0. Their absolute
+# budgets (>= 0.25) are already >= 2% of a real-scale logit range and are not scaled (no
+# real-scale quantized figures yet).
 INT8 = Precision(
     "int8",
     activations="fp16",  # onnxruntime target: fp32 activations (MatMulNBits over fp32)

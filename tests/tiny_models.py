@@ -69,6 +69,46 @@ TINY_CONFIGS: dict[str, Callable[[], Any]] = {
 }
 
 
+# Real-scale shapes (tests/real_scale/): the layer count, widths and vocabulary of
+# two published checkpoints, with seeded random weights. initializer_range sets the logit spread:
+# at transformers' default 0.02 the logits of a deep random model are near zero (max |logit| < 1)
+# and any fp32 check passes; at 0.1 max |logit| is 12 (SmolLM shape) and 16 (Qwen shape) on random
+# prompts, logit std 2.4 and 3.0: the spread of a trained model.
+REAL_SCALE_CONFIGS: dict[str, Callable[[], Any]] = {
+    "smollm-135m": lambda: T.LlamaConfig(  # HuggingFaceTB/SmolLM-135M
+        num_hidden_layers=30,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "qwen2.5-0.5b": lambda: T.Qwen2Config(  # Qwen/Qwen2.5-0.5B
+        num_hidden_layers=24,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        initializer_range=0.1,
+        bos_token_id=151643,
+        eos_token_id=151643,
+    ),
+}
+
+
 # Slot length of static-layout exports in tests: within the tiny GPT-2's 256 positions, and
 # room for the bundled model's whole text (337 tokens) in its 512.
 STATIC_MAX_CONTEXT = {"zen": 384}
@@ -76,8 +116,29 @@ STATIC_MAX_CONTEXT_TINY = 256
 
 
 def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
-    """Build the named tiny model with seeded random weights and save_pretrained it to `folder`."""
+    """Build the named tiny (or real-scale) model with seeded random weights; save_pretrained it."""
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS[name]())
+    config = {**TINY_CONFIGS, **REAL_SCALE_CONFIGS}[name]()
+    model = T.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     return folder
+
+
+def perturb_norm_gain(proto: Any, consumer: int, *, index: int = 3, factor: float = 1.01) -> str:
+    """Scale one element of the RMSNorm gain seen by one norm of an exported graph, in place.
+
+    Every norm's gain starts as ones, so the exporter stores one initializer shared by all of
+    them; the `consumer`-th node reading it (graph order: layer 0 input norm, layer 0
+    post-attention norm, layer 1 ...) gets a private, perturbed copy. Returns the node's name.
+    """
+    import onnx
+
+    shared = "model.model.layers.0.input_layernorm.weight"
+    init = next(t for t in proto.graph.initializer if t.name == shared)
+    node = [n for n in proto.graph.node if shared in n.input][consumer]
+    w = onnx.numpy_helper.to_array(init).copy()
+    w[index] *= factor
+    name = f"{shared}.perturbed"
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, name))
+    node.input[list(node.input).index(shared)] = name
+    return str(node.name)

@@ -222,35 +222,10 @@ class ConcatGqaRule(_SharedValuesRule):
         **_: Any,
     ) -> tuple[ir.Value, ir.Value, ir.Value]:
         """GroupQueryAttention over the same past; the padding mask as attention_bias."""
-        heads = _heads(q, past_k)
-        assert not isinstance(heads, str), heads  # check() refused the match otherwise
-        h, hkv = heads
         shared = self._mask(op, self._model)
-        out, pk, pv = op.GroupQueryAttention(
-            _bsd(op, q),
-            _bsd(op, k),
-            _bsd(op, v),
-            past_k,
-            past_v,
-            shared["seqlens_k"],
-            shared["total"],
-            None,
-            None,
-            None,
-            shared["bias"],
-            None,
-            None,
-            None,
-            None,
-            None,
-            shared["query_seqlens"],
-            num_heads=h,
-            kv_num_heads=hkv,
-            scale=float(_ir_utils.get_singleton_value(scale)),
-            _domain=_MS,
-            _outputs=3,
-        )
-        return _to_shape(op, out, out_shape, attn_out, q), pk, pv
+        scale_value = float(_ir_utils.get_singleton_value(scale))
+        qkv_past = (q, k, v, past_k, past_v)
+        return _group_query_attention(op, qkv_past, shared, scale_value, (out_shape, attn_out))
 
 
 class StaticGqaRule(_SharedValuesRule):
@@ -327,9 +302,6 @@ class StaticGqaRule(_SharedValuesRule):
         **_: Any,
     ) -> tuple[ir.Value, ir.Value, ir.Value]:
         """GroupQueryAttention over the shared buffer, seqlens_k = write_index + S - 1."""
-        heads = _heads(q, past_k)
-        assert not isinstance(heads, str), heads  # check() refused the match otherwise
-        h, hkv = heads
         if not self._shared:
             ids = next(v for v in self._model.graph.inputs if v.name == "input_ids")
             seq = op.Shape(ids, start=1, end=2)
@@ -343,29 +315,51 @@ class StaticGqaRule(_SharedValuesRule):
                 "query_seqlens": op.Cast(op.Expand(seq, batch), to=ir.DataType.INT32),
             }
         scale = _attention_node(att).attributes.get_float("scale", None)
-        extra = {"scale": scale} if scale else {}
-        out, pk, pv = op.GroupQueryAttention(
-            _bsd(op, q),
-            _bsd(op, k),
-            _bsd(op, v),
-            past_k,
-            past_v,
-            self._shared["seqlens_k"],
-            self._shared["total"],
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            self._shared["query_seqlens"],
-            num_heads=h,
-            kv_num_heads=hkv,
-            _domain=_MS,
-            _outputs=3,
-            **extra,
-        )
-        return _to_shape(op, out, out_shape, attn_out, q), pk, pv
+        qkv_past = (q, k, v, past_k, past_v)
+        return _group_query_attention(op, qkv_past, self._shared, scale, (out_shape, attn_out))
+
+
+def _group_query_attention(
+    op: TapeBuilder,
+    qkv_past: tuple[ir.Value, ir.Value, ir.Value, ir.Value, ir.Value],
+    shared: dict[str, ir.Value],
+    scale: float | None,
+    reshape: tuple[ir.Value, ir.Value],
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """The GroupQueryAttention of both layouts: its output (shaped as matched) and K/V.
+
+    `qkv_past` is (q, k, v, past_k, past_v) as matched; `shared` holds the per-model seqlens_k,
+    total and query_seqlens, and `bias` (attention_bias) where the layout masks padding;
+    `scale` None keeps GQA's default 1/sqrt(D); `reshape` is (out_shape, attn_out) of the
+    matched final Reshape.
+    """
+    q, k, v, past_k, past_v = qkv_past
+    heads = _heads(q, past_k)
+    assert not isinstance(heads, str), heads  # check() refused the match otherwise
+    h, hkv = heads
+    extra = {"scale": scale} if scale else {}
+    out, pk, pv = op.GroupQueryAttention(
+        _bsd(op, q),
+        _bsd(op, k),
+        _bsd(op, v),
+        past_k,
+        past_v,
+        shared["seqlens_k"],
+        shared["total"],
+        None,
+        None,
+        None,
+        shared.get("bias"),
+        None,
+        None,
+        None,
+        None,
+        None,
+        shared["query_seqlens"],
+        num_heads=h,
+        kv_num_heads=hkv,
+        _domain=_MS,
+        _outputs=3,
+        **extra,
+    )
+    return _to_shape(op, out, reshape[0], reshape[1], q), pk, pv

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-from tiny_models import TINY_CONFIGS
+from tiny_models import TINY_CONFIGS, perturb_norm_gain
 
 from kiln.errors import ParityError
 from kiln.export.check import CheckPoint, Trajectories, check_parity
 from kiln.export.source import describe_source, load_model
 from kiln.graph_io import ort_session
 from kiln.layouts import CONCAT
-from kiln.parity import TOL
+from kiln.parity import TOL, ParityReport, compare_to_float64
 
 # Shapes the export's own check does not use: batch 4 ragged, a run of single-token decodes,
 # and a 5-token chunk over a past.
@@ -31,6 +31,9 @@ def test_export_matches_pytorch(name, exported, tiny_model_dir):
     parity = manifest["parity"]
     assert parity["ok"] and not parity["allowed_drift"]
     assert parity["logits_max_abs"] <= TOL["fp32"].atol
+    assert parity["reference"] == "PyTorch float64"
+    assert parity["worst_budget_ratio"] <= 1.0
+    assert 0 < parity["torch_fp32_logits_max_abs"] < 1e-5  # tiny scale: a few float32 ulps
     assert parity["greedy_agreement"] == 1.0
     assert {(s["past"] == 0, s["seq"] == 1) for s in parity["steps"]} >= {
         (True, False),
@@ -101,8 +104,34 @@ def test_parity_check_catches_a_perturbed_weight(exported, tiny_model_dir, tmp_p
         report.raise_if_failed("perturbed graph")
 
 
+@pytest.mark.parametrize("consumer", [0, 3])
+def test_parity_check_catches_a_1pct_norm_gain(exported, tiny_model_dir, tmp_path, consumer):
+    """Negative control, tiny scale: one element of one RMSNorm gain * 1.01 (layer 0 or 1)."""
+    proto = onnx.load(str(exported("llama") / "model.onnx"))
+    perturb_norm_gain(proto, consumer)
+    onnx.save(proto, str(tmp_path / "perturbed.onnx"))
+
+    src = describe_source(tiny_model_dir("llama"))
+    model = load_model(src.path)
+    report, _ = check_parity(tmp_path / "perturbed.onnx", model, src.family.shape(model.config))
+    summary = report.summary()
+    assert not report.ok and summary["reference"] == "PyTorch float64"
+    assert summary["worst_budget_ratio"] > 10  # far past the budget, not at its edge
+    with pytest.raises(
+        ParityError, match=r"(?s)8x PyTorch fp32's error against float64.*would have passed"
+    ):
+        report.raise_if_failed("perturbed graph")
+
+
 def test_longrope_needs_the_in_graph_switch(tiny_model_dir, tmp_path, monkeypatch):
-    """Negative control: without the export patch the longrope graph drifts past 8 positions."""
+    """Negative control: without the export patch a static slot gets another slot's RoPE factors.
+
+    transformers' own longrope update traces (a torch.where on the batch-wide length), so a
+    concat graph exported without export/patches.py matches PyTorch on the concat plan, whose
+    reference runs the same batch. In static slots each sequence runs alone: at the first step
+    slot 2 is 9 tokens long (past original_max_position_embeddings 8), so the unpatched graph
+    gives slots 0 and 1 (7 and 4 tokens) the long factors too, which PyTorch alone does not.
+    """
     import importlib
     from contextlib import nullcontext
 
@@ -110,5 +139,30 @@ def test_longrope_needs_the_in_graph_switch(tiny_model_dir, tmp_path, monkeypatc
 
     tracing = importlib.import_module("kiln.export.onnx_from_hf")  # the module, not the function
     monkeypatch.setattr(tracing, "sequence_dependent_rope_in_graph", lambda m: nullcontext(0))
-    with pytest.raises(ParityError, match="drifted past the fp32 tolerance"):
-        export_model(tiny_model_dir("phi3-longrope"), tmp_path / "out")
+    with pytest.raises(
+        ParityError, match=r"drifted past the fp32 tolerance.*\n  worst: .*slot \d+ S\d+ at"
+    ):
+        export_model(tiny_model_dir("phi3-longrope"), tmp_path / "out", kv="static", max_context=64)
+
+
+def test_a_reference_off_float64_does_not_widen_the_budget():
+    """Negative control of the rule: PyTorch fp32 off float64 by more than rounding explains.
+
+    That is how a module changed by tracing looked (longrope traced without its patch: 0.012 off
+    on max |logit| 0.55); counted in full, 8x its error would pass a graph 0.005 off everywhere.
+    """
+    tol = TOL["fp32"]
+    f64 = np.random.default_rng(0).normal(0.0, 0.2, size=(4, 300))
+    suspect = f64 + 0.012
+    report = ParityReport(
+        "fp32", tol, [compare_to_float64("logits", f64, suspect, f64 + 5e-3, tol)], 1.0
+    )
+    diff = report.diffs[0]
+    assert diff.noise_capped and not report.ok
+    assert diff.allowed == pytest.approx(tol.noise * tol.noise_cap * np.abs(f64).max() + tol.floor)
+    with pytest.raises(ParityError, match=r"(?s)reference is suspect.*capped from 0\.012"):
+        report.raise_if_failed("graph")
+    # The same graph error with an fp32 reference that rounds as fp32 does is judged as before.
+    honest = f64 + np.float32(1e-7)
+    assert not compare_to_float64("logits", f64, honest, f64 + 5e-3, tol).ok
+    assert compare_to_float64("logits", f64, honest, f64 + 5e-7, tol).ok
