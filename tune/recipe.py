@@ -31,6 +31,8 @@ class Budget:
     def deficits(self, metrics: dict[str, float], *, slack: float = 1.0) -> dict[str, float]:
         """By how much each limit is missed (positive: over budget); empty when within it.
 
+        A figure that is not finite (a graph gone NaN) misses its limit by infinity.
+
         `slack` >= 1 widens every limit (the proxy's noise): KL x slack, the others' margins
         x slack.
         """
@@ -40,7 +42,9 @@ class Budget:
         greedy = (1 - self.min_greedy) * slack - (1 - metrics["greedy_agreement"])
         ppl = metrics["ppl_increase"] - self.max_ppl_increase * slack
         for name, over in (("kl_mean", kl), ("top1", -top1), ("greedy", -greedy), ("ppl", ppl)):
-            if over > 0:
+            if not math.isfinite(over):
+                out[name] = math.inf
+            elif over > 0:
                 out[name] = over
         return out
 
