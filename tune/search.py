@@ -233,7 +233,7 @@ def _time_cpu(s: Search, accepted: list[Trial]) -> None:
         for t in accepted
     ]
     spec = {
-        "runners": [[r.key, r.artifact.name, r.threads, r.slots] for r in runners],
+        "runners": [[r.key, _content(r.artifact), r.threads, r.slots] for r in runners],
         "workload": asdict(w),
         "repeats": s.repeats,
     }
@@ -287,7 +287,12 @@ def _engine(s: Search, t: Trial) -> None:
     """Build the candidate's engine for the profile at its precision (a cached trial)."""
     profile, precision, art = s.ctx.target.profile, t.candidate["precision"], Path(t.artifact)
     assert profile is not None
-    spec = {"artifact": t.artifact, "profile": profile.to_dict(), "precision": precision}
+    spec = {
+        "artifact": t.artifact,
+        "content": _content(art),
+        "profile": profile.to_dict(),
+        "precision": precision,
+    }
     out = s.out.parent / "engines" / f"{profile.name}-{art.name}"
     try:
         t.build = s.store.run("engine", spec, lambda: make.build(art, s.ctx, precision, out))
@@ -295,6 +300,20 @@ def _engine(s: Search, t: Trial) -> None:
         t.reject("engine", str(e).splitlines()[0])
         return
     t.elapsed_s += t.build["elapsed_s"]
+
+
+def _content(artifact: Path) -> str:
+    """The artifact's manifest hash (it holds model.onnx's sha256).
+
+    So a graph remade from other inputs (new calibration text) in the same folder is timed and
+    built anew.
+    """
+    from kiln.manifests import ExportManifest, OptimizeManifest
+
+    for manifest in (OptimizeManifest, ExportManifest):
+        if (artifact / manifest.FILE).is_file():
+            return sha256_file(artifact / manifest.FILE)
+    return artifact.name
 
 
 def _progress(i: int, n: int, label: str) -> None:
