@@ -15,7 +15,7 @@ from typing import Any
 
 from kiln.evaluate import PROMPT_TOKENS, EvalOptions
 from kiln.tune.recipe import ExportSection, OptimizeSection
-from kiln.tune.space import Candidate, Context, knob_methods
+from kiln.tune.space import Candidate, Context, knob_methods, needs_calibration
 
 # The proxy: a short text, one prompt; the full protocol: kiln eval's defaults on more text.
 PROXY = EvalOptions(tokens=512, window=128, stride=64, prompts=1, greedy_tokens=16)
@@ -52,7 +52,8 @@ def optimize_section(c: Candidate, ctx: Context) -> OptimizeSection:
         passes = tuple(method if n in rtn and method else n for n in kept)
         passes = (*passes[:-2], sparsity, *passes[-2:]) if sparsity else passes
         skip = ()
-    return OptimizeSection(target=target, precision=precision, skip=skip, passes=passes)
+    calibration = str(ctx.calibration) if needs_calibration(c) else ""
+    return OptimizeSection(target, precision, skip, passes, calibration)
 
 
 def make_export(model: Path, section: ExportSection, out: Path) -> Path:

@@ -20,7 +20,7 @@ from kiln.artifacts import sha256_file, sha256_json
 from kiln.errors import KilnError
 from kiln.evaluate import EvalOptions
 from kiln.tune import make
-from kiln.tune.recipe import ExportSection, Recipe
+from kiln.tune.recipe import CALIB_LENGTH, CALIB_SEQUENCES, ExportSection, Recipe
 from kiln.tune.rules import first_violation
 from kiln.tune.space import (
     Candidate,
@@ -36,8 +36,6 @@ from kiln.tune.trials import TrialStore
 
 log = logging.getLogger(__name__)
 
-# Calibration windows for calibrated methods: kiln compress's defaults (kiln/commands/compress.py).
-CALIB_SEQUENCES, CALIB_LENGTH = 16, 256
 PROXY_SLACK = 2.0  # the proxy's short text is noisy: only clear misses stop at the proxy
 BASELINE = "fp32-export"
 

@@ -96,3 +96,30 @@ def test_calibrating_on_the_eval_text_is_refused(
 
     with pytest.raises(ConfigError, match="held-out"):
         _tune(zen, tmp_path / "zen" / "cpu", zen[1])
+
+
+def test_a_chosen_gptq_recipe_replays_through_kiln_optimize(
+    zen: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """recipe.toml carries the calibration text: `kiln optimize --recipe` remakes the graph."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from kiln.artifacts import sha256_file
+
+    model, text, calibration = zen
+    out = tmp_path / "zen" / "cpu"
+    recipe = replace(RECIPE, search={**RECIPE.search, "method": ("gptq",)})
+    result = tune_model(
+        model, "cpu", recipe=recipe, out=out, text=text, repeats=2, proxy=PROXY, full=FULL,
+        calibration=calibration,
+    )  # fmt: skip
+    assert result.chosen is not None and result.chosen.candidate["method"] == "gptq"
+    assert f'calibration = "{calibration}"' in (out / "recipe.toml").read_text()
+    export = out.parent / "artifacts" / "export-concat"
+    cmd = [sys.executable, "-m", "kiln", "optimize", str(export), "--recipe"]
+    cmd += [str(out / "recipe.toml"), "--out", str(tmp_path / "replay"), "--no-torch-check"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    tuned = sha256_file(Path(result.chosen.artifact) / "model.onnx")
+    assert sha256_file(tmp_path / "replay" / "model.onnx") == tuned
