@@ -123,3 +123,19 @@ def test_a_chosen_gptq_recipe_replays_through_kiln_optimize(
     subprocess.run(cmd, check=True, capture_output=True)
     tuned = sha256_file(Path(result.chosen.artifact) / "model.onnx")
     assert sha256_file(tmp_path / "replay" / "model.onnx") == tuned
+
+
+def test_the_eval_models_default_calibration_is_training_text(tmp_path: Path) -> None:
+    """Training-split files of the eval corpus; no held-out file; no default for other models."""
+    from kiln.models.train_eval import read_text, stdlib_root
+    from kiln.models.zen import ZEN_DIR
+    from kiln.tune import default_calibration
+
+    model = Path(__file__).resolve().parents[2] / "models" / "eval-llama"
+    path = default_calibration(model, tmp_path / "calibration.txt")
+    assert path is not None and len(path.read_text()) > 10_000
+    text = path.read_text()
+    heldout = json.loads((model / "split.json").read_text())["heldout"]
+    big = [h["path"] for h in heldout if len(read_text(stdlib_root(), h["path"])) > 2000]
+    assert big and not any(read_text(stdlib_root(), p) in text for p in big)
+    assert default_calibration(ZEN_DIR, tmp_path / "zen.txt") is None
