@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import statistics
 import time
 from pathlib import Path
@@ -25,18 +24,6 @@ import numpy as np
 log = logging.getLogger("compress-report")
 MODEL = Path("models/eval-llama")
 MIB = 2**20
-
-
-def calibration_text(out: Path, files: int = 40, seed: int = 0) -> Path:
-    """Training-split files of the eval corpus (never held out), sampled, as one text file."""
-    from kiln.models.train_eval import corpus_files, held_out, read_text, stdlib_root
-
-    root = stdlib_root()
-    train = [f for f in corpus_files(root) if not held_out(f)]
-    pick = random.Random(seed).sample(train, min(files, len(train)))
-    path = out / "calibration.txt"
-    path.write_text("\n\n".join(read_text(root, f) for f in pick))
-    return path
 
 
 def weight_bytes(onnx_path: Path) -> int:
@@ -139,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    calib = calibration_text(out)
+    from kiln.models.train_eval import calibration_text
+
+    calib = calibration_text(out / "calibration.txt")
     export = export_model(args.model, out / "export-fp32", precision="fp32")
     variants = make_variants(args.model, out, calib, export, args.prunes.split(","))
     rows: dict[str, dict[str, Any]] = {}

@@ -82,6 +82,24 @@ def read_text(root: Path, rel: str) -> str:
     return (root / rel).read_bytes().decode("utf-8", errors="replace")
 
 
+def calibration_text(path: Path, files: int = 40, seed: int = 0) -> Path:
+    """Training-split files (never held out), `files` of them sampled, as one text at `path`.
+
+    The calibration text of the compression methods on this corpus (bench/compress_report.py,
+    `kiln tune`); written to a temporary name, then renamed.
+    """
+    import random
+
+    root = stdlib_root()
+    train = [f for f in corpus_files(root) if not held_out(f)]
+    pick = random.Random(seed).sample(train, min(files, len(train)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n\n".join(read_text(root, f) for f in pick))
+    tmp.replace(path)
+    return path
+
+
 def heldout_text(root: Path, files: list[str]) -> str:
     """The held-out files as one text, as `kiln eval` reads it."""
     return "\n\n".join(read_text(root, rel) for rel in files)

@@ -11,13 +11,15 @@ step is a cached trial (tune/trials.py): a rerun with the same inputs computes n
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import KilnError
+from kiln.artifacts import sha256_file
+from kiln.errors import ConfigError, KilnError
 from kiln.evaluate import EvalOptions
 from kiln.tune import make
 from kiln.tune.choose import choose, closest, rank_agreement
@@ -57,6 +59,35 @@ def default_out(model: Path, target: str) -> Path:
     return Path("out/tune") / Path(model).resolve().name / Path(target).stem
 
 
+def default_calibration(model: Path, path: Path) -> Path | None:
+    """For a model trained by models/train_eval.py (its split.json): its training-split text.
+
+    Written at `path` once (models/train_eval.py `calibration_text`, as bench/compress_report.py
+    uses); other models have no default (`--calibration FILE`).
+    """
+    split = Path(model) / "split.json"
+    if not split.is_file() or json.loads(split.read_text()).get("corpus") != "python-stdlib":
+        return None
+    if not path.is_file():
+        from kiln.models.train_eval import calibration_text
+
+        calibration_text(path)
+    return path
+
+
+def _check_calibration(calibration: Path | None, heldout: Path) -> None:
+    """Refuse to calibrate on the text the eval scores."""
+    if calibration is None or not heldout.is_file():
+        return
+    if calibration.resolve() == heldout.resolve() or sha256_file(calibration) == sha256_file(
+        heldout
+    ):
+        raise ConfigError(
+            f"--calibration {calibration} is the eval text {heldout}: calibrating on held-out "
+            "text would flatter the calibrated methods; give training text."
+        )
+
+
 def tune_model(
     model: Path,
     target: str,
@@ -68,10 +99,13 @@ def tune_model(
     measure: bool = False,
     proxy: EvalOptions = make.PROXY,
     full: EvalOptions = make.FULL,
+    calibration: Path | None = None,
 ) -> TuneResult:
     """Tune `model` (a Hugging Face folder) for `target` ("cpu" or a GPU profile).
 
-    Raises NothingFitsError (after writing every output) when no candidate meets the budget.
+    `calibration` is the text calibrated methods calibrate on (default: `default_calibration`);
+    without one they are dropped by rule. Raises NothingFitsError (after writing every output)
+    when no candidate meets the budget.
     """
     t0 = time.perf_counter()
     model = Path(model)
@@ -83,9 +117,10 @@ def tune_model(
     recipe = replace(recipe or Recipe(), target=tgt.name)
     out = Path(out) if out is not None else default_out(model, target)
     out.mkdir(parents=True, exist_ok=True)
-    s = Search(
-        model, context_for(model, tgt, recipe), recipe, out, text, proxy, full, repeats, measure
-    )
+    calibration = calibration or default_calibration(model, out.parent / "calibration.txt")
+    _check_calibration(calibration, text or model / "heldout.txt")
+    ctx = context_for(model, tgt, recipe, calibration)
+    s = Search(model, ctx, recipe, out, text, proxy, full, repeats, measure)
     run_search(s)
     chosen, ties = choose(s.trials, s.baseline)
     if chosen is not None:

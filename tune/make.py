@@ -15,7 +15,7 @@ from typing import Any
 
 from kiln.evaluate import PROMPT_TOKENS, EvalOptions
 from kiln.tune.recipe import ExportSection, OptimizeSection
-from kiln.tune.space import METHOD_PASSES, SPARSITY_PASSES, Candidate, Context
+from kiln.tune.space import Candidate, Context, knob_methods, needs_calibration
 
 # The proxy: a short text, one prompt; the full protocol: kiln eval's defaults on more text.
 PROXY = EvalOptions(tokens=512, window=128, stride=64, prompts=1, greedy_tokens=16)
@@ -41,8 +41,8 @@ def optimize_section(c: Candidate, ctx: Context) -> OptimizeSection:
     names = default_passes(precision, target=target)
     fusions = [p.name for p in ORT_FUSIONS] if target == "onnxruntime" else list(FUSIONS)
     skip = () if c["fusions"] else tuple(n for n in names if n in fusions)
-    method = METHOD_PASSES[c["method"]](precision)
-    sparsity = SPARSITY_PASSES[c["sparsity"]]
+    added = {knob: m.passes[target] for knob, _, m in knob_methods(c) if m is not None}
+    method, sparsity = added.get("method"), added.get("sparsity")
     passes: tuple[str, ...] = ()
     if method or sparsity:  # the calibrated pass takes the round-to-nearest quantizer's place
         from kiln.precisions import PRECISIONS
@@ -52,7 +52,8 @@ def optimize_section(c: Candidate, ctx: Context) -> OptimizeSection:
         passes = tuple(method if n in rtn and method else n for n in kept)
         passes = (*passes[:-2], sparsity, *passes[-2:]) if sparsity else passes
         skip = ()
-    return OptimizeSection(target=target, precision=precision, skip=skip, passes=passes)
+    calibration = str(ctx.calibration) if needs_calibration(c) else ""
+    return OptimizeSection(target, precision, skip, passes, calibration)
 
 
 def make_export(model: Path, section: ExportSection, out: Path) -> Path:
@@ -62,8 +63,21 @@ def make_export(model: Path, section: ExportSection, out: Path) -> Path:
     return export_model(model, out, kv=section.kv, max_context=section.max_context)
 
 
-def make_artifact(export: Path, section: OptimizeSection, out: Path) -> dict[str, Any]:
-    """Optimize `export` as the section says; the result's path and weight bytes."""
+def make_artifact(
+    export: Path,
+    section: OptimizeSection,
+    out: Path,
+    pass_config: dict[str, Any] | None = None,
+    *,
+    compressed: bool = False,
+) -> dict[str, Any]:
+    """Optimize `export` as the section says; the result's path and weight bytes.
+
+    `pass_config` carries the calibration of calibrated passes (optimize/calibrate.py
+    `Calibration.as_config`); optimize's own cache key includes it. A `compressed` graph
+    (optimize/methods.py) is meant to move logits past the precision's tolerance, as in `kiln
+    compress`: its drift is recorded, and the eval judges it.
+    """
     from kiln.optimize import optimize_model
 
     optimize_model(
@@ -74,6 +88,8 @@ def make_artifact(export: Path, section: OptimizeSection, out: Path) -> dict[str
         passes=list(section.passes) or None,
         skip=section.skip,
         check_torch=False,  # the eval judges the graph against the fp32 export
+        pass_config=pass_config,
+        allow_drift=compressed,
     )
     files = sorted(p for p in out.glob("model.onnx*") if p.is_file())
     return {"path": str(out), "onnx_bytes": sum(p.stat().st_size for p in files)}

@@ -31,6 +31,8 @@ class Budget:
     def deficits(self, metrics: dict[str, float], *, slack: float = 1.0) -> dict[str, float]:
         """By how much each limit is missed (positive: over budget); empty when within it.
 
+        A figure that is not finite (a graph gone NaN) misses its limit by infinity.
+
         `slack` >= 1 widens every limit (the proxy's noise): KL x slack, the others' margins
         x slack.
         """
@@ -40,7 +42,9 @@ class Budget:
         greedy = (1 - self.min_greedy) * slack - (1 - metrics["greedy_agreement"])
         ppl = metrics["ppl_increase"] - self.max_ppl_increase * slack
         for name, over in (("kl_mean", kl), ("top1", -top1), ("greedy", -greedy), ("ppl", ppl)):
-            if over > 0:
+            if not math.isfinite(over):
+                out[name] = math.inf
+            elif over > 0:
                 out[name] = over
         return out
 
@@ -75,6 +79,11 @@ class OptimizeSection:
     precision: str = "fp32"
     skip: tuple[str, ...] = ()
     passes: tuple[str, ...] = ()  # extra passes after the default list (calibrated methods)
+    calibration: str = ""  # text a calibrated pass calibrates on (CALIB_SEQUENCES x CALIB_LENGTH)
+
+
+# Calibration windows of calibrated passes: kiln compress's defaults (kiln/commands/compress.py).
+CALIB_SEQUENCES, CALIB_LENGTH = 16, 256
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,14 @@ def apply_optimize_recipe(args: Any) -> None:
     args.precision = args.precision or section.precision
     args.passes = args.passes or (list(section.passes) or None)
     args.skip = args.skip or list(section.skip)
+    args.pass_config = None
+    if section.calibration:  # as kiln tune made it: calibrated, drift judged by the eval
+        from kiln.optimize.calibrate import calibration_from_text
+
+        windows = calibration_from_text(
+            Path(section.calibration), args.artifact, sequences=CALIB_SEQUENCES, length=CALIB_LENGTH
+        )
+        args.pass_config, args.allow_drift = windows.as_config(), True
 
 
 def build_profile(path: Path) -> Any:

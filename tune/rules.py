@@ -1,7 +1,8 @@
 """Named rules that drop a candidate before anything is built or measured.
 
 Each rule reads kiln's own records (kiln/precisions.py for precisions and compute capability,
-optimize/passes.py PASSES for what can be made, the GPU profile for shapes) rather than
+optimize/methods.py METHODS and optimize/passes.py PASSES for what can be made, the GPU
+profile for shapes) rather than
 repeating their facts, and says why in words. `first_violation` gives the first rule a
 candidate breaks, in RULES order; tune.json records its id.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from kiln.errors import ConfigError
 from kiln.precisions import PRECISIONS, precision_named
-from kiln.tune.space import METHOD_PASSES, SPARSITY_PASSES, Candidate, Context
+from kiln.tune.space import Candidate, Context, knob_methods, needs_calibration
 
 
 @dataclass(frozen=True)
@@ -53,19 +54,48 @@ def _method_needs_weights(c: Candidate, ctx: Context) -> str | None:
     return None
 
 
-def _needed_passes(c: Candidate) -> list[str]:
-    method = METHOD_PASSES[c["method"]](c["precision"])
-    return [n for n in (method, SPARSITY_PASSES[c["sparsity"]]) if n]
+def _method_precision(c: Candidate, ctx: Context) -> str | None:
+    for knob, key, m in knob_methods(c):
+        if m is not None and m.replaces and m.precision != c["precision"]:
+            return (
+                f"{knob} {c[knob]!r} is optimize/methods.py method {key}, which makes "
+                f"{m.precision} only, not {c['precision']}"
+            )
+    return None
 
 
 def _pass_missing(c: Candidate, ctx: Context) -> str | None:
     from kiln.optimize.passes import PASSES
 
-    missing = [n for n in _needed_passes(c) if n not in PASSES]
-    if missing:
+    target = ctx.target.optimize_target
+    why = []
+    for knob, key, m in knob_methods(c):
+        if m is None:
+            why.append(f"{knob} {c[knob]!r}: no method {key!r} in optimize/methods.py METHODS")
+        elif m.passes.get(target) not in PASSES:
+            why.append(
+                f"{knob} {c[knob]!r}: method {key} has no {target} pass in optimize/passes.py "
+                f"PASSES ({m.passes.get(target)!r})"
+            )
+    return "not available: " + "; ".join(why) if why else None
+
+
+def _needs_text(c: Candidate, ctx: Context) -> str | None:
+    if ctx.calibration is None and needs_calibration(c):
         return (
-            f"not available: no optimize pass {', '.join(missing)} in optimize/passes.py PASSES "
-            "(registering the pass makes the knob value live)"
+            f"method {c['method']} / sparsity {c['sparsity']} calibrates on text and none was "
+            "given: pass `kiln tune --calibration FILE` (the model's training text, never the "
+            "held-out eval text)"
+        )
+    return None
+
+
+def _sparse_float(c: Candidate, ctx: Context) -> str | None:
+    p = PRECISIONS[c["precision"]]
+    if c["sparsity"] != "dense" and any(k.startswith("weights") for k in p.quantized):
+        return (
+            f"2:4 zeroes float weights (optimize/sparsity.py); {p.name} has already quantized "
+            "them when the sparsity pass runs"
         )
     return None
 
@@ -162,9 +192,12 @@ RULES: tuple[Rule, ...] = (
     Rule("precision-not-offered", _offered),
     Rule("compute-capability", _compute_capability),
     Rule("method-needs-int-weights", _method_needs_weights),
+    Rule("method-precision", _method_precision),
     Rule("sparsity-target", _sparse_target),
     Rule("sparsity-gemm-size", _sparse_size),
+    Rule("sparsity-float-weights", _sparse_float),
     Rule("pass-not-available", _pass_missing),
+    Rule("needs-calibration", _needs_text),
     Rule("weight-blocks", _weight_blocks),
     Rule("int4-large-batch", _int4_batch),
     Rule("slots-exceed-profile", _slots_fit),

@@ -16,13 +16,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import sha256_json
+from kiln.artifacts import sha256_file, sha256_json
 from kiln.errors import KilnError
 from kiln.evaluate import EvalOptions
 from kiln.tune import make
-from kiln.tune.recipe import ExportSection, Recipe
+from kiln.tune.recipe import CALIB_LENGTH, CALIB_SEQUENCES, ExportSection, Recipe
 from kiln.tune.rules import first_violation
-from kiln.tune.space import Candidate, Context, ModelShape, Target, candidates
+from kiln.tune.space import (
+    Candidate,
+    Context,
+    ModelShape,
+    Target,
+    candidates,
+    knob_methods,
+    needs_calibration,
+)
 from kiln.tune.speed import Runner, decode_cost, time_runners, weight_bytes
 from kiln.tune.trials import TrialStore
 
@@ -67,6 +75,7 @@ class Search:
     repeats: int = 5
     measure: bool = False
     store: TrialStore = field(init=False)
+    _calibration: dict[str, Any] | None = field(default=None, init=False)
     trials: list[Trial] = field(default_factory=list)
     exports: dict[str, Path] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)
@@ -74,11 +83,31 @@ class Search:
     def __post_init__(self) -> None:
         self.store = TrialStore(self.out.parent / "trials", self.model)
 
+    def calibration_key(self) -> dict[str, Any]:
+        """What the calibration depends on (the text's bytes, the windows), for trial keys."""
+        path = self.ctx.calibration
+        assert path is not None  # rule needs-calibration dropped calibrated candidates
+        return {"sha256": sha256_file(path), "sequences": CALIB_SEQUENCES, "length": CALIB_LENGTH}
 
-def context_for(model: Path, target: Target, recipe: Recipe) -> Context:
+    def calibration_config(self) -> dict[str, Any]:
+        """optimize_model's pass_config: the calibration windows, tokenized once per tune."""
+        from kiln.optimize.calibrate import calibration_from_text
+
+        if self._calibration is None:
+            assert self.ctx.calibration is not None
+            windows = calibration_from_text(
+                self.ctx.calibration, self.model, sequences=CALIB_SEQUENCES, length=CALIB_LENGTH
+            )
+            self._calibration = windows.as_config()
+        return self._calibration
+
+
+def context_for(
+    model: Path, target: Target, recipe: Recipe, calibration: Path | None = None
+) -> Context:
     """The search context of `model` on `target` under the recipe's workload."""
     cfg = json.loads((Path(model) / "config.json").read_text())
-    return Context(target, recipe.workload, ModelShape.from_config(cfg))
+    return Context(target, recipe.workload, ModelShape.from_config(cfg), calibration)
 
 
 def run_search(s: Search) -> list[Trial]:
@@ -136,10 +165,19 @@ def _screen(s: Search, key: str, members: list[Trial]) -> None:
         / "artifacts"
         / f"{section.target}-{name.replace('True', 'fused').replace('False', 'unfused')}"
     )
-    spec = {"export": asdict(export), "optimize": asdict(section)}
+    spec: dict[str, Any] = {"export": asdict(export), "optimize": asdict(section)}
+    calibrated = needs_calibration(c)
+    if calibrated:
+        spec["calibration"] = s.calibration_key()
     try:
         src = _export(s, export)
-        art = s.store.run("optimize", spec, lambda: make.make_artifact(src, section, out))
+        art = s.store.run(
+            "optimize", spec,
+            lambda: make.make_artifact(
+                src, section, out, s.calibration_config() if calibrated else None,
+                compressed=bool(knob_methods(c)),
+            ),
+        )  # fmt: skip
     except KilnError as e:
         for t in members:
             t.reject("optimize", str(e).splitlines()[0])
@@ -193,7 +231,7 @@ def _time_cpu(s: Search, accepted: list[Trial]) -> None:
         for t in accepted
     ]
     spec = {
-        "runners": [[r.key, r.artifact.name, r.threads, r.slots] for r in runners],
+        "runners": [[r.key, _content(r.artifact), r.threads, r.slots] for r in runners],
         "workload": asdict(w),
         "repeats": s.repeats,
     }
@@ -247,7 +285,12 @@ def _engine(s: Search, t: Trial) -> None:
     """Build the candidate's engine for the profile at its precision (a cached trial)."""
     profile, precision, art = s.ctx.target.profile, t.candidate["precision"], Path(t.artifact)
     assert profile is not None
-    spec = {"artifact": t.artifact, "profile": profile.to_dict(), "precision": precision}
+    spec = {
+        "artifact": t.artifact,
+        "content": _content(art),
+        "profile": profile.to_dict(),
+        "precision": precision,
+    }
     out = s.out.parent / "engines" / f"{profile.name}-{art.name}"
     try:
         t.build = s.store.run("engine", spec, lambda: make.build(art, s.ctx, precision, out))
@@ -255,6 +298,20 @@ def _engine(s: Search, t: Trial) -> None:
         t.reject("engine", str(e).splitlines()[0])
         return
     t.elapsed_s += t.build["elapsed_s"]
+
+
+def _content(artifact: Path) -> str:
+    """The artifact's manifest hash (it holds model.onnx's sha256).
+
+    So a graph remade from other inputs (new calibration text) in the same folder is timed and
+    built anew.
+    """
+    from kiln.manifests import ExportManifest, OptimizeManifest
+
+    for manifest in (OptimizeManifest, ExportManifest):
+        if (artifact / manifest.FILE).is_file():
+            return sha256_file(artifact / manifest.FILE)
+    return artifact.name
 
 
 def _progress(i: int, n: int, label: str) -> None:

@@ -2,9 +2,9 @@
 
 A knob is one decision with a default value set per target (`Knob.values`). Candidates are
 the cartesian product of the knobs' values in registry order; [search] in the recipe narrows
-or widens any knob's values. Adding a method (say calibrated int4 from a new optimize pass)
-is a value in a knob and, where it needs a pass, an entry in `METHOD_PASSES` / `SPARSITY_PASSES`:
-tune/rules.py then drops it by name until the pass is registered (optimize/passes.py PASSES).
+or widens any knob's values. A calibrated or sparse knob value names a compression method of
+optimize/methods.py METHODS (`METHOD_KNOB`, `SPARSITY_KNOB`), which holds its pass per optimize
+target; tune/rules.py drops a value whose method or pass is missing, by name.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.artifacts import sha256_json
@@ -22,17 +23,19 @@ from kiln.tune.recipe import Workload
 
 if TYPE_CHECKING:
     from kiln.engine.profiles import GpuProfile
+    from kiln.optimize.methods import Method
 
 CPU = "cpu"
 
-# Quantization method -> the optimize pass that makes it for a precision ("rtn": the precision's
-# own quantizer, kiln/precisions.py). Calibrated methods need their pass in optimize/passes.py.
-METHOD_PASSES: dict[str, Callable[[str], str | None]] = {
-    "rtn": lambda precision: None,
-    "awq": lambda precision: f"{precision}-awq",
-    "gptq": lambda precision: f"{precision}-gptq",
+# Knob value -> the optimize/methods.py METHODS entry that makes it (None: nothing added; "rtn"
+# is the precision's own round-to-nearest quantizer, kiln/precisions.py). A method entry
+# replaces the quantizer; a sparsity entry is added before the final cleanup.
+METHOD_KNOB: dict[str, str | None] = {"rtn": None, "gptq": "gptq-int4"}
+SPARSITY_KNOB: dict[str, str | None] = {
+    "dense": None,
+    "2:4": "sparse24",
+    "2:4-calibrated": "sparse24-calibrated",
 }
-SPARSITY_PASSES: dict[str, str | None] = {"dense": None, "2:4": "sparsity-2-4"}
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Context:
     target: Target
     workload: Workload
     shape: ModelShape
+    calibration: Path | None = None  # training text for calibrated methods (never held out)
 
 
 @dataclass(frozen=True)
@@ -123,9 +127,9 @@ KNOBS: tuple[Knob, ...] = (
         "precision", "what the graph computes in (kiln/precisions.py)", lambda c: tuple(PRECISIONS)
     ),
     Knob(
-        "method", "weight quantizer: round-to-nearest or calibrated", lambda c: tuple(METHOD_PASSES)
+        "method", "weight quantizer: round-to-nearest or calibrated", lambda c: tuple(METHOD_KNOB)
     ),
-    Knob("sparsity", "2:4 structured weight sparsity", lambda c: tuple(SPARSITY_PASSES)),
+    Knob("sparsity", "2:4 structured weight sparsity", lambda c: tuple(SPARSITY_KNOB)),
     Knob("fusions", "the target's fusion passes on or off", lambda c: (True, False)),
     # GPU engines: concat only by default (each static graph is one more eval and build);
     # [search] kv = ["concat", "static"] widens it.
@@ -182,3 +186,19 @@ def candidates(ctx: Context, search: dict[str, tuple[Any, ...]]) -> list[Candida
     return [
         Candidate(tuple(zip(KNOB_NAMES, combo, strict=True))) for combo in itertools.product(*axes)
     ]
+
+
+def knob_methods(c: Candidate) -> list[tuple[str, str, Method | None]]:
+    """(knob, METHODS key, its record or None when optimize/methods.py lacks it) per added pass."""
+    from kiln.optimize.methods import METHODS
+
+    picked = [
+        (knob, table[c[knob]])
+        for knob, table in (("method", METHOD_KNOB), ("sparsity", SPARSITY_KNOB))
+    ]
+    return [(knob, key, METHODS.get(key)) for knob, key in picked if key is not None]
+
+
+def needs_calibration(c: Candidate) -> bool:
+    """Whether any of the candidate's compression passes calibrates on text."""
+    return any(m is not None and m.calibrated for _, _, m in knob_methods(c))

@@ -124,5 +124,6 @@ def _run(args: argparse.Namespace) -> int:
         allow_drift=args.allow_drift,
         force=args.force,
         check_torch=not args.no_torch_check,
+        pass_config=getattr(args, "pass_config", None),  # a tuned recipe's calibration
     )
     return 0

@@ -53,6 +53,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--out", type=Path, default=None, help="default: out/tune/<model>/<target>/")
     p.add_argument("--text", type=Path, default=None, help="eval text (default: heldout.txt)")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="training text calibrated methods (gptq, 2:4-calibrated) calibrate on; never the "
+        "eval text (default for a models/train_eval.py model: its training split)",
+    )
     p.add_argument("--eval-tokens", type=int, default=None, help="tokens of the full eval")
     p.add_argument("--repeats", type=int, default=5, help="timing repeats per candidate (cpu)")
     p.add_argument(
@@ -83,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         measure=args.measure,
         full=full,
+        calibration=args.calibration,
     )
     s = result.summary
     print(f"[kiln] chosen: {s['chosen_label']} (speed / fp32 export: {s['speedup_vs_fp32']})")

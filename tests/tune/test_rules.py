@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kiln.engine.profiles import load_profile
+from kiln.tune import space
 from kiln.tune.recipe import Workload
 from kiln.tune.rules import RULES, first_violation
 from kiln.tune.space import KNOB_NAMES, Candidate, Context, ModelShape, Target
@@ -48,17 +50,30 @@ CASES: dict[str, tuple[tuple[Candidate, Context], tuple[Candidate, Context]]] = 
         (cand(precision="fp8"), gpu("rtx-ada-fp8")),
     ),
     "method-needs-int-weights": (
-        (cand(method="awq"), gpu()),
-        (cand(precision="int4", method="awq"), gpu()),
+        (cand(method="gptq"), gpu()),
+        (cand(precision="int4", method="gptq"), gpu()),
+    ),
+    "method-precision": (
+        (cand(precision="int8", method="gptq"), gpu()),
+        (cand(precision="int4", method="gptq"), gpu()),
     ),
     "sparsity-target": ((cand(sparsity="2:4"), gpu(**SM75)), (cand(sparsity="2:4"), gpu())),
     "sparsity-gemm-size": (
         (cand(sparsity="2:4"), Context(gpu().target, Workload(), replace(SHAPE, hidden=128))),
         (cand(sparsity="2:4"), gpu()),
     ),
+    "sparsity-float-weights": (
+        (cand(precision="int4", sparsity="2:4"), gpu()),
+        (cand(sparsity="2:4"), gpu()),
+    ),
+    # "awq" is a knob value whose method optimize/methods.py lacks (FAKE_METHOD below)
     "pass-not-available": (
         (cand(precision="int4", method="awq"), gpu()),
-        (cand(precision="int4"), gpu()),
+        (cand(precision="int4", method="gptq"), gpu()),
+    ),
+    "needs-calibration": (
+        (cand(precision="int4", method="gptq"), gpu()),
+        (cand(precision="int4", method="gptq"), replace(gpu(), calibration=Path("train.txt"))),
     ),
     "weight-blocks": (
         (cand(precision="int8"), Context(gpu().target, Workload(), replace(SHAPE, hidden=100))),
@@ -78,6 +93,14 @@ CASES: dict[str, tuple[tuple[Candidate, Context], tuple[Candidate, Context]]] = 
         (cand(), Context(gpu().target, Workload(prompt_tokens=400, output_tokens=64), SHAPE)),
     ),
 }
+
+
+FAKE_METHOD = ("awq", "awq-int4")  # a knob value -> a METHODS key that does not exist
+
+
+@pytest.fixture(autouse=True)
+def fake_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(space.METHOD_KNOB, *FAKE_METHOD)
 
 
 def test_every_rule_has_a_case() -> None:
@@ -103,13 +126,55 @@ def test_rules_derive_from_the_precision_records(monkeypatch: pytest.MonkeyPatch
     assert first_violation(cand(precision="fp8"), gpu()) is None
 
 
-def test_registering_a_pass_makes_the_method_live(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kiln.optimize import passes
+def test_registering_a_method_and_its_pass_makes_the_knob_value_live(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kiln.optimize import methods, passes
 
-    c = cand(precision="int4", method="awq")
-    assert first_violation(c, gpu())[0] == "pass-not-available"  # type: ignore[index]
+    c, ctx = cand(precision="int4", method="awq"), gpu()
+    assert first_violation(c, ctx)[0] == "pass-not-available"  # type: ignore[index]
+    record = methods.Method("int4", {"tensorrt": "int4-awq"}, replaces=True, calibrated=False)
+    monkeypatch.setitem(methods.METHODS, FAKE_METHOD[1], record)
+    why = first_violation(c, ctx)
+    assert why is not None and why[0] == "pass-not-available" and "'int4-awq'" in why[1]
     monkeypatch.setitem(passes.PASSES, "int4-awq", passes.PASSES["int4-weight-only"])
-    assert first_violation(c, gpu()) is None
+    assert first_violation(c, ctx) is None
+
+
+def test_the_landed_methods_are_live_with_calibration_text() -> None:
+    """gptq and both 2:4 values pass every rule where their target and precision allow."""
+    ctx = replace(gpu(), calibration=Path("train.txt"))
+    for c in (cand(precision="int4", method="gptq"), cand(sparsity="2:4-calibrated")):
+        assert first_violation(c, ctx) is None, c.label()
+    cpu_ctx = replace(cpu(), calibration=Path("train.txt"))
+    assert first_violation(cand(precision="int4", method="gptq", threads=1), cpu_ctx) is None
+    assert first_violation(cand(precision="fp32", sparsity="2:4", threads=1), cpu_ctx)[0] == (  # type: ignore[index]
+        "sparsity-target"
+    )
+
+
+@pytest.mark.parametrize(
+    ("c", "target", "method"),
+    [
+        (cand(precision="int4", method="gptq"), "tensorrt", "gptq-int4"),
+        (cand(precision="int4", method="gptq", threads=1), "cpu", "gptq-int4"),
+        (cand(sparsity="2:4"), "tensorrt", "sparse24"),
+        (cand(sparsity="2:4-calibrated"), "tensorrt", "sparse24-calibrated"),
+    ],
+)
+def test_the_graph_runs_the_passes_kiln_compress_runs(
+    c: Candidate, target: str, method: str
+) -> None:
+    """With fusions on, tune's pass list is optimize/methods.py method_passes' for that method."""
+    from kiln.optimize.methods import method_passes
+    from kiln.tune.make import optimize_section
+
+    ctx = cpu() if target == "cpu" else gpu()
+    section = optimize_section(c, ctx)
+    precision, names = method_passes(method, ctx.target.optimize_target)
+    assert (section.precision, list(section.passes)) == (precision, names)
+    rtn = optimize_section(cand(**{**c.as_dict(), "method": "rtn", "sparsity": "dense"}), ctx)
+    assert rtn.passes == ()  # negative control: round-to-nearest keeps the default list
 
 
 def test_bf16_needs_ampere() -> None:
