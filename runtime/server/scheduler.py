@@ -108,8 +108,12 @@ class Scheduler:
         self._policy: Policy | None = None  # set with ttft_target_s: adaptive
         self._adaptive_chunk: int | None = None  # the budget adaptive chose (first: measured)
         self._ttft: collections.deque[float] = collections.deque(maxlen=64)
+        self._next_decision = 0  # the step count at which adaptive decides next
         if ttft_target_s is not None:
-            self._policy = Policy(ttft_target_s, slots=backend.slots, max_chunk=self.prefill_chunk)
+            chunk = self.prefill_chunk  # adaptive's budget stays within [16, prefill_chunk]
+            self._policy = Policy(
+                ttft_target_s, slots=backend.slots, max_chunk=chunk, min_chunk=min(16, chunk)
+            )
             self.active_cap = max(1, backend.slots // 2)  # the first queued burst doubles it
             metrics.active_cap.set(self.active_cap)
         self._seen_prefix = PrefixStats()  # the caches' stats already counted in metrics
@@ -220,7 +224,8 @@ class Scheduler:
                     )
                     return
                 self._drop_cancelled()
-                if self._policy is not None and self.steps % ADAPT_EVERY == 0:
+                if self._policy is not None and self.steps >= self._next_decision:
+                    self._next_decision = self.steps + ADAPT_EVERY
                     self._adapt(self._policy)
                 self._admit()
                 batch = list(self._slots.held.values())
@@ -294,8 +299,10 @@ class Scheduler:
         if not d.changed:
             m.adaptive_decisions.labels("keep").inc()
             return
-        grew = d.settings.prefill_chunk > current.prefill_chunk
-        m.adaptive_decisions.labels("slow_first_tokens" if grew else "fast_first_tokens").inc()
+        more = d.settings.active_slots > current.active_slots or (
+            d.settings.prefill_chunk > current.prefill_chunk
+        )  # the rule for slow first tokens only grows, the one for fast ones only shrinks
+        m.adaptive_decisions.labels("slow_first_tokens" if more else "fast_first_tokens").inc()
         self._adaptive_chunk = d.settings.prefill_chunk
         self.active_cap = d.settings.active_slots
         m.prefill_budget.set(self._adaptive_chunk)
