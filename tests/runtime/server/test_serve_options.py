@@ -158,3 +158,18 @@ def test_cli_refuses_option_misuse(zen_static, capsys, flags, words):
 
     assert main(["serve", str(zen_static), *flags]) == 1
     assert words in capsys.readouterr().err
+
+
+def test_ray_engine_spec_carries_the_options_through_a_serve_config():
+    """`kiln serve --ray` replicas get the same options (EngineSpec -> Serve config -> spec)."""
+    from kiln.runtime.server.ray_app import ScaleOptions, serve_config, specs_from_args
+    from kiln.runtime.server.ray_replica import EngineSpec
+
+    plain = EngineSpec("/models/zen")
+    spec = EngineSpec(
+        "/models/zen", ttft_target_s=0.3, prefix_cache=True, speculate="ngram", draft_tokens=2
+    )
+    (app,) = serve_config(spec, ScaleOptions())["applications"]
+    assert specs_from_args(app["args"])[0] == spec
+    (app,) = serve_config(plain, ScaleOptions())["applications"]
+    assert app["args"] == {"artifact": "/models/zen"}  # the defaults: fixed, no reuse, no drafts
