@@ -74,6 +74,7 @@ async def _one(
 ) -> dict:
     t0 = time.perf_counter()
     stamps: list[float] = []
+    pieces: list[str] = []
     usage = None
     stream = await client.completions.create(  # type: ignore[attr-defined]
         model=model,
@@ -91,7 +92,9 @@ async def _one(
         for c in chunk.choices:  # kiln: one chunk per token (its text may be '')
             if c.text or c.finish_reason is None:  # not a bare closing chunk (llama-server)
                 stamps.append(time.perf_counter())
-    return {"t0": t0, "stamps": stamps, "tokens": usage if usage is not None else len(stamps)}
+                pieces.append(c.text)
+    tokens = usage if usage is not None else len(stamps)
+    return {"t0": t0, "stamps": stamps, "tokens": tokens, "text": "".join(pieces)}
 
 
 def _cpu_s(pid: int | None) -> float | None:
@@ -126,12 +129,17 @@ async def _level(
 
     async def worker() -> None:
         nonlocal errors
+        history, turn = "", 0  # --workload chat: this client's conversation so far
         while todo and time.perf_counter() - start < args.duration:
             i = todo.pop(0)
+            prompt = prompts[i % len(prompts)]
+            if args.workload == "chat":  # the next turn repeats the whole conversation
+                history, turn = ("", 1) if turn == args.turns else (history, turn + 1)
+                prompt = history = f"{history}{prompt}"
             try:
-                results.append(
-                    await _one(client, model, prompts[i % len(prompts)], i, args.max_tokens)
-                )
+                r = await _one(client, model, prompt, i, args.max_tokens)
+                results.append(r)
+                history += f"{r['text']}\n" if args.workload == "chat" else ""
             except Exception as e:
                 errors += 1
                 print(f"request {i} failed: {e}", file=sys.stderr)
@@ -305,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=60, help="seconds per level (at most)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     p.add_argument("--prompt-tokens", type=int, default=0, help="random token-id prompts (0: text)")
+    p.add_argument(
+        "--workload",
+        choices=["single", "chat"],
+        default="single",
+        help="single: independent requests; chat: each client's next request is its whole "
+        "conversation so far (prompt, answer, next prompt; --turns per conversation)",
+    )
+    p.add_argument("--turns", type=int, default=4, help="--workload chat: turns per conversation")
     p.add_argument("--serve-flags", default="", help="more `kiln serve` flags, space-separated")
     p.add_argument("--model", choices=["smollm"], default=None, help="build this bench model")
     p.add_argument("--max-context", type=int, default=256, help="--model's static slot length")
@@ -374,6 +390,8 @@ def _report(
     head = [f.name for f in fields(Level) if f.name != "split"]
     rows = [[getattr(lv, name) for name in head] for lv in levels]
     prompts = f"{args.prompt_tokens}-token id prompts" if args.prompt_tokens else "text prompts"
+    if args.workload == "chat":
+        prompts += f" in {args.turns}-turn conversations"
     print(
         f"model {health.get('model')} on {health.get('backend')}, {health.get('slots')} slots, "
         f"{prompts}, {args.max_tokens} tokens per request, {os.cpu_count()} CPUs (clients "
@@ -399,6 +417,7 @@ def _report(
         "server": health,
         "commands": commands,
         "prompt_tokens": args.prompt_tokens,
+        "workload": args.workload,
         "max_tokens": args.max_tokens,
         "levels": [asdict(x) for x in levels],
     }

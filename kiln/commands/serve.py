@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from kiln.extras import require_extra
 
@@ -39,6 +40,38 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=float,
         default=200,
         help="with --prefill-chunk 0: the time a step's prompt chunks may take (0: whole prompts)",
+    )
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="move the prompt budget per step and the slots admitted with the load, aiming at "
+        "--ttft-target (default: fixed)",
+    )
+    p.add_argument(
+        "--ttft-target",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="with --adaptive: the time to first token to aim at (default 500)",
+    )
+    p.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="a prompt continues in a free slot that still holds its start (chats, shared "
+        "system prompts): only the rest is prefilled",
+    )
+    p.add_argument(
+        "--speculate",
+        choices=["ngram"],
+        default=None,
+        help="speculative decoding with prompt-lookup drafts (same outputs, fewer passes)",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --speculate: tokens drafted per verify pass (default 4)",
     )
     p.add_argument("--model-name", default=None, help="name clients use (default: model folder)")
     p.add_argument(
@@ -76,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1.")
     check_static(args.artifact)
+    options = _engine_options(args)
     loader = slots_loader(
         args.artifact,
         slots=args.slots,
@@ -83,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         spin=args.spin,
+        last_only=args.speculate is None,
     )
     state = ServerState(
         loader,
@@ -90,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         prefill_stall_s=_stall_s(args),
+        **options,
     )
     serve(state, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
     return 0
@@ -100,6 +136,28 @@ def _stall_s(args: argparse.Namespace) -> float | None:
     if args.prefill_chunk == 0 and args.prefill_stall_ms > 0:
         return float(args.prefill_stall_ms) / 1000
     return None
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Adaptive, prefix reuse and speculation as ServerState / EngineSpec keywords."""
+    from kiln.errors import ConfigError
+
+    if args.ttft_target is not None and not args.adaptive:
+        raise ConfigError(f"--ttft-target {args.ttft_target}: only with --adaptive; add it.")
+    if args.draft_tokens is not None and args.speculate is None:
+        raise ConfigError(f"--draft-tokens {args.draft_tokens}: only with --speculate ngram.")
+    target_ms = 500.0 if args.ttft_target is None else args.ttft_target
+    if target_ms <= 0:
+        raise ConfigError(f"--ttft-target {target_ms}: must be > 0 milliseconds.")
+    draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
+    if draft_tokens < 1:
+        raise ConfigError(f"--draft-tokens {draft_tokens}: must be >= 1.")
+    return {
+        "ttft_target_s": target_ms / 1000 if args.adaptive else None,
+        "prefix_cache": args.prefix_cache,
+        "speculate": args.speculate,
+        "draft_tokens": draft_tokens,
+    }
 
 
 def _run_ray(args: argparse.Namespace) -> int:
@@ -119,6 +177,7 @@ def _run_ray(args: argparse.Namespace) -> int:
         threads=args.threads,
         spin=args.spin,
         prefill_stall_s=_stall_s(args),
+        **_engine_options(args),
     )
     autoscale = ray_app.parse_autoscale(args.autoscale) if args.autoscale else None
     scale = ray_app.ScaleOptions(

@@ -24,11 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.decode import Event, Sequence
+from kiln.runtime.prefix_cache import PrefixCache
 from kiln.runtime.server.metrics import Metrics
 from kiln.runtime.server.prepare import ModelView, Prepared, prepare_chat, prepare_completion
 from kiln.runtime.server.responses import SSE_DONE, Reply, error_body, error_kind, sse
 from kiln.runtime.server.scheduler import Job, Scheduler
 from kiln.runtime.server.schemas import ChatRequest, CompletionRequest, parse_request
+from kiln.runtime.speculate import load_speculator
 from kiln.runtime.structured import grammars_for
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,20 @@ class ServerState:
         max_queue: int = 64,
         prefill_chunk: int = 64,
         prefill_stall_s: float | None = None,
+        ttft_target_s: float | None = None,
+        prefix_cache: bool = False,
+        speculate: str | None = None,
+        draft_tokens: int = 4,
     ) -> None:
         self.loader = loader
         self.model_name = model_name
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.prefill_stall_s = prefill_stall_s  # runtime/server/scheduler.py prefill_budget
+        self.ttft_target_s = ttft_target_s  # not None: adaptive (runtime/server/adaptive.py)
+        self.prefix_cache = prefix_cache  # runtime/prefix_cache.py
+        self.speculate = speculate  # "ngram" (runtime/speculate.py); the loader keeps all logits
+        self.draft_tokens = draft_tokens
         self.metrics = Metrics()
         self.scheduler: Scheduler | None = None
         self.model: ModelView | None = None
@@ -83,6 +93,13 @@ class ServerState:
                 prefill_chunk=self.prefill_chunk,
                 prefill_stall_s=self.prefill_stall_s,
                 reprefill_at=gen.info.reprefill_at,
+                ttft_target_s=self.ttft_target_s,
+                prefix_cache=PrefixCache(backend) if self.prefix_cache else None,
+                speculator=(
+                    load_speculator(gen, self.speculate, draft_tokens=self.draft_tokens)
+                    if self.speculate
+                    else None
+                ),
             )
             self.scheduler.start()
         except Exception as e:

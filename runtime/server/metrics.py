@@ -89,6 +89,39 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # kiln serve --adaptive (runtime/server/adaptive.py)
+        self.prefill_budget = Gauge(
+            "kiln_prefill_budget_tokens",
+            "Prompt tokens fed per step beside decoding streams, as adaptive last set it",
+            registry=r,
+        )
+        self.active_cap = Gauge(
+            "kiln_active_slot_cap", "Slots adaptive lets hold a sequence at once", registry=r
+        )
+        self.adaptive_decisions = Counter(
+            "kiln_adaptive_decisions",
+            "Adaptive decisions by rule (slow_first_tokens, fast_first_tokens, keep)",
+            ["reason"],
+            registry=r,
+        )
+        # kiln serve --prefix-cache (runtime/prefix_cache.py)
+        self.prefix_lookups = Counter(
+            "kiln_prefix_lookups", "Prompts placed in a slot by the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            "kiln_prefix_hits", "Prompts that continued in a slot holding their start", registry=r
+        )
+        self.prefix_tokens_saved = Counter(
+            "kiln_prefix_tokens_saved", "Prompt tokens not prefilled thanks to reuse", registry=r
+        )
+        # kiln serve --speculate (runtime/speculate.py); acceptance rate: accepted / drafted
+        self.spec_passes = Counter(
+            "kiln_spec_verify_passes", "Verify passes (one per decoding slot per step)", registry=r
+        )
+        self.spec_drafted = Counter("kiln_spec_drafted_tokens", "Tokens drafted", registry=r)
+        self.spec_accepted = Counter(
+            "kiln_spec_accepted_tokens", "Drafted tokens the target accepted", registry=r
+        )
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

@@ -43,6 +43,10 @@ class EngineSpec:
     spin: bool = False
     prefill_stall_s: float | None = 0.2  # runtime/server/scheduler.py prefill_budget
     queue: int = 2  # jobs the scheduler may hold beyond its slots (Serve queues the rest)
+    ttft_target_s: float | None = None  # not None: adaptive (runtime/server/adaptive.py)
+    prefix_cache: bool = False
+    speculate: str | None = None  # "ngram"
+    draft_tokens: int = 4
 
 
 # Messages of `KilnEngine.http`: first a Start, then body chunks (bytes).
@@ -65,6 +69,7 @@ class KilnEngine:
             device=spec.device,
             threads=spec.threads,
             spin=spec.spin,
+            last_only=spec.speculate is None,
         )
         self.state = ServerState(
             loader,
@@ -72,6 +77,10 @@ class KilnEngine:
             max_queue=spec.queue,
             prefill_chunk=spec.prefill_chunk,
             prefill_stall_s=spec.prefill_stall_s,
+            ttft_target_s=spec.ttft_target_s,
+            prefix_cache=spec.prefix_cache,
+            speculate=spec.speculate,
+            draft_tokens=spec.draft_tokens,
         )
         self.state.load()  # in the constructor: Serve routes nothing here until it returns
         if self.state.load_error:

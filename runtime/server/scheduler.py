@@ -14,6 +14,9 @@ while a stream decodes, all prompts together feed at most `prefill_budget()` tok
 (a long prompt is fed over several steps, sampling only after its last chunk). The budget is
 `prefill_chunk`, or with `prefill_stall_s` what fits that time at the measured cost per prefill
 position (the server's default). When no stream is decoding, prompts go in whole.
+With `ttft_target_s` (`kiln serve --adaptive`) runtime/server/adaptive.py's `decide` moves that
+same budget and a cap on the slots admitted, every `ADAPT_EVERY` steps, from the queue and the
+recent times to first token; neither changes what a request computes, only when it is fed.
 
 Per-request state (sampling with its seed, stop tokens and strings, incremental detokenization)
 is runtime/decode.py's `Sequence`, and the per-slot phases are that module's too (`SlotTable`
@@ -29,6 +32,7 @@ Letters in names: N slots fed this step, V vocab.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -40,12 +44,15 @@ import numpy as np
 
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.decode import Event, Sequence, SlotTable, choose_all, follow
-from kiln.runtime.prefix_cache import PrefixCache
+from kiln.runtime.prefix_cache import PrefixCache, PrefixStats
+from kiln.runtime.server.adaptive import LoadState, Policy, Settings, decide
 from kiln.runtime.server.metrics import Metrics
 from kiln.runtime.slots import RewindableSlots, SlotBackend, SlotFeed
-from kiln.runtime.speculate import Speculator
+from kiln.runtime.speculate import SpecStats, Speculator
 
 log = logging.getLogger(__name__)
+
+ADAPT_EVERY = 8  # steps between two adaptive decisions
 
 
 @dataclass(eq=False)
@@ -81,6 +88,7 @@ class Scheduler:
         reprefill_at: int | None = None,
         prefix_cache: PrefixCache | None = None,
         speculator: Speculator | None = None,
+        ttft_target_s: float | None = None,
     ) -> None:
         if (prefix_cache or speculator) and reprefill_at is not None:
             raise KilnError(
@@ -96,6 +104,20 @@ class Scheduler:
         self.prefill_stall_s = prefill_stall_s  # None: every chunk is prefill_chunk
         self._position_s: float | None = None  # measured seconds per prefill position (EWMA)
         self.retry_after_s = retry_after_s
+        self.active_cap = backend.slots  # slots admitted at once (adaptive lowers it at start)
+        self._policy: Policy | None = None  # set with ttft_target_s: adaptive
+        self._adaptive_chunk: int | None = None  # the budget adaptive chose (first: measured)
+        self._ttft: collections.deque[float] = collections.deque(maxlen=64)
+        self._next_decision = 0  # the step count at which adaptive decides next
+        if ttft_target_s is not None:
+            chunk = self.prefill_chunk  # adaptive's budget stays within [16, prefill_chunk]
+            self._policy = Policy(
+                ttft_target_s, slots=backend.slots, max_chunk=chunk, min_chunk=min(16, chunk)
+            )
+            self.active_cap = max(1, backend.slots // 2)  # the first queued burst doubles it
+            metrics.active_cap.set(self.active_cap)
+        self._seen_prefix = PrefixStats()  # the caches' stats already counted in metrics
+        self._seen_spec = SpecStats()
         self.reprefill_at = reprefill_at  # longrope's cache rebuild (runtime/artifact.py)
         self.steps = 0
         self._waiting: collections.deque[Job] = collections.deque()
@@ -202,6 +224,9 @@ class Scheduler:
                     )
                     return
                 self._drop_cancelled()
+                if self._policy is not None and self.steps >= self._next_decision:
+                    self._next_decision = self.steps + ADAPT_EVERY
+                    self._adapt(self._policy)
                 self._admit()
                 batch = list(self._slots.held.values())
             if batch:
@@ -209,7 +234,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Give free slots to waiting jobs, first come first served (lock held)."""
-        while self._slots.free and self._waiting:
+        while self._slots.free and self._waiting and len(self._slots.held) < self.active_cap:
             job = self._waiting.popleft()
             if job.cancelled:
                 self.metrics.finished.labels("cancelled").inc()
@@ -220,6 +245,7 @@ class Scheduler:
                 feed = self.prefix_cache.claim(job.seq.prompt_ids, self._slots.free_slots)
                 job.slot = self._slots.take(job, feed.slot)
                 job.fed = len(job.seq.prompt_ids) - len(feed.tokens)
+        self._count_reuse()
         self.metrics.queue_depth.set(len(self._waiting))
         self.metrics.active.set(len(self._slots.held))
 
@@ -250,12 +276,54 @@ class Scheduler:
 
         Fixed (`prefill_chunk`) unless `prefill_stall_s` is set: then the tokens the last
         prefill calls' measured cost per position says fit in that time, between 16 and
-        `prefill_chunk` (a GPU takes whole prompts, a busy CPU smaller chunks).
+        `prefill_chunk` (a GPU takes whole prompts, a busy CPU smaller chunks). Adaptive
+        starts from that value and moves it (`_adapt`).
         """
+        if self._adaptive_chunk is not None:
+            return self._adaptive_chunk
         if self.prefill_stall_s is None or self._position_s is None:
             return self.prefill_chunk
         fit = int(self.prefill_stall_s / self._position_s)
         return max(min(16, self.prefill_chunk), min(self.prefill_chunk, fit))
+
+    def _adapt(self, policy: Policy) -> None:
+        """One adaptive decision (lock held): the budget and active cap for the next steps."""
+        current = Settings(self.prefill_budget(), self.active_cap)
+        state = LoadState(len(self._waiting), len(self._slots.held), list(self._ttft))
+        self._ttft.clear()  # the next decision reads only what happens after this one
+        d = decide(state, current, policy)
+        m = self.metrics
+        if self._adaptive_chunk is None:  # from now on the budget is adaptive's
+            self._adaptive_chunk = current.prefill_chunk
+            m.prefill_budget.set(current.prefill_chunk)
+        if not d.changed:
+            m.adaptive_decisions.labels("keep").inc()
+            return
+        more = d.settings.active_slots > current.active_slots or (
+            d.settings.prefill_chunk > current.prefill_chunk
+        )  # the rule for slow first tokens only grows, the one for fast ones only shrinks
+        m.adaptive_decisions.labels("slow_first_tokens" if more else "fast_first_tokens").inc()
+        self._adaptive_chunk = d.settings.prefill_chunk
+        self.active_cap = d.settings.active_slots
+        m.prefill_budget.set(self._adaptive_chunk)
+        m.active_cap.set(self.active_cap)
+        log.info("adaptive: %s", d.reason)
+
+    def _count_reuse(self) -> None:
+        """Add what the prefix cache and the speculator did since the last call to metrics."""
+        m = self.metrics
+        if self.prefix_cache is not None:
+            st, seen = self.prefix_cache.stats, self._seen_prefix
+            m.prefix_lookups.inc(st.lookups - seen.lookups)
+            m.prefix_hits.inc(st.hits - seen.hits)
+            m.prefix_tokens_saved.inc(st.tokens_saved - seen.tokens_saved)
+            self._seen_prefix = dataclasses.replace(st)
+        if self.speculator is not None:
+            sp, old = self.speculator.stats, self._seen_spec
+            m.spec_passes.inc(sp.passes - old.passes)
+            m.spec_drafted.inc(sp.drafted - old.drafted)
+            m.spec_accepted.inc(sp.accepted - old.accepted)
+            self._seen_spec = dataclasses.replace(sp)
 
     def _plan(self, batch: list[Job]) -> list[tuple[Job, SlotFeed]]:
         """This step's feeds: each decoding job its last token, prefilling jobs prompt chunks.
@@ -320,7 +388,8 @@ class Scheduler:
             else:
                 rewind = cast("RewindableSlots", self.backend)
                 held = {j.slot: j.seq for j in batch if j.slot is not None}
-                feeds, tails = self.speculator.draft(rewind, feeds, held, decoding)
+                # only this call's decoding slots draft (the step's other call has the rest)
+                feeds, tails = self.speculator.draft(rewind, feeds, held, decoding & held.keys())
                 logits_NV = rewind.step_tails(feeds, tails)
         except Exception as e:  # the requests fail, the server keeps serving
             if not isinstance(e, KilnError):
@@ -365,6 +434,8 @@ class Scheduler:
             try:
                 if self.speculator is not None:
                     events += self._verify(job, feeds[n], np.asarray(logits_NV[n]), now)
+                    if job.seq.done:
+                        done.append(job)
                     continue
                 if token < 0:
                     token = job.seq.choose(logits_NV[n])
@@ -381,6 +452,7 @@ class Scheduler:
         for job, event in events:
             job.emit(event)
         m.engine_seconds.labels("emit").inc(time.perf_counter() - t_accepted)
+        self._count_reuse()
         if done or failed:
             with self._cv:
                 for job in done:
@@ -412,6 +484,7 @@ class Scheduler:
         """A token of the job went out: its time to first token or since its last token."""
         if job.last_token_s is None:
             self.metrics.ttft.observe(now - job.submitted_s)
+            self._ttft.append(now - job.submitted_s)
         else:
             self.metrics.token_latency.observe(now - job.last_token_s)
         job.last_token_s = now

@@ -48,20 +48,34 @@ class DrainingServer(uvicorn.Server):
 
 
 def slots_loader(
-    artifact: Path, *, slots: int, backend: str, device: str, threads: int, spin: bool = False
+    artifact: Path,
+    *,
+    slots: int,
+    backend: str,
+    device: str,
+    threads: int,
+    spin: bool = False,
+    last_only: bool = True,
 ) -> Callable[[], Any]:
     """A loader for ServerState: the static-KV artifact as a Generator over `slots` slots.
 
     `spin` (ONNX Runtime's intra-op threads spinning between ops) is off by default: spinning
     threads take the cores the HTTP event loop and the clients need; runtime/server/README.md
-    has the measurement under load.
+    has the measurement under load. `last_only=False` keeps logits at every position, which
+    speculation's verify pass needs (ServerState's `speculate`).
     """
 
     def load() -> Any:
         from kiln.runtime import load
 
         return load(
-            artifact, slots=slots, backend=backend, device=device, threads=threads, spin=spin
+            artifact,
+            slots=slots,
+            backend=backend,
+            device=device,
+            threads=threads,
+            spin=spin,
+            last_only=last_only,
         )
 
     return load
