@@ -40,7 +40,11 @@ def ray_local() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def kiln_ray(ray_local: None, zen_static: Path) -> Iterator[str]:
-    """The bundled model on 2 engine replicas (4 slots each, 24 requests may queue); its URL."""
+    """The bundled model on 2 engine replicas (4 slots each, 40 requests may queue); its URL.
+
+    A burst of 32 streams must never see a 429: Serve counts a request as queued until its
+    router assigns it to a replica, so at a burst nearly all 32 can be queued at once.
+    """
     from ray import serve
 
     from kiln.runtime.server.ray_app import APP_NAME, ScaleOptions, build_app
@@ -50,6 +54,6 @@ def kiln_ray(ray_local: None, zen_static: Path) -> Iterator[str]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     spec = EngineSpec(str(zen_static), slots=4, prefill_chunk=8, device="cpu", threads=1)
-    scale = ScaleOptions(replicas=2, max_queue=24, drain_timeout_s=30)
+    scale = ScaleOptions(replicas=2, max_queue=40, drain_timeout_s=30)
     serve.run(build_app(spec, scale), name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
