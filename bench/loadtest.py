@@ -114,12 +114,25 @@ async def _level(
     requests: int,
     args: argparse.Namespace,
     pid: int | None,
+    first: int = 0,
 ) -> Level:
+    """One concurrency level; request i sends prompt `first + i`.
+
+    Each level starts where the last one's prompts ended, so no server meets a prompt it saw at
+    an earlier level (llama-server keeps old prompts' KV in RAM, `--cache-ram`, and a repeated
+    prompt would skip its prefill). Every request opens its own connection: llama-server's
+    HTTP library closes kept-alive connections on its own schedule, and a client that reuses
+    one just closed fails with a connection error; both servers get the same treatment.
+    """
+    import httpx2 as httpx  # the HTTP library the openai client is built on
     from openai import AsyncOpenAI
 
     prompts = _prompts(args.prompt_tokens)
     load_avg = os.getloadavg()[0]
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=300)
+    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=300)
+    client = AsyncOpenAI(
+        base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=300, http_client=http
+    )
     todo = list(range(requests))
     results: list[dict] = []
     errors = 0
@@ -132,7 +145,7 @@ async def _level(
         history, turn = "", 0  # --workload chat: this client's conversation so far
         while todo and time.perf_counter() - start < args.duration:
             i = todo.pop(0)
-            prompt = prompts[i % len(prompts)]
+            prompt = prompts[(first + i) % len(prompts)]
             if args.workload == "chat":  # the next turn repeats the whole conversation
                 history, turn = ("", 1) if turn == args.turns else (history, turn + 1)
                 prompt = history = f"{history}{prompt}"
@@ -147,6 +160,7 @@ async def _level(
     await asyncio.gather(*(worker() for _ in range(clients)))
     elapsed = time.perf_counter() - start
     await client.close()
+    await http.aclose()
     after = _server_counts(url, server)
     cpu_after = _cpu_s(pid)
     steps = after["steps"] - before["steps"]
@@ -206,13 +220,13 @@ def _ms(values: list[float], q: int) -> float:
 def _prompts(tokens: int = 0) -> list[str] | list[list[int]]:
     """Prompts, one per request index (cycled).
 
-    tokens > 0: 256 distinct seeded random token-id prompts of that length, ids in [300, 30000)
+    tokens > 0: 1024 distinct seeded random token-id prompts of that length, ids in [300, 30000)
     (inside every bench vocabulary, clear of special tokens). Else the first words of each line
     of the bundled model's text: prompts of varied length.
     """
     if tokens > 0:
         rng = np.random.default_rng(0)
-        return [rng.integers(300, 30000, tokens).tolist() for _ in range(256)]
+        return [rng.integers(300, 30000, tokens).tolist() for _ in range(1024)]
     from kiln.models.zen import zen_text
 
     lines = [ln for ln in zen_text().splitlines() if ln.strip()]
@@ -365,16 +379,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--extra {extra}: load runs against loopback only.")
             procs[name], urls[name] = None, url.rstrip("/")
         health = _get(f"{urls['kiln']}/health")
-        levels = []
+        levels, first = [], 0
         for n in args.clients:  # servers in turn at each level: they share the host's noise
             for name, url in urls.items():
                 model = _get(f"{url}/v1/models")["data"][0]["id"]
                 proc = procs[name]
                 pid = proc.pid if proc is not None else None
                 req = max(args.requests, n)
-                level = asyncio.run(_level(name, url, model, n, req, args, pid))
+                level = asyncio.run(_level(name, url, model, n, req, args, pid, first))
                 levels.append(level)
                 print(f"[load] {name}, {n} clients: {level}", file=sys.stderr)
+            first += req
     finally:
         for proc in procs.values():
             if proc is not None:
