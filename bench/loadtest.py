@@ -29,6 +29,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -60,6 +61,7 @@ class Level:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
+    decode_tok_s: float  # median over requests of (tokens - 1) / (last token - first token)
     tokens: int
     tokens_per_s: float
     mean_batch: float  # server side: slots fed per step
@@ -181,6 +183,7 @@ async def _level(
         ttft_p99_ms=_ms(ttft, 99),
         itl_p50_ms=_ms(itl, 50),
         itl_p99_ms=_ms(itl, 99),
+        decode_tok_s=_decode_rate(results),
         tokens=tokens,
         tokens_per_s=round(tokens / elapsed, 1),
         mean_batch=round((after["fed"] - before["fed"]) / max(steps, 1), 2),
@@ -191,6 +194,47 @@ async def _level(
         load_avg_1m=round(load_avg, 2),
         split=split,
     )
+
+
+def _decode_rate(results: list[dict]) -> float:
+    """Median decode tokens/s of the requests (first token to last): the rate a stream sees."""
+    rates = [
+        (len(r["stamps"]) - 1) / (r["stamps"][-1] - r["stamps"][0])
+        for r in results
+        if len(r["stamps"]) > 1 and r["stamps"][-1] > r["stamps"][0]
+    ]
+    return round(float(np.median(rates)), 1) if rates else float("nan")
+
+
+def bare_runtime(args: argparse.Namespace, requests: int = 8) -> dict[str, Any]:
+    """The runtime alone (no server) on the 1-client work: the reference for that level.
+
+    The same artifact, threads and spinning as the server, one slot, the first `requests`
+    prompts with the load's sampling (temperature 0.8, seed = request index, ignore EOS),
+    streamed through `Generator.stream`; timed the way `_level` times a stream.
+    """
+    from kiln.runtime import load
+
+    gen = load(args.artifact, slots=1, threads=args.threads, spin=True, last_only=True)
+    prompts = _prompts(args.prompt_tokens)
+    results, start = [], time.perf_counter()
+    for i in range(requests):
+        t0, stamps = time.perf_counter(), []
+        for _ in gen.stream(
+            prompts[i], max_new_tokens=args.max_tokens, temperature=0.8, seed=i, ignore_eos=True
+        ):
+            stamps.append(time.perf_counter())
+        results.append({"t0": t0, "stamps": stamps})
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r["stamps"]) for r in results)
+    return {
+        "requests": requests,
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "decode_tok_s": _decode_rate(results),
+        "ttft_p50_ms": _ms([r["stamps"][0] - r["t0"] for r in results], 50),
+        "settings": f"kiln.runtime.load(slots=1, threads={args.threads}, spin=True), "
+        "Generator.stream per request, in the load tool's process",
+    }
 
 
 def _server_counts(url: str, server: str) -> dict[str, float]:
@@ -245,6 +289,7 @@ def kiln_command(args: argparse.Namespace, port: int) -> list[str]:
         *(sys.executable, "-c", cli, "-q", "serve", str(args.artifact)),
         *("--port", str(port), "--slots", str(args.slots)),
         *("--max-queue", str(max(args.clients) + 8), "--threads", str(args.threads)),
+        *([] if "--no-spin" in args.serve_flags.split() else ["--spin"]),  # the default, stated
         *args.serve_flags.split(),
     ]
 
@@ -379,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--extra {extra}: load runs against loopback only.")
             procs[name], urls[name] = None, url.rstrip("/")
         health = _get(f"{urls['kiln']}/health")
+        bare = None if args.url else bare_runtime(args)  # the servers idle meanwhile
+        if bare:
+            print(f"[load] bare runtime, 1 sequence: {bare}", file=sys.stderr)
         levels, first = [], 0
         for n in args.clients:  # servers in turn at each level: they share the host's noise
             for name, url in urls.items():
@@ -395,12 +443,16 @@ def main(argv: list[str] | None = None) -> int:
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
-    _report(levels, health, args, commands)
+    _report(levels, health, args, commands, bare)
     return 0
 
 
 def _report(
-    levels: list[Level], health: dict, args: argparse.Namespace, commands: dict[str, list[str]]
+    levels: list[Level],
+    health: dict,
+    args: argparse.Namespace,
+    commands: dict[str, list[str]],
+    bare: dict[str, Any] | None = None,
 ) -> None:
     head = [f.name for f in fields(Level) if f.name != "split"]
     rows = [[getattr(lv, name) for name in head] for lv in levels]
@@ -418,6 +470,14 @@ def _report(
     print(" | ".join("---" for _ in head))
     for r in rows:
         print(" | ".join(str(v) for v in r))
+    one = next((lv for lv in levels if lv.server == "kiln" and lv.clients == 1), None)
+    if bare and one:
+        print(
+            f"\nbare runtime, 1 sequence ({bare['settings']}): {bare['tokens_per_s']} tok/s "
+            f"end to end, {bare['decode_tok_s']} decode tok/s, TTFT p50 {bare['ttft_p50_ms']} ms."
+            f" kiln serve at 1 client: {one.tokens_per_s / bare['tokens_per_s']:.0%} of its "
+            f"end-to-end rate, {one.decode_tok_s / bare['decode_tok_s']:.0%} of its decode rate."
+        )
     split = [lv for lv in levels if lv.split]
     if split:
         print("\nkiln engine thread, share of wall time per phase (rest: idle or waiting):")
@@ -435,6 +495,7 @@ def _report(
         "workload": args.workload,
         "max_tokens": args.max_tokens,
         "levels": [asdict(x) for x in levels],
+        "bare_runtime": bare,
     }
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out)

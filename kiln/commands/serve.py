@@ -81,7 +81,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all)")
     p.add_argument(
-        "--spin", action="store_true", help="ONNX Runtime threads spin between ops (default off)"
+        "--spin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ONNX Runtime threads spin between ops (default: on for one server, off for Ray "
+        "replicas, which may share cores; runtime/server/README.md)",
     )
     ray = p.add_argument_group("Ray Serve (the 'ray' extra; RAY_ADDRESS joins a running cluster)")
     ray.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve")
@@ -116,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         threads=args.threads,
-        spin=args.spin,
+        spin=args.spin is not False,
         last_only=args.speculate is None,
     )
     state = ServerState(
@@ -175,7 +179,7 @@ def _run_ray(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         threads=args.threads,
-        spin=args.spin,
+        spin=bool(args.spin),
         prefill_stall_s=_stall_s(args),
         **_engine_options(args),
     )

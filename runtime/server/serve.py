@@ -59,10 +59,10 @@ def slots_loader(
 ) -> Callable[[], Any]:
     """A loader for ServerState: the static-KV artifact as a Generator over `slots` slots.
 
-    `spin` (ONNX Runtime's intra-op threads spinning between ops) is off by default: spinning
-    threads take the cores the HTTP event loop and the clients need; runtime/server/README.md
-    has the measurement under load. `last_only=False` keeps logits at every position, which
-    speculation's verify pass needs (ServerState's `speculate`).
+    `spin` (ONNX Runtime's intra-op threads spinning between ops): `kiln serve` turns it on
+    (a quiet 2-core host served 8-20% more tokens/s with it, runtime/server/README.md); off
+    here for callers that share cores (Ray replicas, tests). `last_only=False` keeps logits at
+    every position, which speculation's verify pass needs (ServerState's `speculate`).
     """
 
     def load() -> Any:

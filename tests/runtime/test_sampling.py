@@ -93,3 +93,37 @@ def test_repetition_penalty_changes_greedy_output(gen):
 def test_bad_sampling_values_are_named(field, value, match):
     with pytest.raises(ConfigError, match=match):
         SamplingParams(**{field: value})
+
+
+def _chi2_per_dof(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    m = expected > 5
+    return float(((counts[m] - expected[m]) ** 2 / expected[m]).sum() / (m.sum() - 1))
+
+
+@pytest.mark.parametrize("vocab", [7, 256, 1000])
+def test_draw_follows_the_distribution_and_never_picks_a_zero(vocab):
+    from kiln.runtime.sampling import draw
+
+    probs = np.random.default_rng(vocab).random(vocab) ** 4
+    probs[::5] = 0
+    probs /= probs.sum()
+    rng = np.random.default_rng(1)
+    counts = np.bincount([draw(probs, rng) for _ in range(40_000)], minlength=vocab)
+    assert counts[probs == 0].sum() == 0
+    assert _chi2_per_dof(counts, probs) < 1.6  # 40k draws: a right sampler sits near 1
+    # negative control: the same statistic rejects draws from a slightly wrong distribution
+    skewed = probs * np.linspace(0.5, 1.5, vocab)
+    skewed /= skewed.sum()
+    wrong = np.bincount([draw(skewed, rng) for _ in range(40_000)], minlength=vocab)
+    assert _chi2_per_dof(wrong, probs) > 2.5
+
+
+def test_draw_one_hot_at_either_end_of_a_vocab_not_a_multiple_of_the_block():
+    from kiln.runtime.sampling import draw
+
+    for hot in (0, 49151):
+        probs = np.zeros(49152 - 7)
+        probs[min(hot, probs.size - 1)] = 1.0
+        rng = np.random.default_rng(0)
+        assert {draw(probs, rng) for _ in range(50)} == {min(hot, probs.size - 1)}
