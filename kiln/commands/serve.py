@@ -38,8 +38,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--prefill-stall-ms",
         type=float,
-        default=200,
-        help="with --prefill-chunk 0: the time a step's prompt chunks may take (0: whole prompts)",
+        default=None,
+        help="with --prefill-chunk 0: the time a step's prompt chunks may take (0: whole prompts; "
+        "default: the scheduler's PREFILL_STALL_S, runtime/server/scheduler.py)",
     )
     p.add_argument(
         "--adaptive",
@@ -137,9 +138,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _stall_s(args: argparse.Namespace) -> float | None:
     """The scheduler's prefill stall target: None when --prefill-chunk fixes the chunk."""
-    if args.prefill_chunk == 0 and args.prefill_stall_ms > 0:
-        return float(args.prefill_stall_ms) / 1000
-    return None
+    from kiln.runtime.server.scheduler import PREFILL_STALL_S
+
+    ms = args.prefill_stall_ms
+    stall_s = PREFILL_STALL_S if ms is None else float(ms) / 1000
+    return stall_s if args.prefill_chunk == 0 and stall_s > 0 else None
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:

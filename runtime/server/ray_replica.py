@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.runtime.server.app import ServerState, create_app
+from kiln.runtime.server.scheduler import PREFILL_STALL_S
 from kiln.runtime.server.serve import slots_loader
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class EngineSpec:
     device: str = "auto"
     threads: int = 0
     spin: bool = False
-    prefill_stall_s: float | None = 0.2  # runtime/server/scheduler.py prefill_budget
+    prefill_stall_s: float | None = PREFILL_STALL_S  # scheduler.py prefill_budget
     queue: int = 2  # jobs the scheduler may hold beyond its slots (Serve queues the rest)
     ttft_target_s: float | None = None  # not None: adaptive (runtime/server/adaptive.py)
     prefix_cache: bool = False

@@ -53,6 +53,7 @@ from kiln.runtime.speculate import SpecStats, Speculator
 log = logging.getLogger(__name__)
 
 ADAPT_EVERY = 8  # steps between two adaptive decisions
+PREFILL_STALL_S = 0.2  # default time a step's prompt chunks may stall decoding streams
 
 
 @dataclass(eq=False)
