@@ -86,7 +86,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action=argparse.BooleanOptionalAction,
         default=None,
         help="ONNX Runtime threads spin between ops (default: on for one server, off for Ray "
-        "replicas, which may share cores; runtime/server/README.md)",
+        "replicas; use --no-spin on a host shared with other busy work, where spinning threads "
+        "starve each other: runtime/server/README.md)",
     )
     ray = p.add_argument_group("Ray Serve (the 'ray' extra; RAY_ADDRESS joins a running cluster)")
     ray.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve")
