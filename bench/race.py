@@ -49,23 +49,11 @@ import numpy as np
 
 from bench.race_report import RUNNERS
 from kiln.log import setup_logging
+from kiln.models.shapes import SMOLLM_135M as SHAPES_SMOLLM
 
 log = logging.getLogger("kiln.bench.race")
 
-SMOLLM_135M = {
-    "hidden_size": 576,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "intermediate_size": 1536,
-    "vocab_size": 49152,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
+SMOLLM_135M = {**SHAPES_SMOLLM, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 GPT2_SMALL = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
 PROFILED = ("kiln", "kiln-ort", "kiln-static", "kiln-static-int4")
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import transformers as T
 
+from kiln.models.shapes import QWEN25_05B, SMOLLM_135M
+
 _COMMON = {"vocab_size": 300, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 _LLAMA_LIKE = {
     "num_hidden_layers": 2,
@@ -75,36 +77,11 @@ TINY_CONFIGS: dict[str, Callable[[], Any]] = {
 # and any fp32 check passes; at 0.1 max |logit| is 12 (SmolLM shape) and 16 (Qwen shape) on random
 # prompts, logit std 2.4 and 3.0: the spread of a trained model.
 REAL_SCALE_CONFIGS: dict[str, Callable[[], Any]] = {
-    "smollm-135m": lambda: T.LlamaConfig(  # HuggingFaceTB/SmolLM-135M
-        num_hidden_layers=30,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-        bos_token_id=0,
-        eos_token_id=0,
+    "smollm-135m": lambda: T.LlamaConfig(
+        **SMOLLM_135M, initializer_range=0.1, bos_token_id=0, eos_token_id=0
     ),
-    "qwen2.5-0.5b": lambda: T.Qwen2Config(  # Qwen/Qwen2.5-0.5B
-        num_hidden_layers=24,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        use_sliding_window=False,
-        initializer_range=0.1,
-        bos_token_id=151643,
-        eos_token_id=151643,
+    "qwen2.5-0.5b": lambda: T.Qwen2Config(
+        **QWEN25_05B, initializer_range=0.1, bos_token_id=151643, eos_token_id=151643
     ),
 }
 
