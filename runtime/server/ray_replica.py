@@ -143,17 +143,17 @@ class KilnEngine:
                 ready = [await sent.get()]
                 while not sent.empty():
                     ready.append(sent.get_nowait())
-                body = bytearray()
+                chunk = bytearray()
                 for message in ready:
                     if message is None:
                         ended = True
                     elif message["type"] == "http.response.start":
                         yield self._start(message)
                     elif message["type"] == "http.response.body":
-                        body += message.get("body", b"")
+                        chunk += message.get("body", b"")
                         ended = ended or not message.get("more_body", False)
-                if body:
-                    yield bytes(body)
+                if chunk:
+                    yield bytes(chunk)
             await task
         finally:  # the ingress cancelled (its client left) or the response ended
             gone.set()
