@@ -111,12 +111,17 @@ serve: $(STAMP)  ## OpenAI-compatible server with continuous batching on 127.0.0
 # level, with llama.cpp's llama-server beside it on the same weights at Q4_0 (skipped, saying
 # why, when build/llamacpp/cmake/bin/llama-server is absent). ARTIFACT=folder serves that alone.
 # RAY=1: the served artifact (ARTIFACT, default the bundled model's static export) single-process
-# vs Ray Serve with RAY_REPLICAS replicas, then a replica kill (out/load/load_ray.json).
+# vs Ray Serve with RAY_REPLICAS replicas, then a replica kill (out/load/load_ray.json);
+# RAY_MODEL=smollm: the SmolLM-135M-shaped static int4 artifact above with RAY_SMOLLM_FLAGS
+# (RAY_THREADS ONNX Runtime threads per replica and for the single-process server).
+RAY_THREADS ?= 2
+RAY_SMOLLM_FLAGS ?= --prompt-tokens 128 --requests 48 --max-tokens 64 --slots 8 --threads $(RAY_THREADS)
+RAY_TARGET = $(if $(filter smollm,$(RAY_MODEL)),--model smollm $(RAY_SMOLLM_FLAGS),--artifact $(SERVE_ARTIFACT))
 LOAD_FLAGS ?= --prompt-tokens 128 --requests 48 --threads 2 --slots 8
 LOAD_ARTIFACT = $(if $(filter command line environment,$(origin ARTIFACT)),$(ARTIFACT),out/load-smollm/ort-int4)
 load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients, kiln and llama-server side by side: req/s, TTFT p50/p99, tok/s, kiln's engine time split; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server; RAY=1: single-process vs Ray Serve replicas and a replica kill)
-	@if [ -n "$(RAY)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
-	if [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load --artifact $(SERVE_ARTIFACT) --replicas $(RAY_REPLICAS) --kill --autoscale; \
+	@if [ -n "$(RAY)" ] && [ -z "$(RAY_MODEL)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
+	if [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load $(RAY_TARGET) --replicas $(RAY_REPLICAS) --kill --autoscale; \
 	else $(PY) -m bench.loadtest --out out/load $(if $(filter command line environment,$(origin ARTIFACT)),--artifact $(ARTIFACT),--model smollm --peer llama-server) $(if $(URL),--url $(URL)) $(LOAD_FLAGS); fi
 	@if [ -z "$(URL)" ] && [ -z "$(RAY)" ]; then $(PY) -m bench.stall $(LOAD_ARTIFACT) --out out/load; fi
 

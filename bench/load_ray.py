@@ -1,12 +1,19 @@
 """`make load RAY=1`: the single-process server against Ray Serve with 1 and 2 replicas.
 
-Runs bench/loadtest.py's streaming client (`_one`: one openai streamed completion, every token
-timed) at each client count against three targets, round-robin so they share the machine's
-noise: `kiln serve` in a subprocess, and one local Ray cluster whose kiln app is redeployed with
-1, then 2 engine replicas (runtime/server/ray_app.py). Reports req/s, TTFT p50/p99 and tok/s per
-target and level, with the load average beside them. `--kill` then runs the replica-kill
-experiment on 2 replicas: streams in flight, one replica killed, each request counted as
-completed (retried or not), ended with an SSE error event, or lost. Writes load_ray.json.
+Runs bench/loadtest.py's load level (`_level`: streaming openai completions, every token timed,
+a new connection per request) at each client count against three targets: `kiln serve` in a
+subprocess (bench/loadtest.py `kiln_command`), and one local Ray cluster whose kiln app is
+redeployed with 1, then 2 engine replicas (runtime/server/ray_app.py). Each level sends prompts
+no earlier level sent (the targets at one level share them; each Ray deployment is fresh).
+Reports req/s, TTFT p50/p99 and tok/s per target and level, with the load average beside them.
+`--kill` then runs the replica-kill experiment on 2 replicas: streams in flight, one replica
+killed, each request counted as completed (retried or not), ended with an SSE error event, or
+lost. Writes load_ray.json.
+
+`--model smollm` serves the SmolLM-135M-shaped static int4 ONNX Runtime artifact that
+bench/loadtest.py `--model smollm` builds (or reuses) in --work; `--prompt-tokens 128` sends
+random token-id prompts. Each replica runs --threads ONNX Runtime threads, as the single-process
+server does: 2 replicas at 2 threads on a 2-core host oversubscribe it (the output says so).
 """
 
 from __future__ import annotations
@@ -18,67 +25,23 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from bench.loadtest import _ms, _one, _prompts, _start_server
+from bench.loadtest import (
+    Level,
+    _level,
+    _one,
+    _prompts,
+    _start,
+    kiln_command,
+    smollm_artifacts,
+)
 
 REPLICA_HEADER = "x-kiln-replica"
 ATTEMPTS_HEADER = "x-kiln-attempts"
-
-
-@dataclass
-class Row:
-    """One (target, clients) measurement."""
-
-    target: str
-    clients: int
-    requests: int
-    errors: int
-    requests_per_s: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    tokens_per_s: float
-    load_avg_1m: float
-
-
-async def _level(url: str, model: str, target: str, clients: int, args: argparse.Namespace) -> Row:
-    from openai import AsyncOpenAI
-
-    prompts = _prompts()
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=300)
-    todo = list(range(max(args.requests, clients)))
-    results: list[dict] = []
-    errors = 0
-    start = time.perf_counter()
-
-    async def worker() -> None:
-        nonlocal errors
-        while todo:
-            i = todo.pop(0)
-            try:
-                p = prompts[i % len(prompts)]
-                results.append(await _one(client, model, p, i, args.max_tokens))
-            except Exception as e:
-                errors += 1
-                print(f"[load-ray] {target}: request {i} failed: {e}", file=sys.stderr)
-
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    elapsed = time.perf_counter() - start
-    await client.close()
-    ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
-    tokens = sum(len(r["stamps"]) for r in results)
-    return Row(
-        target=target,
-        clients=clients,
-        requests=len(results),
-        errors=errors,
-        requests_per_s=round(len(results) / elapsed, 2),
-        ttft_p50_ms=_ms(ttft, 50),
-        ttft_p99_ms=_ms(ttft, 99),
-        tokens_per_s=round(tokens / elapsed, 1),
-        load_avg_1m=os.getloadavg()[0],
-    )
+COLUMNS = ["server", "clients", "requests", "errors", "requests_per_s", "ttft_p50_ms",
+           "ttft_p99_ms", "itl_p50_ms", "tokens_per_s", "load_avg_1m"]  # fmt: skip
 
 
 def _deploy(args: argparse.Namespace, replicas: int, **scale_kw: object) -> float:
@@ -102,11 +65,12 @@ async def _kill_run(url: str, model: str, args: argparse.Namespace) -> dict[str,
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     victim = sorted(n for n in names if "#KilnEngine#" in n)[0]
-    prompts = _prompts()
+    prompts = _prompts(args.prompt_tokens)
     counts = dict.fromkeys(("sent", "completed", "retried", "error_event", "lost"), 0)
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": 64, "seed": i}
+        prompt = prompts[(args.first + i) % len(prompts)]
+        body = {"model": model, "prompt": prompt, "max_tokens": 64, "seed": i}
         body |= {"stream": True, "ignore_eos": True}
         counts["sent"] += 1
         done = error = False
@@ -142,14 +106,15 @@ async def _autoscale_run(url: str, model: str, args: argparse.Namespace) -> dict
     from kiln.runtime.server.ray_app import APP_NAME
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=300)
-    prompts = _prompts()
+    prompts = _prompts(args.prompt_tokens)
     stop = False
 
     async def worker(w: int) -> None:
         i = 0
         while not stop:
             i += 1
-            await _one(client, model, prompts[(w + i) % len(prompts)], i, args.max_tokens)
+            prompt = prompts[(args.first + 64 * w + i) % len(prompts)]
+            await _one(client, model, prompt, i, args.max_tokens)
 
     def running() -> int:
         deployments = serve.status().applications[APP_NAME].deployments
@@ -170,24 +135,41 @@ async def _autoscale_run(url: str, model: str, args: argparse.Namespace) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure the three targets round-robin; optionally the replica kill; write the report."""
+    """Measure the three targets; optionally the replica kill and autoscaling; write the report."""
     p = argparse.ArgumentParser(prog="python -m bench.load_ray", description=__doc__)
     p.add_argument("--artifact", type=Path, default=Path("out/zen-llama/onnx-static"))
+    p.add_argument("--model", choices=["smollm"], default=None, help="build/reuse this model")
+    p.add_argument("--max-context", type=int, default=256, help="--model's static slot length")
+    p.add_argument("--work", type=Path, default=Path("out/load-smollm"), help="--model's folder")
     p.add_argument("--replicas", default="1,2", help="Ray replica counts, comma-separated")
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per replica")
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--requests", type=int, default=32, help="requests per level (at least clients)")
+    p.add_argument("--duration", type=float, default=300, help="seconds per level (at most)")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=1, help="round-robin rounds")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="random token-id prompts (0: text)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over the targets")
     p.add_argument("--kill", action="store_true", help="then kill a replica under 32 streams")
     p.add_argument("--autoscale", action="store_true", help="then autoscale 1:2 under 32 streams")
     p.add_argument("--out", type=Path, default=Path("out/load"))
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
-    args.max_queue = max(args.clients) + 8
+    args.workload, args.turns, args.serve_flags = "single", 1, ""  # what loadtest's code reads
     replicas = [int(r) for r in args.replicas.split(",")]
+    if args.model:
+        args.artifact, _ = smollm_artifacts(args.work, args.max_context)
     args.artifact = args.artifact.resolve()
+    cpus = os.cpu_count() or 1
+    setting = (
+        f"{args.artifact}, {args.slots} slots and {args.threads} ONNX Runtime threads per "
+        f"replica (and single-process), {cpus} CPUs; "
+        + (f"{args.prompt_tokens}-token id prompts" if args.prompt_tokens else "text prompts")
+        + f", {args.max_tokens} tokens per request"
+    )
+    if max(replicas) * args.threads > cpus:
+        setting += f" ({max(replicas)} replicas x {args.threads} threads oversubscribe the CPUs)"
+    print(f"[load-ray] {setting}", file=sys.stderr)
 
     import ray
     from ray import serve
@@ -196,34 +178,47 @@ def main(argv: list[str] | None = None) -> int:
 
     for attempt in (1, 2):  # on a loaded host the raylet may miss Ray's 30 s start window
         try:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=max(cpus, max(replicas)),  # one logical CPU per engine replica
+                include_dashboard=False,
+                log_to_driver=False,
+            )
             break
         except Exception as e:
             ray.shutdown()
             if attempt == 2:
                 raise
             print(f"[load-ray] ray.init failed ({e}); once more", file=sys.stderr)
-    proc, single_url = _start_server(args)
+    proc, single_url = _start(kiln_command(args, free_port()), "kiln")
     port = free_port()
-    rows: list[Row] = []
-    report: dict = {"cold_start_s": {}}
+    rows: list[Level] = []
+    report: dict = {"setting": setting, "cold_start_s": {}}
+    first = 0  # the first prompt index of the next level: no level repeats an earlier prompt
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         ray_url = f"http://127.0.0.1:{port}"
         for rnd in range(args.repeats):
+            starts = {}  # clients -> the level's first prompt, shared by the targets this round
+            for c in args.clients:
+                starts[c], first = first, first + max(args.requests, c)
             for n in replicas:
                 report["cold_start_s"][f"ray-{n}-round{rnd}"] = round(_deploy(args, n), 1)
-                for target, url in (("single", single_url), (f"ray-{n}", ray_url)):
-                    if target == "single" and n != replicas[0]:
+                for target, url in (("kiln", single_url), (f"ray-{n}", ray_url)):
+                    if target == "kiln" and n != replicas[0]:
                         continue  # one single-process pass per round
+                    pid = proc.pid if target == "kiln" else None
                     for c in args.clients:
-                        row = asyncio.run(_level(url, _model(url), target, c, args))
-                        rows.append(row)
-                        print(f"[load-ray] {row}", file=sys.stderr)
+                        req = max(args.requests, c)
+                        level = _level(target, url, _model(url), c, req, args, pid, starts[c])
+                        rows.append(asyncio.run(level))
+                        print(f"[load-ray] {rows[-1]}", file=sys.stderr)
+        args.first = first
         if args.kill:
             _deploy(args, 2)
             report["kill"] = asyncio.run(_kill_run(ray_url, _model(ray_url), args))
             print(f"[load-ray] replica kill: {report['kill']}", file=sys.stderr)
+            args.first += 32
         if args.autoscale:
             _deploy(args, 1)  # back to one replica, then let the policy add one
             _deploy(args, 1, autoscale=(1, 2), upscale_delay_s=2.0)
@@ -237,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     report |= {
         "max_tokens": args.max_tokens,
         "slots": args.slots,
+        "threads_per_replica": args.threads,
+        "prompt_tokens": args.prompt_tokens,
         "rows": [asdict(r) for r in rows],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -244,9 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out)
-    print(" | ".join(Row.__dataclass_fields__))
+    print(setting)
+    print(" | ".join(COLUMNS))
+    print(" | ".join("---" for _ in COLUMNS))
     for r in rows:
-        print(" | ".join(str(v) for v in asdict(r).values()))
+        print(" | ".join(str(getattr(r, name)) for name in COLUMNS))
+    if "kill" in report:
+        print("replica kill: " + ", ".join(f"{k} {v}" for k, v in report["kill"].items()))
     print(f"[load-ray] wrote {out}", file=sys.stderr)
     return 0
 

@@ -4,7 +4,9 @@ The replica loads the artifact once in its constructor (Serve marks it RUNNING o
 so no request reaches a loading replica), then answers `http(...)` calls from the ingress
 (runtime/server/ray_ingress.py) by running the SAME app as `kiln serve` (runtime/server/app.py:
 routes, schemas, SSE, metrics, errors) over an in-memory ASGI exchange, streaming the response
-back as a start message and body chunks. Each response names its replica in `x-kiln-replica`.
+back as a start message and body chunks: each chunk is everything the app sent since the last
+one, so a busy replica sends several tokens' SSE events per Ray item (each item crosses the
+replica -> ingress -> proxy hops). Each response names its replica in `x-kiln-replica`.
 
 The replica reports its engine state to Serve: `record_autoscaling_stats` (free slots, queue
 depth, oldest queue wait) feeds the autoscaling policy of runtime/server/ray_autoscale.py.
@@ -134,18 +136,25 @@ class KilnEngine:
 
         task = asyncio.create_task(run())
         try:
-            while (message := await sent.get()) is not None:
-                if message["type"] == "http.response.start":
-                    names = [
-                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]
-                    ]
-                    names.append((REPLICA_HEADER, self.replica_id))
-                    yield {"status": message["status"], "headers": names}
-                elif message["type"] == "http.response.body":
-                    if message.get("body"):
-                        yield bytes(message["body"])
-                    if not message.get("more_body", False):
-                        break
+            ended = False
+            while not ended:
+                # Everything the app has sent since the last yield goes as one item: each item
+                # crosses replica -> ingress -> proxy, so under load one carries several tokens'
+                # events (one when idle: nothing here ever waits for more).
+                ready = [await sent.get()]
+                while not sent.empty():
+                    ready.append(sent.get_nowait())
+                chunk = bytearray()
+                for message in ready:
+                    if message is None:
+                        ended = True
+                    elif message["type"] == "http.response.start":
+                        yield self._start(message)
+                    elif message["type"] == "http.response.body":
+                        chunk += message.get("body", b"")
+                        ended = ended or not message.get("more_body", False)
+                if chunk:
+                    yield bytes(chunk)
             await task
         finally:  # the ingress cancelled (its client left) or the response ended
             gone.set()
@@ -153,6 +162,12 @@ class KilnEngine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    def _start(self, message: MutableMapping[str, Any]) -> Start:
+        """The response's start message, latin-1 strings, with this replica's id added."""
+        names = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
+        names.append((REPLICA_HEADER, self.replica_id))
+        return {"status": message["status"], "headers": names}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Engine state for the autoscaling policy (runtime/server/ray_autoscale.py)."""

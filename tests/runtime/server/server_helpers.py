@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from live_metrics import metric as metric  # the server tests import it from here
+
 from kiln.runtime.server import LiveServer, ServerState
 from kiln.runtime.server.serve import slots_loader
 
@@ -60,16 +62,3 @@ def slow_loader(artifact: Path, *, slots: int, delay_s: float = 0.01) -> Callabl
         return gen
 
     return slow
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """One sample of the server's /metrics (0 when absent)."""
-    import httpx2 as httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{url}/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
