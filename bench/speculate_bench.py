@@ -12,7 +12,7 @@ Chat: a multi-turn exchange through kiln's `Generator.stream`, with and without 
 TTFT is the time from the call to the first event. Runners alternate round-robin over
 --repeats, so they share the machine's noise; the load average is printed beside them.
 
-usage: python -m bench.speculate_bench --model smollm|eval-llama [--out out/speculate]
+usage: python -m bench.speculate_bench --model smollm|eval-llama|zen-llama [--out out/speculate]
        python -m bench.speculate_bench --artifact STATIC [--draft ARTIFACT] [--hf HF_DIR]
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from bench.llamacpp_runner import hf_to_gguf, missing
 from bench.speculate_llamacpp import LlamaServer, runner_flags
-from kiln.models.zen import ZEN_PROMPT, zen_text
+from kiln.models.zen import ZEN_DIR, ZEN_PROMPT, zen_text
 from kiln.runtime import Generator, load
 from kiln.runtime.prefix_cache import PrefixCache
 from kiln.runtime.speculate import SpecStats, Speculator, load_speculator
@@ -89,7 +89,8 @@ def prepare(model: str, work: Path, max_context: int) -> tuple[Path, Path, Path]
     from bench.race import make_model, ort_target
     from kiln.export import export_model
 
-    hf = make_model("smollm", work / "hf") if model == "smollm" else EVAL_DIR
+    hf = {"smollm": lambda: make_model("smollm", work / "hf"), "zen-llama": lambda: ZEN_DIR,
+          "eval-llama": lambda: EVAL_DIR}[model]()  # fmt: skip
     static = work / "onnx-static"
     if not (static / "export.json").is_file():
         export_model(hf, static, precision="fp32", kv="static", max_context=max_context)
@@ -102,11 +103,14 @@ def prepare(model: str, work: Path, max_context: int) -> tuple[Path, Path, Path]
 def workloads(gen: Generator, kind: str) -> dict[str, list[int]]:
     """Prompt ids of the grounded and the free workload.
 
-    zen: the Zen of Python (the bundled model's text; the SmolLM-shaped model uses its
-    tokenizer). code: the eval model's held-out stdlib source (models/eval-llama/heldout.txt);
-    grounded = the first 900 characters and a blank line, then their first line again (the
-    model goes on quoting); free = 300 characters from the start of a later line, whose
-    continuation is not in the prompt.
+    zen: the Zen of Python (zen-llama has memorised it, so its answer quotes the prompt; the
+    SmolLM-shaped model uses the same tokenizer): grounded = 700 characters and their first 40
+    again, free = `Beautiful is better than`. code: the eval model's held-out stdlib source
+    (models/eval-llama/heldout.txt): grounded = 900 characters from the start of a line, a
+    blank line and their first 120 characters again; free = 300 characters from the start of a
+    later line, whose continuation is not in the prompt. The 1.8M-parameter eval model does
+    not copy from its context (its greedy answers loop on their own), which the acceptance
+    column shows.
     """
     if kind == "zen":
         text = zen_text()
@@ -115,11 +119,11 @@ def workloads(gen: Generator, kind: str) -> dict[str, list[int]]:
             "free": gen.encode(ZEN_PROMPT),
         }
     text = (EVAL_DIR / "heldout.txt").read_text()
-    head = text[:900]
-    start = text.index("\n", 40_000) + 1
+    a, b = (text.index("\n", at) + 1 for at in (3000, 40_000))
+    head = text[a : a + 900]
     return {
-        "grounded": gen.encode(head + "\n\n" + head[: head.index("\n", 1) + 1]),
-        "free": gen.encode(text[start : start + 300]),
+        "grounded": gen.encode(head + "\n\n" + head[:120]),
+        "free": gen.encode(text[b : b + 300]),
     }
 
 
@@ -184,7 +188,7 @@ def main() -> None:
     """Run the decode race and the chat, print the tables and write them under --out."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", choices=["smollm", "eval-llama"],
+    src.add_argument("--model", choices=["smollm", "eval-llama", "zen-llama"],
                      help="build the fp32 static export, its int4 draft and the GGUFs")  # fmt: skip
     src.add_argument("--artifact", type=Path, help="a static fp32 artifact (with --draft, --hf)")
     ap.add_argument("--draft", type=Path, default=None, help="kiln's draft artifact")
@@ -197,6 +201,9 @@ def main() -> None:
     ap.add_argument("--draft-k", type=int, default=4, help="draft-model draft length")
     ap.add_argument("--ngram-n", type=int, default=3, help="llama.cpp ngram-simple lookup size")
     ap.add_argument("--no-llamacpp", action="store_true", help="kiln's runners only")
+    ap.add_argument(
+        "--llama-flags", default="", help="more flags for every llama-server (--poll 0)"
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--turns", type=int, default=6, help="chat turns (0: no chat)")
@@ -243,7 +250,9 @@ def main() -> None:
             n_ctx = -(-(max(map(len, prompts.values())) + args.new + 16) // 256) * 256
             for name, (what, flags) in runner_flags(ks, args.ngram_n, q4, args.draft_k).items():
                 log = work / "logs" / (name.replace(" ", "_").replace("=", "") + ".log")
-                server = servers[name] = LlamaServer(f32, args.threads, n_ctx, flags, log)
+                server = servers[name] = LlamaServer(
+                    f32, args.threads, n_ctx, [*flags, *args.llama_flags.split()], log
+                )
                 settings[name] = f"threads {args.threads}, {what}"
                 for wl in prompts:
                     runs[wl, name] = lambda p, s=server: llamacpp_run(s, p, args.new)
