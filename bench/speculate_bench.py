@@ -279,7 +279,14 @@ def main() -> None:
     rows, lines = table(tallies, settings, args.new)
     title = (f"{artifact} ({kind} workload), {args.new} new tokens, {args.repeats} repeats, "
              f"load average {load_avg[0]:.1f} -> {load_avg[1]:.1f}")  # fmt: skip
-    lines = [title, "", *lines, ""]
+    differ = [f"{r['workload']}/{r['runner']}" for r in rows if not r["same_as_own_plain"]]
+    lines = [
+        title,
+        "",
+        *lines,
+        "",
+        f"ids differing from their own plain greedy: {differ or 'none'}",
+    ]
     lines += [
         f"chat TTFT p50, {n}: {v * 1e3:.1f} ms (turns after the first)" for n, v in ttft.items()
     ]
