@@ -206,7 +206,7 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--turns", type=int, default=6, help="chat turns (0: no chat)")
+    ap.add_argument("--turns", type=int, default=6, help="chat turns (0 or 1: no chat)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-context", type=int, default=512, help="of the static export")
     ap.add_argument("--out", type=Path, default=Path("out/speculate"))
@@ -273,7 +273,7 @@ def main() -> None:
     finally:
         for s in servers.values():
             s.close()
-    ttft = chat(artifact, gen, opts, args) if args.turns else {}
+    ttft = chat(artifact, gen, opts, args) if args.turns > 1 else {}  # turn 1 is left out
     load_avg.append(os.getloadavg()[0])
     settings = {n: settings[n] for _, n in tallies}  # the runners that ran, in run order
     rows, lines = table(tallies, settings, args.new)
