@@ -7,7 +7,9 @@ text prompt and print text: they cannot be given the exact token ids kiln is giv
 here carry a stand-in tokenizer, bench/llamacpp_runner.py) and their output cannot be checked
 token for token. llama-server takes a prompt of token ids (tools/server/server-common.cpp
 `tokenize_mixed`: no BOS is added to an id prompt), returns the generated ids (`return_tokens`)
-and runs the same `common_speculative` code (common/speculative.cpp) the examples do.
+and runs the same `common_speculative` code (common/speculative.cpp) the examples do. (Source
+paths here are in the vendored llama.cpp, build/llamacpp/llama_cpp_python-*/vendor/llama.cpp
+after `make bench-deps`, which already builds llama-server: no further cmake target is needed.)
 
 Settings of every llama.cpp runner: the GGUF of the same weights at F32 (kiln's target is an
 fp32 export), `-t T -tb T` (kiln's --threads), one slot, greedy (`temperature` 0 and `top_k`
