@@ -68,9 +68,11 @@ generate: $(OUT)/onnx/export.json  ## text from an artifact (ARTIFACT=folder PRO
 bench: $(STAMP)  ## the race, interleaved, every runner at the same --threads: kiln vs HF eager vs ort-genai vs llama.cpp (after bench-deps), fp32/int8/int4, TTFT, tok/s b1/b4, roofline, chart; BENCH_FLAGS="--models smollm --runners kiln-static,genai"
 	$(PY) -m bench.race --out out/bench $(BENCH_FLAGS)
 
-# llama.cpp for the race and the serving peer, outside CI: one plain cmake build of the llama.cpp
-# vendored in the llama-cpp-python source distribution (shared libllama, llama-server and
-# llama-bench in build/llamacpp/cmake/bin; tens of minutes on 2 cores, natively for this CPU).
+# llama.cpp for the race, the serving peer and the speculation peer (llama-server's own lookup
+# and draft-model decoding, bench/speculate_llamacpp.py), outside CI: one plain cmake build of
+# the llama.cpp vendored in the llama-cpp-python source distribution (shared libllama,
+# llama-server and llama-bench in build/llamacpp/cmake/bin; tens of minutes on 2 cores, natively
+# for this CPU).
 # The llama-cpp-python package is then installed WITHOUT compiling (LLAMA_BUILD=OFF): its ctypes
 # bindings load the cmake-built libllama from LLAMA_CPP_LIB_PATH (bench/llamacpp_runner.py sets
 # it). The unpacked sdist also carries llama.cpp's convert_hf_to_gguf.py and the gguf-py it
