@@ -69,6 +69,7 @@ class ExportSection:
 
     kv: str = "concat"
     max_context: int | None = None
+    prune: str = ""  # `kiln prune` fractions applied first ("mlp=0.1,..."); "" = the model as is
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 from kiln.errors import ConfigError
 from kiln.precisions import PRECISIONS, precision_named
-from kiln.tune.space import Candidate, Context, knob_methods, needs_calibration
+from kiln.tune.space import (
+    CHANNEL_GROUP,
+    Candidate,
+    Context,
+    knob_methods,
+    needs_calibration,
+    prune_spec,
+    pruned_shape,
+    prunes,
+)
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,10 @@ def _pass_missing(c: Candidate, ctx: Context) -> str | None:
 
 
 def _needs_text(c: Candidate, ctx: Context) -> str | None:
-    if ctx.calibration is None and needs_calibration(c):
+    if ctx.calibration is None and (needs_calibration(c) or prunes(c)):
         return (
-            f"method {c['method']} / sparsity {c['sparsity']} calibrates on text and none was "
+            f"method {c['method']} / sparsity {c['sparsity']} / prune {c['prune']} calibrates "
+            "on text and none was "
             "given: pass `kiln tune --calibration FILE` (the model's training text, never the "
             "held-out eval text)"
         )
@@ -125,6 +135,68 @@ def _sparse_size(c: Candidate, ctx: Context) -> str | None:
     return None
 
 
+# The layouts compress/prune.py cuts (its `_decoder`: model.layers[i].mlp.gate_proj and
+# self_attn.q/k/v/o_proj), by config.json model_type.
+PRUNE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _prune_family(c: Candidate, ctx: Context) -> str | None:
+    if prunes(c) and ctx.shape.family not in PRUNE_FAMILIES:
+        return (
+            f"compress/prune.py cuts Llama-family decoders ({', '.join(PRUNE_FAMILIES)}); "
+            f"this model is {ctx.shape.family or 'of unknown model_type'}"
+        )
+    return None
+
+
+def _prune_groups(c: Candidate, ctx: Context) -> str | None:
+    """A cut must leave whole channel groups, a layer and a KV group."""
+    if not prunes(c):
+        return None
+    try:
+        prune_spec(c["prune"]).check()
+    except ConfigError as e:
+        return str(e)
+    before, after = ctx.shape, pruned_shape(ctx.shape, c["prune"])
+    if after.intermediate < CHANNEL_GROUP or after.intermediate % CHANNEL_GROUP:
+        return (
+            f"prune {c['prune']} keeps {after.intermediate} of {before.intermediate} MLP channels: "
+            f"not a whole number (>= 1) of {CHANNEL_GROUP}-channel groups, the smallest block "
+            "the weight quantizers cut (optimize/precision/weight_only.py pick_block)"
+        )
+    if after.layers < 1 or after.kv_heads < 1:
+        return f"prune {c['prune']} leaves {after.layers} layers and {after.kv_heads} KV groups"
+    return None
+
+
+# Cost bounds of the default space (tune/README.md): pruning is searched on the graphs that
+# would ship it (fused, dense, integer weights rounded by rtn or gptq); mixed on fused graphs.
+PRUNE_PRECISIONS, PRUNE_METHODS = ("int8", "int4"), ("rtn", "gptq")
+
+
+def _prune_scope(c: Candidate, ctx: Context) -> str | None:
+    if not prunes(c):
+        return None
+    if (
+        c["precision"] in PRUNE_PRECISIONS
+        and c["method"] in PRUNE_METHODS
+        and c["sparsity"] == "dense"
+        and c["fusions"]
+    ):
+        return None
+    return (
+        f"pruning is searched only on fused, dense {'/'.join(PRUNE_PRECISIONS)} graphs "
+        f"rounded by {'/'.join(PRUNE_METHODS)} (bounds the space's cost: each pruned graph is a "
+        "new export, optimize and eval)"
+    )
+
+
+def _mixed_fused(c: Candidate, ctx: Context) -> str | None:
+    if c["method"] == "mixed" and not c["fusions"]:
+        return "mixed precision is searched on fused graphs only (bounds the space's cost)"
+    return None
+
+
 def _weight_blocks(c: Candidate, ctx: Context) -> str | None:
     """TensorRT-target weight-only passes need K divisible by a block (DequantizeLinear opset 21).
 
@@ -139,7 +211,8 @@ def _weight_blocks(c: Candidate, ctx: Context) -> str | None:
     block = getattr(PASSES[quantizer].for_model({}), "block", None)
     if block is None:
         return None
-    odd = [k for k in (ctx.shape.hidden, ctx.shape.intermediate) if pick_block(k, block) is None]
+    shape = pruned_shape(ctx.shape, c["prune"])
+    odd = [k for k in (shape.hidden, shape.intermediate) if pick_block(k, block) is None]
     if odd:
         return (
             f"{quantizer} quantizes in blocks along K (optimize/precision/weight_only.py "
@@ -198,6 +271,10 @@ RULES: tuple[Rule, ...] = (
     Rule("sparsity-float-weights", _sparse_float),
     Rule("pass-not-available", _pass_missing),
     Rule("needs-calibration", _needs_text),
+    Rule("prune-family", _prune_family),
+    Rule("prune-channel-group", _prune_groups),
+    Rule("prune-scope", _prune_scope),
+    Rule("mixed-fused", _mixed_fused),
     Rule("weight-blocks", _weight_blocks),
     Rule("int4-large-batch", _int4_batch),
     Rule("slots-exceed-profile", _slots_fit),

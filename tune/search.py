@@ -30,6 +30,7 @@ from kiln.tune.space import (
     candidates,
     knob_methods,
     needs_calibration,
+    pruned_shape,
 )
 from kiln.tune.speed import Runner, decode_cost, time_runners, weight_bytes
 from kiln.tune.trials import TrialStore
@@ -117,12 +118,14 @@ def run_search(s: Search) -> list[Trial]:
         if (hit := first_violation(t.candidate, s.ctx)) is not None:
             t.status, t.rule, t.reason = "pruned", *hit
     live = [t for t in s.trials if t.status == "pending"]
+    groups = _groups(live)
     log.info(
-        "tune %s on %s: %d candidates, %d pruned by rule, %d to measure",
+        "tune %s on %s: %d candidates, %d pruned by rule, %d to measure in %d graphs "
+        "(each: optimize, proxy eval, maybe full eval; cached ones are reused)",
         s.model, s.ctx.target.name, len(s.trials), len(s.trials) - len(live), len(live),
+        len(groups),
     )  # fmt: skip
     s.exports[sha256_json(asdict(ExportSection()))] = _export(s, ExportSection())
-    groups = _groups(live)
     for i, (key, members) in enumerate(groups.items()):
         _progress(i, len(groups), members[0].candidate.label())
         _screen(s, key, members)
@@ -146,12 +149,27 @@ def _export(s: Search, section: ExportSection) -> Path:
     if key in s.exports:
         return s.exports[key]
     name = "export-concat" if section.kv == "concat" else f"export-static-{section.max_context}"
+    model, spec = s.model, asdict(section)
+    if section.prune:  # the pruned model's export: keyed by the cut and the text it measured on
+        spec["calibration"] = s.calibration_key()
+        model = _pruned(s, section.prune)
+        name += "-prune-" + section.prune.replace(",", "-").replace("=", "")
     out = s.out.parent / "artifacts" / name
     result = s.store.run(
-        "export", asdict(section), lambda: {"path": str(make.make_export(s.model, section, out))}
+        "export", spec, lambda: {"path": str(make.make_export(model, section, out))}
     )
     s.exports[key] = Path(result["path"])
     return s.exports[key]
+
+
+def _pruned(s: Search, prune: str) -> Path:
+    """The Hugging Face folder `kiln prune` makes of the model (a cached trial)."""
+    assert s.ctx.calibration is not None  # rule needs-calibration dropped it otherwise
+    calibration = s.ctx.calibration
+    out = s.out.parent / "artifacts" / ("hf-prune-" + prune.replace(",", "-").replace("=", ""))
+    spec = {"prune": prune, "calibration": s.calibration_key()}
+    result = s.store.run("prune", spec, lambda: make.make_pruned(s.model, prune, calibration, out))
+    return Path(result["path"])
 
 
 def _screen(s: Search, key: str, members: list[Trial]) -> None:
@@ -167,15 +185,18 @@ def _screen(s: Search, key: str, members: list[Trial]) -> None:
     )
     spec: dict[str, Any] = {"export": asdict(export), "optimize": asdict(section)}
     calibrated = needs_calibration(c)
-    if calibrated:
+    if calibrated or export.prune:
         spec["calibration"] = s.calibration_key()
     try:
         src = _export(s, export)
+        config = dict(s.calibration_config()) if calibrated else None
+        if config is not None and c["method"] == "mixed":
+            config["weight_budget_mib"] = make.mixed_budget_mib(src, section.target)
+            spec["weight_budget_mib"] = config["weight_budget_mib"]
         art = s.store.run(
             "optimize", spec,
             lambda: make.make_artifact(
-                src, section, out, s.calibration_config() if calibrated else None,
-                compressed=bool(knob_methods(c)),
+                src, section, out, config, compressed=bool(knob_methods(c)) or bool(export.prune),
             ),
         )  # fmt: skip
     except KilnError as e:
@@ -251,9 +272,9 @@ def _cost_gpu(s: Search, evaluated: list[Trial]) -> None:
             f"GPU profile {profile.name} ({profile.source}) has no memory_bandwidth_gbs; add it "
             "with memory_bandwidth_source (the datasheet) for the cost model."
         )
-    shape = s.ctx.shape
     for t in evaluated:
         c = t.candidate
+        shape = pruned_shape(s.ctx.shape, c["prune"])
         act = 4 if c["precision"] == "fp32" else 2
         kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * act
         wb = weight_bytes(Path(t.artifact) / "model.onnx")
@@ -262,6 +283,7 @@ def _cost_gpu(s: Search, evaluated: list[Trial]) -> None:
         )
         if t.status == "accepted":
             _engine(s, t)
+    shape = s.ctx.shape
     ref = s.exports[sha256_json(asdict(ExportSection()))]
     wb = weight_bytes(ref / "model.onnx")
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * 4
