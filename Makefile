@@ -114,11 +114,17 @@ serve: $(STAMP)  ## OpenAI-compatible server with continuous batching on 127.0.0
 # vs Ray Serve with RAY_REPLICAS replicas, then a replica kill (out/load/load_ray.json).
 LOAD_FLAGS ?= --prompt-tokens 128 --requests 48 --threads 2 --slots 8
 LOAD_ARTIFACT = $(if $(filter command line environment,$(origin ARTIFACT)),$(ARTIFACT),out/load-smollm/ort-int4)
-load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients, kiln and llama-server side by side: req/s, TTFT p50/p99, tok/s, kiln's engine time split; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server; RAY=1: single-process vs Ray Serve replicas and a replica kill)
-	@if [ -n "$(RAY)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
-	if [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load --artifact $(SERVE_ARTIFACT) --replicas $(RAY_REPLICAS) --kill --autoscale; \
+# ADAPTIVE=1: `kiln serve` fixed vs `--adaptive --ttft-target` under one burst (bench/adaptive_ab.py)
+# on the bundled model's static export, then on the SmolLM-shaped int4 one (ARTIFACT=folder: that
+# alone); out/load/adaptive-{zen,smollm}/adaptive_ab.json.
+ADAPTIVE_FLAGS ?= --threads 2 --slots 8 --rounds 3 --ttft-target 500
+load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients, kiln and llama-server side by side: req/s, TTFT p50/p99, tok/s, kiln's engine time split; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server; RAY=1: single-process vs Ray Serve replicas and a replica kill; ADAPTIVE=1: fixed vs adaptive under a burst)
+	@if { [ -n "$(RAY)" ] || [ -n "$(ADAPTIVE)" ]; } && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
+	if [ -n "$(ADAPTIVE)" ]; then $(PY) -m bench.adaptive_ab --artifact $(SERVE_ARTIFACT) --out out/load/adaptive-$(if $(filter command line environment,$(origin ARTIFACT)),artifact,zen) $(ADAPTIVE_FLAGS) && \
+	  { [ -n "$(filter command line environment,$(origin ARTIFACT))" ] || $(PY) -m bench.adaptive_ab --model smollm --out out/load/adaptive-smollm $(ADAPTIVE_FLAGS); }; \
+	elif [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load --artifact $(SERVE_ARTIFACT) --replicas $(RAY_REPLICAS) --kill --autoscale; \
 	else $(PY) -m bench.loadtest --out out/load $(if $(filter command line environment,$(origin ARTIFACT)),--artifact $(ARTIFACT),--model smollm --peer llama-server) $(if $(URL),--url $(URL)) $(LOAD_FLAGS); fi
-	@if [ -z "$(URL)" ] && [ -z "$(RAY)" ]; then $(PY) -m bench.stall $(LOAD_ARTIFACT) --out out/load; fi
+	@if [ -z "$(URL)" ] && [ -z "$(RAY)" ] && [ -z "$(ADAPTIVE)" ]; then $(PY) -m bench.stall $(LOAD_ARTIFACT) --out out/load; fi
 
 gpu-check: $(STAMP)  ## on a GPU host: build an engine for this GPU and prove the TensorRT backend end to end
 	$(PY) -m bench.gpu_check --out out/gpu-check

@@ -201,7 +201,7 @@ def _write(s: Search, out: Path, chosen: Trial | None, summary: dict[str, Any]) 
             s.recipe,
             measured=summary["measured"],
             export=make.export_section(c, s.ctx, s.full),
-            optimize=make.optimize_section(c, s.ctx),
+            optimize=chosen.optimize or make.optimize_section(c, s.ctx),
             build=BuildSection(profile.name, c["precision"]) if profile else None,
             runtime=RuntimeSection(threads=c["threads"], slots=c["slots"]),
             search={},

@@ -137,6 +137,8 @@ def make_artifact(
     """
     from kiln.optimize import optimize_model
 
+    if section.weight_budget_mib is not None:
+        pass_config = {**(pass_config or {}), "weight_budget_mib": section.weight_budget_mib}
     optimize_model(
         export,
         out,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,13 @@ from kiln.artifacts import sha256_file, sha256_json
 from kiln.errors import KilnError
 from kiln.evaluate import EvalOptions
 from kiln.tune import make
-from kiln.tune.recipe import CALIB_LENGTH, CALIB_SEQUENCES, ExportSection, Recipe
+from kiln.tune.recipe import (
+    CALIB_LENGTH,
+    CALIB_SEQUENCES,
+    ExportSection,
+    OptimizeSection,
+    Recipe,
+)
 from kiln.tune.rules import first_violation
 from kiln.tune.space import (
     Candidate,
@@ -30,6 +36,7 @@ from kiln.tune.space import (
     candidates,
     knob_methods,
     needs_calibration,
+    prune_label,
     pruned_shape,
 )
 from kiln.tune.speed import Runner, decode_cost, time_runners, weight_bytes
@@ -54,6 +61,7 @@ class Trial:
     full: dict[str, Any] | None = None
     speed: dict[str, Any] | None = None
     build: dict[str, Any] | None = None
+    optimize: OptimizeSection | None = None  # how its graph was made (the chosen recipe's)
     elapsed_s: float = 0.0
     deficit: dict[str, float] = field(default_factory=dict)
 
@@ -177,32 +185,34 @@ def _screen(s: Search, key: str, members: list[Trial]) -> None:
     c = members[0].candidate
     export = make.export_section(c, s.ctx, s.full)
     section = make.optimize_section(c, s.ctx)
-    name = "-".join(str(v) for v in c.artifact_knobs.values()).replace(":", "")
+    knobs = {**c.artifact_knobs, "prune": prune_label(c["prune"])}
+    name = "-".join(str(v) for v in knobs.values() if v != "").replace(":", "")
     out = (
         s.out.parent
         / "artifacts"
         / f"{section.target}-{name.replace('True', 'fused').replace('False', 'unfused')}"
     )
-    spec: dict[str, Any] = {"export": asdict(export), "optimize": asdict(section)}
     calibrated = needs_calibration(c)
-    if calibrated or export.prune:
-        spec["calibration"] = s.calibration_key()
     try:
         src = _export(s, export)
-        config = dict(s.calibration_config()) if calibrated else None
-        if config is not None and c["method"] == "mixed":
-            config["weight_budget_mib"] = make.mixed_budget_mib(src, section.target)
-            spec["weight_budget_mib"] = config["weight_budget_mib"]
+        if c["method"] == "mixed":  # its budget is read off the export it starts from
+            section = replace(section, weight_budget_mib=make.mixed_budget_mib(src, section.target))
+        spec: dict[str, Any] = {"export": asdict(export), "optimize": asdict(section)}
+        if calibrated or export.prune:
+            spec["calibration"] = s.calibration_key()
         art = s.store.run(
             "optimize", spec,
             lambda: make.make_artifact(
-                src, section, out, config, compressed=bool(knob_methods(c)) or bool(export.prune),
+                src, section, out, s.calibration_config() if calibrated else None,
+                compressed=bool(knob_methods(c)) or bool(export.prune),
             ),
         )  # fmt: skip
     except KilnError as e:
         for t in members:
             t.reject("optimize", str(e).splitlines()[0])
         return
+    for t in members:
+        t.optimize = section
     reference = s.exports[sha256_json(asdict(ExportSection()))]
     evals = s.out.parent / "evals" / key
     proxy = s.store.run(

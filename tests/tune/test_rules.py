@@ -52,7 +52,7 @@ def cpu(cores: int = 2) -> Context:
 SM75 = {"compute_capabilities": ("7.5",)}
 TEXT = {"calibration": Path("train.txt")}
 GPT2 = replace(SHAPE, family="gpt2")
-INT8 = {"precision": "int8", "threads": 1}
+INT8 = {"precision": "int8", "threads": 1, "kv": "static"}
 # rule id -> (a candidate and context it drops, a near miss it keeps)
 CASES: dict[str, tuple[tuple[Candidate, Context], tuple[Candidate, Context]]] = {
     "precision-not-offered": ((cand(threads=1), cpu()), (cand(precision="int8", threads=1), cpu())),
@@ -96,10 +96,10 @@ CASES: dict[str, tuple[tuple[Candidate, Context], tuple[Candidate, Context]]] = 
         (cand(prune=0.125, **INT8), replace(cpu(), **TEXT)),
     ),
     "prune-scope": (
-        (cand(prune=0.125, threads=1, precision="fp32"), replace(cpu(), **TEXT)),
+        (cand(prune=0.125, **{**INT8, "kv": "concat"}), replace(cpu(), **TEXT)),
         (cand(prune=0.125, **INT8), replace(cpu(), **TEXT)),
     ),
-    "mixed-fused": (
+    "mixed-scope": (
         (cand(precision="int4", method="mixed", fusions=False), replace(gpu(), **TEXT)),
         (cand(precision="int4", method="mixed"), replace(gpu(), **TEXT)),
     ),
@@ -270,14 +270,12 @@ def test_mixed_runs_the_mixed_pass_of_kiln_compress() -> None:
     from kiln.optimize.methods import method_passes
     from kiln.tune.make import optimize_section
 
-    c = cand(precision="int4", method="mixed", threads=1)
+    c = cand(precision="int4", method="mixed", threads=1, kv="static")
     assert first_violation(c, cpu())[0] == "needs-calibration"  # type: ignore[index]
-    for ctx in (replace(cpu(), **TEXT), replace(gpu(), **TEXT)):
-        assert (
-            first_violation(c if ctx.target.is_cpu else cand(precision="int4", method="mixed"), ctx)
-            is None
-        )
-        section = optimize_section(c, ctx)
+    on_gpu = cand(precision="int4", method="mixed")
+    for ctx, one in ((replace(cpu(), **TEXT), c), (replace(gpu(), **TEXT), on_gpu)):
+        assert first_violation(one, ctx) is None
+        section = optimize_section(one, ctx)
         assert list(section.passes) == method_passes("mixed", ctx.target.optimize_target)[1]
     assert first_violation(cand(precision="int8", method="mixed"), replace(gpu(), **TEXT))[0] == (  # type: ignore[index]
         "method-precision"
