@@ -118,3 +118,33 @@ def test_without_text_prune_and_mixed_are_dropped_by_rule(
             assert t.rule == "needs-calibration", t.candidate.label()
     # the negative control: the round-to-nearest, unpruned graphs still run
     assert any(t.status in ("accepted", "chosen") for t in result.trials)
+
+
+def test_a_chosen_mixed_recipe_replays_through_kiln_optimize(
+    tuned: tuple[Path, TuneResult],
+) -> None:
+    """recipe.toml carries the weight budget: `kiln optimize --recipe` remakes the same graph."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from kiln.artifacts import sha256_file
+    from kiln.models.zen import ZEN_DIR
+
+    root, _ = tuned
+    out = root / "zen" / "mixed-only"  # beside cpu/: the same trial cache
+    search = {**RECIPE.search, "precision": ("int4",), "method": ("mixed",), "prune": (0.0,)}
+    result = tune_model(
+        ZEN_DIR, "cpu", recipe=replace(RECIPE, search=search), out=out, text=root / "zen.txt",
+        repeats=2, proxy=PROXY, full=FULL, calibration=root / "train.txt",
+    )  # fmt: skip
+    assert result.chosen is not None and result.chosen.candidate["method"] == "mixed"
+    assert "weight_budget_mib = " in (out / "recipe.toml").read_text()
+    export = next(
+        p for p in (root / "zen" / "artifacts").glob("export-static-*") if "prune" not in p.name
+    )
+    cmd = [sys.executable, "-m", "kiln", "optimize", str(export), "--recipe"]
+    cmd += [str(out / "recipe.toml"), "--out", str(root / "replay"), "--no-torch-check"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    tuned_sha = sha256_file(Path(result.chosen.artifact) / "model.onnx")
+    assert sha256_file(root / "replay" / "model.onnx") == tuned_sha
