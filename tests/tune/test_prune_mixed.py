@@ -97,6 +97,11 @@ def test_mixed_runs_with_the_derived_budget(tuned: tuple[Path, TuneResult]) -> N
     manifest = json.loads((Path(mixed.artifact) / "optimize.json").read_text())
     text = json.dumps(manifest)
     assert "matmul-nbits-mixed" in text and str(int(budget * 2**20)) in text
+    data = json.loads((root / "zen" / "cpu" / "tune.json").read_text())
+    row = next(c for c in data["candidates"] if c["key"] == mixed.candidate.key)
+    assert row["optimize"]["weight_budget_mib"] == budget
+    assert all(c["optimize"]["weight_budget_mib"] is None for c in data["candidates"]
+               if c["optimize"] and c["recipe"]["method"] != "mixed")  # fmt: skip
 
 
 def test_rerun_computes_nothing_and_chooses_the_same(tuned: tuple[Path, TuneResult]) -> None:
