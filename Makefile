@@ -49,6 +49,8 @@ engines: $(STAMP)  ## TensorRT engines per GPU profile + table of precision, siz
 
 # kiln tune per target: the eval model on the CPU (measured) and two TensorRT-RTX profiles (engines
 # built here, speed by the bandwidth cost model, measured: false). Cached trials make a rerun free.
+# Default space on the eval model: 21 graphs on cpu, 17 and 19 on the two profiles (pruned and
+# mixed graphs included; tune/README.md "Cost of the default space"); each tune logs its count.
 TUNE_MODEL ?= models/eval-llama
 TUNE_TARGETS ?= cpu rtx-ampere-ada-fp16 rtx-ada-fp8
 tune: $(STAMP)  ## pick the recipe per target under a quality budget: out/tune/<model>/<target>/{tune.json,recipe.toml,report.md,pareto.png} (TUNE_TARGETS="cpu l4-fp16" TUNE_FLAGS="--budget max_kl_mean=1e-3")
