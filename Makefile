@@ -49,6 +49,8 @@ engines: $(STAMP)  ## TensorRT engines per GPU profile + table of precision, siz
 
 # kiln tune per target: the eval model on the CPU (measured) and two TensorRT-RTX profiles (engines
 # built here, speed by the bandwidth cost model, measured: false). Cached trials make a rerun free.
+# Default space on the eval model: 21 graphs on cpu, 17 and 19 on the two profiles (pruned and
+# mixed graphs included; tune/README.md "Cost of the default space"); each tune logs its count.
 TUNE_MODEL ?= models/eval-llama
 TUNE_TARGETS ?= cpu rtx-ampere-ada-fp16 rtx-ada-fp8
 tune: $(STAMP)  ## pick the recipe per target under a quality budget: out/tune/<model>/<target>/{tune.json,recipe.toml,report.md,pareto.png} (TUNE_TARGETS="cpu l4-fp16" TUNE_FLAGS="--budget max_kl_mean=1e-3")
@@ -121,11 +123,17 @@ RAY_SMOLLM_FLAGS ?= --prompt-tokens 128 --requests 48 --max-tokens 64 --slots 8 
 RAY_TARGET = $(if $(filter smollm,$(RAY_MODEL)),--model smollm $(RAY_SMOLLM_FLAGS),--artifact $(SERVE_ARTIFACT))
 LOAD_FLAGS ?= --prompt-tokens 128 --requests 48 --threads 2 --slots 8
 LOAD_ARTIFACT = $(if $(filter command line environment,$(origin ARTIFACT)),$(ARTIFACT),out/load-smollm/ort-int4)
-load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients, kiln and llama-server side by side: req/s, TTFT p50/p99, tok/s, kiln's engine time split; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server; RAY=1: single-process vs Ray Serve replicas and a replica kill)
-	@if [ -n "$(RAY)" ] && [ -z "$(RAY_MODEL)" ] && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
-	if [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load $(RAY_TARGET) --replicas $(RAY_REPLICAS) --kill --autoscale; \
+# ADAPTIVE=1: `kiln serve` fixed vs `--adaptive --ttft-target` under one burst (bench/adaptive_ab.py)
+# on the bundled model's static export, then on the SmolLM-shaped int4 one (ARTIFACT=folder: that
+# alone); out/load/adaptive-{zen,smollm}/adaptive_ab.json.
+ADAPTIVE_FLAGS ?= --threads 2 --slots 8 --rounds 3 --ttft-target 500
+load: $(STAMP)  ## loopback load test at 1, 8, 32 streaming clients, kiln and llama-server side by side: req/s, TTFT p50/p99, tok/s, kiln's engine time split; then the prefill stall per chunk size; out/load/{load,stall}.json (URL=http://127.0.0.1:PORT to target a running server; RAY=1: single-process vs Ray Serve replicas and a replica kill, RAY_MODEL=smollm; ADAPTIVE=1: fixed vs adaptive under a burst)
+	@if { { [ -n "$(RAY)" ] && [ -z "$(RAY_MODEL)" ]; } || [ -n "$(ADAPTIVE)" ]; } && [ "$(SERVE_ARTIFACT)" = "$(STATIC_OUT)" ]; then $(MAKE) --no-print-directory $(STATIC_OUT)/export.json; fi
+	if [ -n "$(ADAPTIVE)" ]; then $(PY) -m bench.adaptive_ab --artifact $(SERVE_ARTIFACT) --out out/load/adaptive-$(if $(filter command line environment,$(origin ARTIFACT)),artifact,zen) $(ADAPTIVE_FLAGS) && \
+	  { [ -n "$(filter command line environment,$(origin ARTIFACT))" ] || $(PY) -m bench.adaptive_ab --model smollm --out out/load/adaptive-smollm $(ADAPTIVE_FLAGS); }; \
+	elif [ -n "$(RAY)" ]; then $(PY) -m bench.load_ray --out out/load $(RAY_TARGET) --replicas $(RAY_REPLICAS) --kill --autoscale; \
 	else $(PY) -m bench.loadtest --out out/load $(if $(filter command line environment,$(origin ARTIFACT)),--artifact $(ARTIFACT),--model smollm --peer llama-server) $(if $(URL),--url $(URL)) $(LOAD_FLAGS); fi
-	@if [ -z "$(URL)" ] && [ -z "$(RAY)" ]; then $(PY) -m bench.stall $(LOAD_ARTIFACT) --out out/load; fi
+	@if [ -z "$(URL)" ] && [ -z "$(RAY)" ] && [ -z "$(ADAPTIVE)" ]; then $(PY) -m bench.stall $(LOAD_ARTIFACT) --out out/load; fi
 
 gpu-check: $(STAMP)  ## on a GPU host: build an engine for this GPU and prove the TensorRT backend end to end
 	$(PY) -m bench.gpu_check --out out/gpu-check

@@ -72,7 +72,12 @@ class Level:
 
 
 async def _one(
-    client: object, model: str, prompt: str | list[int], seed: int, max_tokens: int
+    client: object,
+    model: str,
+    prompt: str | list[int],
+    seed: int,
+    max_tokens: int,
+    temperature: float = 0.8,
 ) -> dict:
     t0 = time.perf_counter()
     stamps: list[float] = []
@@ -82,7 +87,7 @@ async def _one(
         model=model,
         prompt=prompt,
         max_tokens=max_tokens,
-        temperature=0.8,
+        temperature=temperature,
         seed=seed,
         stream=True,
         stream_options={"include_usage": True},

@@ -23,7 +23,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.evaluate import EvalOptions
 from kiln.tune import make
 from kiln.tune.choose import choose, closest, rank_agreement
-from kiln.tune.recipe import BuildSection, Recipe, RuntimeSection, save_recipe
+from kiln.tune.recipe import BuildSection, ExportSection, Recipe, RuntimeSection, save_recipe
 from kiln.tune.search import Search, Trial, context_for, run_search
 from kiln.tune.space import target_named
 from kiln.tune.speed import ratio_band
@@ -180,6 +180,17 @@ def _summary(s: Search, chosen: Trial | None, ties: list[Trial], wall_s: float) 
     }
 
 
+def _prune_step(s: Search, export: ExportSection) -> str:
+    """The `kiln prune` and `kiln export` commands a pruned recipe's EXPORT comes from."""
+    pairs = (item.split("=") for item in export.prune.split(","))
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in pairs if float(v))
+    ctx = f" --max-context {export.max_context}" if export.max_context else ""
+    return (
+        f"kiln prune {s.model} --out PRUNED --calibration {s.ctx.calibration} {flags}; "
+        f"kiln export PRUNED --kv {export.kv}{ctx} --out EXPORT; "
+    )
+
+
 def _write(s: Search, out: Path, chosen: Trial | None, summary: dict[str, Any]) -> None:
     from kiln.tune.report import write_chart, write_markdown, write_tune_json
 
@@ -190,7 +201,7 @@ def _write(s: Search, out: Path, chosen: Trial | None, summary: dict[str, Any]) 
             s.recipe,
             measured=summary["measured"],
             export=make.export_section(c, s.ctx, s.full),
-            optimize=make.optimize_section(c, s.ctx),
+            optimize=chosen.optimize or make.optimize_section(c, s.ctx),
             build=BuildSection(profile.name, c["precision"]) if profile else None,
             runtime=RuntimeSection(threads=c["threads"], slots=c["slots"]),
             search={},
@@ -199,7 +210,9 @@ def _write(s: Search, out: Path, chosen: Trial | None, summary: dict[str, Any]) 
             picked,
             out / RECIPE_FILE,
             header=f"chosen by `kiln tune {s.model} --target {s.ctx.target.name}`: "
-            f"{c.label()}\nuse: kiln optimize EXPORT --recipe {RECIPE_FILE}"
+            f"{c.label()}\nuse: "
+            + (_prune_step(s, picked.export) if picked.export.prune else "")
+            + f"kiln optimize EXPORT --recipe {RECIPE_FILE}"
             + ("; kiln build OPTIMIZED --recipe " + RECIPE_FILE if profile else ""),
         )
     else:

@@ -9,13 +9,13 @@ records the figures.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from kiln.evaluate import PROMPT_TOKENS, EvalOptions
-from kiln.tune.recipe import ExportSection, OptimizeSection
-from kiln.tune.space import Candidate, Context, knob_methods, needs_calibration
+from kiln.tune.recipe import CALIB_LENGTH, CALIB_SEQUENCES, ExportSection, OptimizeSection
+from kiln.tune.space import Candidate, Context, knob_methods, needs_calibration, prune_spec
 
 # The proxy: a short text, one prompt; the full protocol: kiln eval's defaults on more text.
 PROXY = EvalOptions(tokens=512, window=128, stride=64, prompts=1, greedy_tokens=16)
@@ -23,12 +23,69 @@ FULL = EvalOptions(tokens=4096)
 
 
 def export_section(c: Candidate, ctx: Context, full: EvalOptions) -> ExportSection:
-    """The export a candidate starts from: concat, or static slots long enough for the eval."""
+    """The export a candidate starts from: concat, or static slots long enough for the eval.
+
+    A pruning candidate exports the pruned model (`prune`: its compress/prune.py fractions).
+    """
+    pruned = _prune_text(c["prune"])
     if c["kv"] == "concat":
-        return ExportSection("concat")
+        return ExportSection("concat", prune=pruned)
     need = max(ctx.workload.context, full.window, PROMPT_TOKENS + full.greedy_tokens)
     top = ctx.shape.max_positions or need
-    return ExportSection("static", max_context=min(need, top))
+    return ExportSection("static", max_context=min(need, top), prune=pruned)
+
+
+def _prune_text(value: Any) -> str:
+    """The empty string for no pruning, else "layers=0,kv_groups=0,mlp=0.083333"."""
+    if not prunes_value(value):
+        return ""
+    return ",".join(f"{k}={v:g}" for k, v in asdict(prune_spec(value)).items())
+
+
+def prunes_value(value: Any) -> bool:
+    """Whether a prune knob value cuts anything."""
+    return any(asdict(prune_spec(value)).values())
+
+
+def make_pruned(model: Path, prune: str, calibration: Path, out: Path) -> dict[str, Any]:
+    """`kiln prune` of `model` by the fractions `prune`, measured on the calibration text.
+
+    Windows as the calibrated passes use (CALIB_SEQUENCES x CALIB_LENGTH); no gate: the eval
+    against the unpruned fp32 export judges the result.
+    """
+    from kiln.compress import prune_model
+
+    record = prune_model(
+        model, out, calibration=calibration, spec=prune_spec(prune),
+        sequences=CALIB_SEQUENCES, length=CALIB_LENGTH,
+    )  # fmt: skip
+    keys = ("params_before", "params_after", "gate", "cuts")
+    return {"path": str(out), **{k: record[k] for k in keys if k in record}}
+
+
+# Mixed precision's weight budget: this far from the all-int4 graph's weight bytes to the
+# all-int8 one's (0.5: the midpoint), counted as optimize/mixed.py counts them.
+MIXED_FRACTION = 0.5
+
+
+def mixed_budget_mib(export: Path, target: str) -> float:
+    """`weight_budget_mib` of a `method = mixed` candidate (MIXED_FRACTION, the export's groups).
+
+    Bytes per group from optimize/mixed.py (`groups_of`, `_level_bytes`) at the float width the
+    pass sees on `target` (kiln/precisions.py int4 activations on tensorrt, fp32 on
+    onnxruntime); other initializers scaled to that width.
+    """
+    import onnx_ir as ir
+
+    from kiln.optimize.mixed import MIB, _level_bytes, groups_of
+
+    groups, fixed = groups_of(ir.load(export / "model.onnx"))
+    width = 2 if target == "tensorrt" else 4  # the export is fp32
+    fixed = fixed * width // 4
+    levels = [_level_bytes(k, n, width) for g in groups for k, n in g.shapes]
+    int4 = fixed + sum(b["int4"] for b in levels if b)
+    int8 = fixed + sum(b["int8"] for b in levels if b)
+    return round((int4 + MIXED_FRACTION * (int8 - int4)) / MIB, 4)
 
 
 def optimize_section(c: Candidate, ctx: Context) -> OptimizeSection:
@@ -80,6 +137,8 @@ def make_artifact(
     """
     from kiln.optimize import optimize_model
 
+    if section.weight_budget_mib is not None:
+        pass_config = {**(pass_config or {}), "weight_budget_mib": section.weight_budget_mib}
     optimize_model(
         export,
         out,

@@ -69,6 +69,7 @@ class ExportSection:
 
     kv: str = "concat"
     max_context: int | None = None
+    prune: str = ""  # `kiln prune` fractions applied first ("mlp=0.1,..."); "" = the model as is
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class OptimizeSection:
     skip: tuple[str, ...] = ()
     passes: tuple[str, ...] = ()  # extra passes after the default list (calibrated methods)
     calibration: str = ""  # text a calibrated pass calibrates on (CALIB_SEQUENCES x CALIB_LENGTH)
+    weight_budget_mib: float | None = (
+        None  # the mixed pass's budget (tune/make.py mixed_budget_mib)
+    )
 
 
 # Calibration windows of calibrated passes: kiln compress's defaults (kiln/commands/compress.py).
@@ -172,7 +176,7 @@ def _section(path: Path, name: str, raw: Any) -> Any:
 def _check_type(path: Path, table: str, key: str, value: Any, kind: str) -> None:
     want: tuple[type, ...] = (
         (int, float)
-        if kind == "float"
+        if kind.startswith("float")
         else (int,)
         if kind.startswith("int")
         else (list,)
@@ -271,6 +275,8 @@ def apply_optimize_recipe(args: Any) -> None:
             Path(section.calibration), args.artifact, sequences=CALIB_SEQUENCES, length=CALIB_LENGTH
         )
         args.pass_config, args.allow_drift = windows.as_config(), True
+        if section.weight_budget_mib is not None:
+            args.pass_config["weight_budget_mib"] = section.weight_budget_mib
 
 
 def build_profile(path: Path) -> Any:

@@ -28,6 +28,7 @@ def trial_record(t: Trial) -> dict[str, Any]:
         "rule": t.rule,
         "reason": t.reason,
         "artifact": t.artifact,
+        "optimize": asdict(t.optimize) if t.optimize is not None else None,
         "proxy": t.proxy,
         "full": t.full,
         "speed": t.speed,

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 from kiln.errors import ConfigError
 from kiln.precisions import PRECISIONS, precision_named
-from kiln.tune.space import Candidate, Context, knob_methods, needs_calibration
+from kiln.tune.space import (
+    CHANNEL_GROUP,
+    Candidate,
+    Context,
+    knob_methods,
+    needs_calibration,
+    prune_spec,
+    pruned_shape,
+    prunes,
+)
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,10 @@ def _pass_missing(c: Candidate, ctx: Context) -> str | None:
 
 
 def _needs_text(c: Candidate, ctx: Context) -> str | None:
-    if ctx.calibration is None and needs_calibration(c):
+    if ctx.calibration is None and (needs_calibration(c) or prunes(c)):
         return (
-            f"method {c['method']} / sparsity {c['sparsity']} calibrates on text and none was "
+            f"method {c['method']} / sparsity {c['sparsity']} / prune {c['prune']} calibrates "
+            "on text and none was "
             "given: pass `kiln tune --calibration FILE` (the model's training text, never the "
             "held-out eval text)"
         )
@@ -125,6 +135,79 @@ def _sparse_size(c: Candidate, ctx: Context) -> str | None:
     return None
 
 
+# The layouts compress/prune.py cuts (its `_decoder`: model.layers[i].mlp.gate_proj and
+# self_attn.q/k/v/o_proj), by config.json model_type.
+PRUNE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _prune_family(c: Candidate, ctx: Context) -> str | None:
+    if prunes(c) and ctx.shape.family not in PRUNE_FAMILIES:
+        return (
+            f"compress/prune.py cuts Llama-family decoders ({', '.join(PRUNE_FAMILIES)}); "
+            f"this model is {ctx.shape.family or 'of unknown model_type'}"
+        )
+    return None
+
+
+def _prune_groups(c: Candidate, ctx: Context) -> str | None:
+    """A cut must leave whole channel groups, a layer and a KV group."""
+    if not prunes(c):
+        return None
+    try:
+        prune_spec(c["prune"]).check()
+    except ConfigError as e:
+        return str(e)
+    before, after = ctx.shape, pruned_shape(ctx.shape, c["prune"])
+    if after.intermediate < CHANNEL_GROUP or after.intermediate % CHANNEL_GROUP:
+        return (
+            f"prune {c['prune']} keeps {after.intermediate} of {before.intermediate} MLP channels: "
+            f"not a whole number (>= 1) of {CHANNEL_GROUP}-channel groups, the smallest block "
+            "the weight quantizers cut (optimize/precision/weight_only.py pick_block)"
+        )
+    if after.layers < 1 or after.kv_heads < 1:
+        return f"prune {c['prune']} leaves {after.layers} layers and {after.kv_heads} KV groups"
+    return None
+
+
+# Cost bounds of the default space (tune/README.md): pruning and mixed precision are searched
+# where they would ship. Pruning on the fused, dense graphs of the best rounding per width
+# (int8 round-to-nearest; int4 by gptq: int4 rtn alone misses the default KL budget on the eval
+# model, tune/README.md), mixed on fused graphs; both at the layout the target serves with.
+PRUNE_ON = (("int8", "rtn"), ("int4", "gptq"))
+
+
+def serving_kv(ctx: Context) -> str:
+    """The KV layout the target serves with: `kiln serve`'s static slots (cpu), engines' concat."""
+    return "static" if ctx.target.is_cpu else "concat"
+
+
+def _prune_scope(c: Candidate, ctx: Context) -> str | None:
+    if not prunes(c):
+        return None
+    pair = (c["precision"], c["method"])
+    if (
+        pair in PRUNE_ON
+        and c["sparsity"] == "dense"
+        and c["fusions"]
+        and c["kv"] == serving_kv(ctx)
+    ):
+        return None
+    return (
+        f"pruning is searched only on fused, dense {' / '.join(' '.join(p) for p in PRUNE_ON)} "
+        f"graphs at the {serving_kv(ctx)} KV layout {ctx.target.name} serves with (bounds the "
+        "space's cost: each pruned graph is a new prune, export, optimize and eval)"
+    )
+
+
+def _mixed_scope(c: Candidate, ctx: Context) -> str | None:
+    if c["method"] == "mixed" and not (c["fusions"] and c["kv"] == serving_kv(ctx)):
+        return (
+            f"mixed precision is searched on fused graphs at the {serving_kv(ctx)} KV layout "
+            f"{ctx.target.name} serves with only (bounds the space's cost)"
+        )
+    return None
+
+
 def _weight_blocks(c: Candidate, ctx: Context) -> str | None:
     """TensorRT-target weight-only passes need K divisible by a block (DequantizeLinear opset 21).
 
@@ -139,7 +222,8 @@ def _weight_blocks(c: Candidate, ctx: Context) -> str | None:
     block = getattr(PASSES[quantizer].for_model({}), "block", None)
     if block is None:
         return None
-    odd = [k for k in (ctx.shape.hidden, ctx.shape.intermediate) if pick_block(k, block) is None]
+    shape = pruned_shape(ctx.shape, c["prune"])
+    odd = [k for k in (shape.hidden, shape.intermediate) if pick_block(k, block) is None]
     if odd:
         return (
             f"{quantizer} quantizes in blocks along K (optimize/precision/weight_only.py "
@@ -198,6 +282,10 @@ RULES: tuple[Rule, ...] = (
     Rule("sparsity-float-weights", _sparse_float),
     Rule("pass-not-available", _pass_missing),
     Rule("needs-calibration", _needs_text),
+    Rule("prune-family", _prune_family),
+    Rule("prune-channel-group", _prune_groups),
+    Rule("prune-scope", _prune_scope),
+    Rule("mixed-scope", _mixed_scope),
     Rule("weight-blocks", _weight_blocks),
     Rule("int4-large-batch", _int4_batch),
     Rule("slots-exceed-profile", _slots_fit),

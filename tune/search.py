@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,13 @@ from kiln.artifacts import sha256_file, sha256_json
 from kiln.errors import KilnError
 from kiln.evaluate import EvalOptions
 from kiln.tune import make
-from kiln.tune.recipe import CALIB_LENGTH, CALIB_SEQUENCES, ExportSection, Recipe
+from kiln.tune.recipe import (
+    CALIB_LENGTH,
+    CALIB_SEQUENCES,
+    ExportSection,
+    OptimizeSection,
+    Recipe,
+)
 from kiln.tune.rules import first_violation
 from kiln.tune.space import (
     Candidate,
@@ -30,6 +36,8 @@ from kiln.tune.space import (
     candidates,
     knob_methods,
     needs_calibration,
+    prune_label,
+    pruned_shape,
 )
 from kiln.tune.speed import Runner, decode_cost, time_runners, weight_bytes
 from kiln.tune.trials import TrialStore
@@ -53,6 +61,7 @@ class Trial:
     full: dict[str, Any] | None = None
     speed: dict[str, Any] | None = None
     build: dict[str, Any] | None = None
+    optimize: OptimizeSection | None = None  # how its graph was made (the chosen recipe's)
     elapsed_s: float = 0.0
     deficit: dict[str, float] = field(default_factory=dict)
 
@@ -117,12 +126,14 @@ def run_search(s: Search) -> list[Trial]:
         if (hit := first_violation(t.candidate, s.ctx)) is not None:
             t.status, t.rule, t.reason = "pruned", *hit
     live = [t for t in s.trials if t.status == "pending"]
+    groups = _groups(live)
     log.info(
-        "tune %s on %s: %d candidates, %d pruned by rule, %d to measure",
+        "tune %s on %s: %d candidates, %d pruned by rule, %d to measure in %d graphs "
+        "(each: optimize, proxy eval, maybe full eval; cached ones are reused)",
         s.model, s.ctx.target.name, len(s.trials), len(s.trials) - len(live), len(live),
+        len(groups),
     )  # fmt: skip
     s.exports[sha256_json(asdict(ExportSection()))] = _export(s, ExportSection())
-    groups = _groups(live)
     for i, (key, members) in enumerate(groups.items()):
         _progress(i, len(groups), members[0].candidate.label())
         _screen(s, key, members)
@@ -146,12 +157,27 @@ def _export(s: Search, section: ExportSection) -> Path:
     if key in s.exports:
         return s.exports[key]
     name = "export-concat" if section.kv == "concat" else f"export-static-{section.max_context}"
+    model, spec = s.model, asdict(section)
+    if section.prune:  # the pruned model's export: keyed by the cut and the text it measured on
+        spec["calibration"] = s.calibration_key()
+        model = _pruned(s, section.prune)
+        name += "-prune-" + section.prune.replace(",", "-").replace("=", "")
     out = s.out.parent / "artifacts" / name
     result = s.store.run(
-        "export", asdict(section), lambda: {"path": str(make.make_export(s.model, section, out))}
+        "export", spec, lambda: {"path": str(make.make_export(model, section, out))}
     )
     s.exports[key] = Path(result["path"])
     return s.exports[key]
+
+
+def _pruned(s: Search, prune: str) -> Path:
+    """The Hugging Face folder `kiln prune` makes of the model (a cached trial)."""
+    assert s.ctx.calibration is not None  # rule needs-calibration dropped it otherwise
+    calibration = s.ctx.calibration
+    out = s.out.parent / "artifacts" / ("hf-prune-" + prune.replace(",", "-").replace("=", ""))
+    spec = {"prune": prune, "calibration": s.calibration_key()}
+    result = s.store.run("prune", spec, lambda: make.make_pruned(s.model, prune, calibration, out))
+    return Path(result["path"])
 
 
 def _screen(s: Search, key: str, members: list[Trial]) -> None:
@@ -159,29 +185,34 @@ def _screen(s: Search, key: str, members: list[Trial]) -> None:
     c = members[0].candidate
     export = make.export_section(c, s.ctx, s.full)
     section = make.optimize_section(c, s.ctx)
-    name = "-".join(str(v) for v in c.artifact_knobs.values()).replace(":", "")
+    knobs = {**c.artifact_knobs, "prune": prune_label(c["prune"])}
+    name = "-".join(str(v) for v in knobs.values() if v != "").replace(":", "")
     out = (
         s.out.parent
         / "artifacts"
         / f"{section.target}-{name.replace('True', 'fused').replace('False', 'unfused')}"
     )
-    spec: dict[str, Any] = {"export": asdict(export), "optimize": asdict(section)}
     calibrated = needs_calibration(c)
-    if calibrated:
-        spec["calibration"] = s.calibration_key()
     try:
         src = _export(s, export)
+        if c["method"] == "mixed":  # its budget is read off the export it starts from
+            section = replace(section, weight_budget_mib=make.mixed_budget_mib(src, section.target))
+        spec: dict[str, Any] = {"export": asdict(export), "optimize": asdict(section)}
+        if calibrated or export.prune:
+            spec["calibration"] = s.calibration_key()
         art = s.store.run(
             "optimize", spec,
             lambda: make.make_artifact(
                 src, section, out, s.calibration_config() if calibrated else None,
-                compressed=bool(knob_methods(c)),
+                compressed=bool(knob_methods(c)) or bool(export.prune),
             ),
         )  # fmt: skip
     except KilnError as e:
         for t in members:
             t.reject("optimize", str(e).splitlines()[0])
         return
+    for t in members:
+        t.optimize = section
     reference = s.exports[sha256_json(asdict(ExportSection()))]
     evals = s.out.parent / "evals" / key
     proxy = s.store.run(
@@ -251,9 +282,9 @@ def _cost_gpu(s: Search, evaluated: list[Trial]) -> None:
             f"GPU profile {profile.name} ({profile.source}) has no memory_bandwidth_gbs; add it "
             "with memory_bandwidth_source (the datasheet) for the cost model."
         )
-    shape = s.ctx.shape
     for t in evaluated:
         c = t.candidate
+        shape = pruned_shape(s.ctx.shape, c["prune"])
         act = 4 if c["precision"] == "fp32" else 2
         kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * act
         wb = weight_bytes(Path(t.artifact) / "model.onnx")
@@ -262,6 +293,7 @@ def _cost_gpu(s: Search, evaluated: list[Trial]) -> None:
         )
         if t.status == "accepted":
             _engine(s, t)
+    shape = s.ctx.shape
     ref = s.exports[sha256_json(asdict(ExportSection()))]
     wb = weight_bytes(ref / "model.onnx")
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * 4

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from kiln.precisions import PRECISIONS
 from kiln.tune.recipe import Workload
 
 if TYPE_CHECKING:
+    from kiln.compress.prune import PruneSpec
     from kiln.engine.profiles import GpuProfile
     from kiln.optimize.methods import Method
 
@@ -30,7 +31,7 @@ CPU = "cpu"
 # Knob value -> the optimize/methods.py METHODS entry that makes it (None: nothing added; "rtn"
 # is the precision's own round-to-nearest quantizer, kiln/precisions.py). A method entry
 # replaces the quantizer; a sparsity entry is added before the final cleanup.
-METHOD_KNOB: dict[str, str | None] = {"rtn": None, "gptq": "gptq-int4"}
+METHOD_KNOB: dict[str, str | None] = {"rtn": None, "gptq": "gptq-int4", "mixed": "mixed"}
 SPARSITY_KNOB: dict[str, str | None] = {
     "dense": None,
     "2:4": "sparse24",
@@ -78,6 +79,7 @@ class ModelShape:
     head_dim: int
     vocab: int
     max_positions: int
+    family: str = ""  # config.json model_type (llama, mistral, qwen2, gpt2, ...)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
@@ -92,6 +94,7 @@ class ModelShape:
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             vocab=int(cfg["vocab_size"]),
             max_positions=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0),
+            family=str(cfg.get("model_type", "")),
         )
 
 
@@ -118,6 +121,50 @@ def _threads(ctx: Context) -> tuple[int, ...]:
     return tuple(sorted({1, ctx.target.cores})) if ctx.target.is_cpu else (0,)
 
 
+# Pruning works in whole channel groups: 32 is the smallest block the weight quantizers cut K
+# into (optimize/precision/weight_only.py pick_block), so a pruned MLP stays quantizable.
+CHANNEL_GROUP = 32
+# Default MLP pruning: about 10% and 20% of the channels, snapped to whole channel groups.
+PRUNE_DEFAULT = (0.1, 0.2)
+
+
+def _prune(ctx: Context) -> tuple[float, ...]:
+    groups = ctx.shape.intermediate // CHANNEL_GROUP
+    cuts = sorted({round(f * groups) for f in PRUNE_DEFAULT} - {0})
+    return (0.0, *(round(n * CHANNEL_GROUP / ctx.shape.intermediate, 6) for n in cuts))
+
+
+def prune_spec(value: Any) -> PruneSpec:
+    """A prune knob value as compress/prune.py PruneSpec.
+
+    A number is the fraction of MLP channels cut; text like "layers=0.25,mlp=0.1" names any
+    of PruneSpec's fractions (layers, kv_groups, mlp).
+    """
+    from kiln.compress.prune import PruneSpec
+
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return PruneSpec(mlp=float(value))
+    parts: dict[str, float] = {}
+    for item in str(value).split(","):
+        key, sep, num = item.partition("=")
+        try:
+            parts[key.strip()] = float(num)
+        except ValueError:
+            sep = ""
+        if not sep or key.strip() not in ("layers", "kv_groups", "mlp"):
+            raise ConfigError(
+                f"[search] prune value {value!r}: expected a fraction of MLP channels (0.1) or "
+                'text like "layers=0.25,mlp=0.1" (keys layers, kv_groups, mlp).'
+            )
+    return PruneSpec(**parts)
+
+
+def prune_label(value: Any) -> str:
+    """Short text of a prune value: "" when it prunes nothing, else "mlp0.0833" and so on."""
+    spec = prune_spec(value)
+    return "".join(f"{k.replace('_', '')}{v:g}" for k, v in asdict(spec).items() if v)
+
+
 def _kv(ctx: Context) -> tuple[str, ...]:
     return ("concat", "static") if ctx.target.is_cpu else ("concat",)
 
@@ -130,6 +177,7 @@ KNOBS: tuple[Knob, ...] = (
         "method", "weight quantizer: round-to-nearest or calibrated", lambda c: tuple(METHOD_KNOB)
     ),
     Knob("sparsity", "2:4 structured weight sparsity", lambda c: tuple(SPARSITY_KNOB)),
+    Knob("prune", "structured pruning before export (compress/prune.py)", _prune),
     Knob("fusions", "the target's fusion passes on or off", lambda c: (True, False)),
     # GPU engines: concat only by default (each static graph is one more eval and build);
     # [search] kv = ["concat", "static"] widens it.
@@ -162,15 +210,18 @@ class Candidate:
     def artifact_knobs(self) -> dict[str, Any]:
         """The knobs that change the graph (the rest are runtime settings)."""
         d = self.as_dict()
-        return {k: d[k] for k in ("precision", "method", "sparsity", "fusions", "kv")}
+        keys = ("precision", "method", "sparsity", "prune", "fusions", "kv")
+        return {k: d[k] for k in keys}
 
     def label(self) -> str:
         """Short text: int4 rtn dense fused concat s1 t2."""
         d = self.as_dict()
         fused = "fused" if d["fusions"] else "unfused"
         tail = f" t{d['threads']}" if d["threads"] else ""
+        pruned = f" {prune_label(d['prune'])}" if prune_label(d["prune"]) else ""
         return (
-            f"{d['precision']} {d['method']} {d['sparsity']} {fused} {d['kv']} s{d['slots']}{tail}"
+            f"{d['precision']} {d['method']} {d['sparsity']}{pruned} {fused} {d['kv']} "
+            f"s{d['slots']}{tail}"
         )
 
 
@@ -202,3 +253,21 @@ def knob_methods(c: Candidate) -> list[tuple[str, str, Method | None]]:
 def needs_calibration(c: Candidate) -> bool:
     """Whether any of the candidate's compression passes calibrates on text."""
     return any(m is not None and m.calibrated for _, _, m in knob_methods(c))
+
+
+def pruned_shape(shape: ModelShape, value: Any) -> ModelShape:
+    """The shape compress/prune.py `prune` leaves (it cuts round(fraction x count) of each)."""
+    from dataclasses import replace
+
+    spec = prune_spec(value)
+    return replace(
+        shape,
+        layers=shape.layers - round(spec.layers * shape.layers),
+        kv_heads=shape.kv_heads - round(spec.kv_groups * shape.kv_heads),
+        intermediate=shape.intermediate - round(spec.mlp * shape.intermediate),
+    )
+
+
+def prunes(c: Candidate) -> bool:
+    """Whether the candidate prunes the model before export (it measures cuts on text)."""
+    return bool(prune_label(c["prune"]))

@@ -27,6 +27,7 @@ _HERE = Path(__file__).resolve().parent
 TUNE_SOURCES = [_HERE / "make.py", _HERE / "speed.py"]
 # The stage package whose code makes each kind of trial.
 PACKAGES = {
+    "prune": "kiln.compress",
     "export": "kiln.export",
     "optimize": "kiln.optimize",
     "proxy": "kiln.evaluate",

@@ -29,6 +29,7 @@ RECIPE = Recipe(
         "precision": ("int4",),
         "method": ("rtn", "gptq"),
         "sparsity": ("dense",),
+        "prune": (0.0,),
         "fusions": (True,),
         "kv": ("concat",),
         "threads": (1,),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from kiln.tune.choose import choose, closest, pareto, rank_agreement
 from kiln.tune.recipe import (
     Budget,
     BuildSection,
+    ExportSection,
     OptimizeSection,
     Recipe,
     RuntimeSection,
@@ -34,6 +36,13 @@ def test_recipe_round_trip(tmp_path: Path) -> None:
         runtime=RuntimeSection(threads=0, slots=4),
     )
     assert load_recipe(save_recipe(r, tmp_path / "r.toml", header="a\nb")) == r
+    mixed = replace(
+        r,
+        export=ExportSection("static", 96, prune="layers=0,kv_groups=0,mlp=0.1"),
+        optimize=OptimizeSection("onnxruntime", "int4", weight_budget_mib=3.25),
+        search={"prune": (0.0, 0.1, "layers=0.25,mlp=0.1"), "method": ("mixed",)},
+    )
+    assert load_recipe(save_recipe(mixed, tmp_path / "m.toml")) == mixed
 
 
 @pytest.mark.parametrize(
@@ -44,6 +53,7 @@ def test_recipe_round_trip(tmp_path: Path) -> None:
         ("[workload]\nconcurrency = 1.5\n", r"concurrency = 1.5: must be int"),
         ("[search]\nprecision = 'fp16'\n", r"\[search\]: each key must name a knob"),
         ("colour = 1\n", r"colour: unknown key"),
+        ('[optimize]\nweight_budget_mib = "3"\n', r"weight_budget_mib = '3': must be float"),
     ],
 )
 def test_recipe_errors_name_the_key(tmp_path: Path, text: str, match: str) -> None:
@@ -70,7 +80,8 @@ def test_budget_deficits() -> None:
 
 
 def _trial(precision: str, speeds: list[float], kl: float) -> Trial:
-    values = {"precision": precision, "method": "rtn", "sparsity": "dense", "fusions": True}
+    values = {"precision": precision, "method": "rtn", "sparsity": "dense", "prune": 0.0}
+    values |= {"fusions": True}
     values |= {"kv": "concat", "slots": 1, "threads": 1}
     t = Trial(Candidate(tuple((k, values[k]) for k in KNOB_NAMES)), status="accepted")
     t.full = {"kl_mean": kl}

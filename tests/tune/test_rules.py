@@ -15,12 +15,20 @@ from kiln.tune.rules import RULES, first_violation
 from kiln.tune.space import KNOB_NAMES, Candidate, Context, ModelShape, Target
 
 SHAPE = ModelShape(
-    layers=2, hidden=256, intermediate=512, kv_heads=2, head_dim=64, vocab=300, max_positions=512
+    layers=2,
+    hidden=256,
+    intermediate=512,
+    kv_heads=2,
+    head_dim=64,
+    vocab=300,
+    max_positions=512,
+    family="llama",
 )
 BASE = {
     "precision": "fp16",
     "method": "rtn",
     "sparsity": "dense",
+    "prune": 0.0,
     "fusions": True,
     "kv": "concat",
     "slots": 1,
@@ -42,6 +50,9 @@ def cpu(cores: int = 2) -> Context:
 
 
 SM75 = {"compute_capabilities": ("7.5",)}
+TEXT = {"calibration": Path("train.txt")}
+GPT2 = replace(SHAPE, family="gpt2")
+INT8 = {"precision": "int8", "threads": 1, "kv": "static"}
 # rule id -> (a candidate and context it drops, a near miss it keeps)
 CASES: dict[str, tuple[tuple[Candidate, Context], tuple[Candidate, Context]]] = {
     "precision-not-offered": ((cand(threads=1), cpu()), (cand(precision="int8", threads=1), cpu())),
@@ -74,6 +85,23 @@ CASES: dict[str, tuple[tuple[Candidate, Context], tuple[Candidate, Context]]] = 
     "needs-calibration": (
         (cand(precision="int4", method="gptq"), gpu()),
         (cand(precision="int4", method="gptq"), replace(gpu(), calibration=Path("train.txt"))),
+    ),
+    "prune-family": (
+        (cand(prune=0.125, **INT8), Context(Target("cpu", cores=2), Workload(), GPT2, **TEXT)),
+        (cand(prune=0.0, **INT8), Context(Target("cpu", cores=2), Workload(), GPT2, **TEXT)),
+    ),
+    # 512 channels: 0.125 cuts 64 (keeps 448 = 14 groups of 32); 0.1 cuts 51 (keeps 461)
+    "prune-channel-group": (
+        (cand(prune=0.1, **INT8), replace(cpu(), **TEXT)),
+        (cand(prune=0.125, **INT8), replace(cpu(), **TEXT)),
+    ),
+    "prune-scope": (
+        (cand(prune=0.125, **{**INT8, "kv": "concat"}), replace(cpu(), **TEXT)),
+        (cand(prune=0.125, **INT8), replace(cpu(), **TEXT)),
+    ),
+    "mixed-scope": (
+        (cand(precision="int4", method="mixed", fusions=False), replace(gpu(), **TEXT)),
+        (cand(precision="int4", method="mixed"), replace(gpu(), **TEXT)),
     ),
     "weight-blocks": (
         (cand(precision="int8"), Context(gpu().target, Workload(), replace(SHAPE, hidden=100))),
@@ -180,3 +208,75 @@ def test_the_graph_runs_the_passes_kiln_compress_runs(
 def test_bf16_needs_ampere() -> None:
     assert first_violation(cand(precision="bf16"), gpu(**SM75))[0] == "compute-capability"  # type: ignore[index]
     assert first_violation(cand(precision="bf16"), gpu("a100-bf16")) is None
+
+
+def test_pruning_needs_text_and_leaves_whole_layers() -> None:
+    """needs-calibration covers pruning; a cut of every layer is dropped, one layer less is not."""
+    c = cand(prune=0.125, **INT8)
+    assert first_violation(c, cpu())[0] == "needs-calibration"  # type: ignore[index]
+    ctx = replace(cpu(), **TEXT)
+    assert first_violation(c, ctx) is None
+    all_layers = first_violation(cand(prune="layers=0.9", **INT8), ctx)
+    assert all_layers is not None and all_layers[0] == "prune-channel-group"
+    assert "0 layers" in all_layers[1]
+    assert first_violation(cand(prune="layers=0.5", **INT8), ctx) is None
+
+
+def test_pruned_shape_feeds_the_weight_block_rule() -> None:
+    """On tensorrt, int8's blocks must divide the pruned intermediate size, not the original."""
+    shape = replace(SHAPE, intermediate=384)  # 0.083333 keeps 352 = 11 x 32: blocks of 32 fit
+    ctx = Context(gpu().target, Workload(), shape, Path("train.txt"))
+    assert first_violation(cand(precision="int8", prune=0.083333), ctx) is None
+    bad = first_violation(cand(precision="int8", prune="mlp=0.1"), ctx)
+    assert bad is not None and bad[0] == "prune-channel-group"
+
+
+def test_default_prune_values_snap_to_channel_groups() -> None:
+    """~10% and ~20% of the MLP channels, whole 32-channel groups, and 0; deterministic."""
+    from kiln.tune.space import KNOBS, pruned_shape
+
+    knob = next(k for k in KNOBS if k.name == "prune")
+    ctx = Context(Target("cpu", cores=2), Workload(), replace(SHAPE, intermediate=384))
+    values = knob.values(ctx)
+    assert values == knob.values(ctx) and values[0] == 0.0 and len(values) == 3
+    for v in values[1:]:
+        kept = pruned_shape(ctx.shape, v).intermediate
+        assert kept % 32 == 0 and 0 < kept < 384
+
+
+def test_prune_values_parse_and_refuse_typos() -> None:
+    from kiln.errors import ConfigError
+    from kiln.tune.space import prune_spec
+
+    assert prune_spec(0.25).mlp == 0.25
+    assert prune_spec("layers=0.25,mlp=0.1").layers == 0.25
+    with pytest.raises(ConfigError, match="keys layers, kv_groups, mlp"):
+        prune_spec("layer=0.25")
+
+
+def test_the_cache_key_covers_the_new_knobs() -> None:
+    """prune and method=mixed change the candidate key and the graph's knobs; equal knobs agree."""
+    base = cand(**INT8)
+    assert base.key == cand(**INT8).key
+    pruned = cand(prune=0.125, **INT8)
+    mixed = cand(precision="int4", method="mixed", threads=1)
+    keys = {base.key, pruned.key, mixed.key, cand(precision="int4", threads=1).key}
+    assert len(keys) == 4
+    assert pruned.artifact_knobs["prune"] == 0.125 and base.artifact_knobs["prune"] == 0.0
+
+
+def test_mixed_runs_the_mixed_pass_of_kiln_compress() -> None:
+    """method = mixed is optimize/methods.py `mixed` (its pass per target), and needs text."""
+    from kiln.optimize.methods import method_passes
+    from kiln.tune.make import optimize_section
+
+    c = cand(precision="int4", method="mixed", threads=1, kv="static")
+    assert first_violation(c, cpu())[0] == "needs-calibration"  # type: ignore[index]
+    on_gpu = cand(precision="int4", method="mixed")
+    for ctx, one in ((replace(cpu(), **TEXT), c), (replace(gpu(), **TEXT), on_gpu)):
+        assert first_violation(one, ctx) is None
+        section = optimize_section(one, ctx)
+        assert list(section.passes) == method_passes("mixed", ctx.target.optimize_target)[1]
+    assert first_violation(cand(precision="int8", method="mixed"), replace(gpu(), **TEXT))[0] == (  # type: ignore[index]
+        "method-precision"
+    )
