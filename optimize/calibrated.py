@@ -134,20 +134,18 @@ def to_matmul_nbits(model: ir.Model, *, accuracy_level: int = 4) -> int:
     return done
 
 
-class CalibratedInt4Pass(GraphPass):
-    """int4 weight-only with GPTQ rounding and clip search, as block DequantizeLinear.
+class CalibratedPass(GraphPass):
+    """A pass that needs calibration token sequences: built from the pass config, refused without.
 
-    Needs calibration token sequences: `Calibration` directly, or through the pass config
-    (`Calibration.as_config()`, what `kiln compress` passes to optimize_model).
+    `kiln compress` hands the calibration to optimize_model as the pass config
+    (`Calibration.as_config()`); `for_model` reads it back and `requires` refuses to run without
+    it, naming the command (`usage`) that supplies it.
     """
 
-    name = "int4-gptq"
-    quantizes = True  # judged by the target precision's tolerance (optimize/passes.py)
+    usage = "kiln compress ARTIFACT --method METHOD --calibration FILE"
 
-    def __init__(
-        self, calibration: Calibration | None = None, *, block: int = 32, group: int = 4
-    ) -> None:
-        self.calibration, self.block, self.group = calibration, block, group
+    def __init__(self, calibration: Calibration | None = None) -> None:
+        self.calibration = calibration
 
     @classmethod
     def for_model(cls, config: Mapping[str, Any]) -> GraphPass:
@@ -155,13 +153,26 @@ class CalibratedInt4Pass(GraphPass):
         return cls(Calibration.from_config(config))
 
     def requires(self, value: ir.Model) -> None:
-        """Calibration is what makes this pass different from round-to-nearest."""
+        """Calibration is what this pass is about: refuse without it, naming the command."""
         if self.calibration is None:
             raise ConfigError(
-                f"pass {self.name!r} needs calibration text; run `kiln compress ARTIFACT "
-                "--method gptq-int4 --calibration FILE` (text from the model's domain, never "
-                "the held-out evaluation text)."
+                f"pass {self.name!r} needs calibration text; run `{self.usage}` (text from the "
+                "model's domain, never the held-out evaluation text)."
             )
+
+
+class CalibratedInt4Pass(CalibratedPass):
+    """int4 weight-only with GPTQ rounding and clip search, as block DequantizeLinear."""
+
+    name = "int4-gptq"
+    quantizes = True  # judged by the target precision's tolerance (optimize/passes.py)
+    usage = "kiln compress ARTIFACT --method gptq-int4 --calibration FILE"
+
+    def __init__(
+        self, calibration: Calibration | None = None, *, block: int = 32, group: int = 4
+    ) -> None:
+        super().__init__(calibration)
+        self.block, self.group = block, group
 
     def run(self, model: ir.Model) -> Result[ir.Model]:
         """Quantize in place; counts as int4-weight-only's plus groups and peak group bytes."""

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from kiln.errors import ConfigError
 from kiln.optimize.base import GraphPass, count_delta, op_counts
 from kiln.optimize.calibrate import Calibration, log_probs, mean_kl
-from kiln.optimize.calibrated import calibrated_int4, to_matmul_nbits
+from kiln.optimize.calibrated import CalibratedPass, calibrated_int4, to_matmul_nbits
 from kiln.optimize.precision.weight_only import _weights, pick_block, quantize_weights
 from kiln.steps import Result
 
@@ -160,14 +160,17 @@ def mixed_precision(
     return counts, [g.row() for g in groups]
 
 
-class MixedPrecisionPass(GraphPass):
+class MixedPrecisionPass(CalibratedPass):
     """int4 / int8 / float per MatMul group, least KL within `--weight-budget-mib`."""
 
     name = "mixed-int4-int8"
     quantizes = True  # judged by the int4 tolerance (optimize/passes.py)
 
+    usage = "kiln compress ARTIFACT --method mixed --calibration FILE --weight-budget-mib MIB"
+
     def __init__(self, calibration: Calibration | None = None, budget_mib: float | None = None):
-        self.calibration, self.budget_mib = calibration, budget_mib
+        super().__init__(calibration)
+        self.budget_mib = budget_mib
         self.table: list[dict[str, Any]] = []
 
     @classmethod
@@ -177,12 +180,10 @@ class MixedPrecisionPass(GraphPass):
         return cls(Calibration.from_config(config), float(budget) if budget else None)
 
     def requires(self, value: ir.Model) -> None:
-        """Both the calibration and the budget are needed."""
-        if self.calibration is None or self.budget_mib is None:
-            raise ConfigError(
-                f"pass {self.name!r} needs calibration text and a budget: `kiln compress "
-                "ARTIFACT --method mixed --calibration FILE --weight-budget-mib MIB`."
-            )
+        """The calibration (CalibratedPass) and the budget are both needed."""
+        super().requires(value)
+        if self.budget_mib is None:
+            raise ConfigError(f"pass {self.name!r} needs a budget: run `{self.usage}`.")
 
     def run(self, model: ir.Model) -> Result[ir.Model]:
         """Plan and quantize; notes hold one line per group (the per-layer table)."""
