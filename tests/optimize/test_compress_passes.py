@@ -171,6 +171,9 @@ def test_wanda_score_keeps_the_weights_of_loud_channels():
     mag = np.where(mask_2of4(np.abs(w)), w, 0)
     wanda = np.where(mask_2of4(np.abs(w) * norms[:, None]), w, 0)
     assert _err(x, w, wanda) < 0.5 * _err(x, w, mag)
+    # the control: calibration on the wrong scale (inverse norms) keeps the quiet channels
+    wrong = np.where(mask_2of4(np.abs(w) / norms[:, None]), w, 0)
+    assert _err(x, w, wrong) > _err(x, w, mag)
 
 
 def _group(name: str, kl4: float, kl8: float, size: int) -> Group:
