@@ -171,8 +171,10 @@ def make_rtn(export: Path, out: Path, precision: str) -> Path:
 
 
 def decode_tps(onnx_dir: Path, batch: int, steps: int = 32, threads: int = 2) -> float:
-    """Decode tokens/s after a 16-token prefill and 2 untimed steps (warm-up), batch `batch`,
-    greedy, one token per call."""
+    """Decode tokens/s, batch `batch`, greedy, one token per call, after a 16-token prefill.
+
+    Two untimed steps first: the session's first runs allocate and are not decode speed.
+    """
     from kiln.graph_io import stepper
 
     run = stepper(onnx_dir / "model.onnx", rows=batch, threads=threads)
