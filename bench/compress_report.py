@@ -48,6 +48,7 @@ class ModelSet:
     hf: Path
     text: Path  # scored text (held-out for the eval model)
     methods: list[str]  # labels besides fp32 (prune-<what><percent> included)
+    tokens: int  # scored tokens of `text`
     sequences: int = 16  # calibration windows (and as many gate windows)
     length: int = 256
     note: str = ""
@@ -197,14 +198,14 @@ def model_sets(args: argparse.Namespace, work: Path) -> list[ModelSet]:
         if name == "eval":
             cfg = json.loads((args.model / "config.json").read_text())
             methods = [*EVAL_METHODS, *prune_labels(cfg)]
-            ms = ModelSet("eval", args.model, args.model / "heldout.txt", methods,
+            ms = ModelSet("eval", args.model, args.model / "heldout.txt", methods, args.tokens,
                           note=f"eval model {args.model}, held-out text")  # fmt: skip
         elif name == "smollm":
             from bench.race import make_model
 
             hf = make_model("smollm", work / "smollm-hf")
             ms = ModelSet("smollm", hf, args.model / "heldout.txt", list(SMOLLM_METHODS),
-                          sequences=args.smollm_windows, length=128,
+                          args.smollm_tokens, sequences=args.smollm_windows, length=128,
                           note="SmolLM-135M shape, seeded random weights (bench/race.py); "
                           "stdlib held-out text as tokens: perplexity of random weights "
                           "means nothing, KL/top-1 vs its fp32 do")  # fmt: skip
@@ -227,7 +228,7 @@ def run_set(ms: ModelSet, out: Path, calib: Path, args: argparse.Namespace) -> d
     rows: dict[str, dict[str, Any]] = {}
     for name, var in variants.items():
         rep = evaluate_model(var["path"], reference=export, text=ms.text, out=out / "eval" / name,
-                             options=EvalOptions(tokens=args.tokens))  # fmt: skip
+                             options=EvalOptions(tokens=ms.tokens))  # fmt: skip
         r = rep.results
         rows[name] = {
             "label": var["title"],
@@ -248,7 +249,8 @@ def run_set(ms: ModelSet, out: Path, calib: Path, args: argparse.Namespace) -> d
     load.append(os.getloadavg())
     for r in rows.values():
         r["tps"] = {b: statistics.median(x) for b, x in r["tps"].items()}
-    return {"note": ms.note, "windows": [ms.sequences, ms.length], "load": load, "rows": rows}
+    return {"note": ms.note, "tokens": ms.tokens, "windows": [ms.sequences, ms.length],
+            "load": load, "rows": rows}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,12 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     calib = calibration_text(out / "calibration.txt")
     report: dict[str, Any] = {}
     for ms in model_sets(args, out):
-        tokens = args.tokens
-        if ms.name == "smollm":
-            args.tokens = args.smollm_tokens
-        sub = out if ms.name == "eval" else out / ms.name
-        report[ms.name] = run_set(ms, sub, calib, args)
-        args.tokens = tokens
+        report[ms.name] = run_set(ms, out if ms.name == "eval" else out / ms.name, calib, args)
     write(out, report, args)
 
 
@@ -286,11 +283,11 @@ def table(name: str, s: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """One model set's markdown section."""
     rows, load = s["rows"], s["load"]
     fp32 = rows["fp32"]["tps"]
-    tokens = args.smollm_tokens if name == "smollm" else args.tokens
     lines = [
         f"## {name}",
         "",
-        f"{s['note']}; scored tokens {tokens}; reference: its fp32 export; onnxruntime target; "
+        f"{s['note']}; scored tokens {s['tokens']}; reference: its fp32 export; "
+        "onnxruntime target; "
         f"calibration {s['windows'][0]} windows of {s['windows'][1]} tokens (and as many gate "
         f"windows) from the training split; decode tok/s median of {args.repeats} round-robin "
         f"repeats (fp32 first each round), {args.steps} steps, {args.threads} threads; load "
