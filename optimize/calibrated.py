@@ -12,6 +12,8 @@ the same blocks repacked into com.microsoft MatMulNBits (`to_matmul_nbits`).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +29,7 @@ from kiln.optimize.typecheck import check_types
 from kiln.steps import Result
 
 _MS = "com.microsoft"
+log = logging.getLogger(__name__)
 
 
 def calibrated_int4(
@@ -49,7 +52,8 @@ def calibrated_int4(
     notes: list[str] = []
     peak = 0
     longest = max(len(s) for s in calibration.sequences)
-    for values in groups_in_order([m.x for m in todo], group):
+    groups, t0 = list(groups_in_order([m.x for m in todo], group)), time.perf_counter()
+    for i, values in enumerate(groups):
         h = hessians(model, calibration, values)
         names = {v.name for v in values}
         ks = [a.shape[0] for a in h.values()]
@@ -66,6 +70,7 @@ def calibrated_int4(
             totals[key] += v
         notes += n
         totals["groups"] += 1
+        log.info("GPTQ group %d/%d done (%.0f s)", i + 1, len(groups), time.perf_counter() - t0)
     totals["peak_group_bytes"] = peak
     notes.append(
         f"calibration {calibration.source}: {len(calibration.sequences)} sequences, "

@@ -13,6 +13,7 @@ round-to-nearest; on the onnxruntime target both become MatMulNBits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ from kiln.steps import Result
 
 MIB = 2**20
 LEVELS = ("int4", "int8", "float")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,7 +100,8 @@ def sensitivities(model: ir.Model, groups: list[Group], calibration: Calibration
     """Fill each group's KL at int4 and int8 (that group alone quantized, round-to-nearest)."""
     reference = log_probs(model, calibration)
     proto = ir.serde.serialize_model(model)
-    for g in groups:
+    for i, g in enumerate(groups):
+        log.info("sensitivity of group %d/%d (%s)", i + 1, len(groups), "+".join(g.weights))
         for level, bits in (("int4", 4), ("int8", 8)):
             trial = ir.serde.deserialize_model(proto)
             _quantize(trial, set(g.weights), bits)
