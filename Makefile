@@ -56,8 +56,10 @@ TUNE_TARGETS ?= cpu rtx-ampere-ada-fp16 rtx-ada-fp8
 tune: $(STAMP)  ## pick the recipe per target under a quality budget: out/tune/<model>/<target>/{tune.json,recipe.toml,report.md,pareto.png} (TUNE_TARGETS="cpu l4-fp16" TUNE_FLAGS="--budget max_kl_mean=1e-3")
 	@for t in $(TUNE_TARGETS); do $(KILN) tune $(TUNE_MODEL) --target $$t $(TUNE_FLAGS) || exit 1; done
 
-compress-report: $(STAMP)  ## every compression method on the eval model: table (out/compress/report.md) and size-vs-KL chart
-	$(PY) -m bench.compress_report --out out/compress
+# Model sets: eval (every method + the pruning curve) and smollm (SmolLM-135M shape: size, CPU speed).
+COMPRESS_MODELS ?= eval,smollm
+compress-report: $(STAMP)  ## every compression method per model set (COMPRESS_MODELS=eval,smollm): tables (out/compress/report.md) and size/tok-s-vs-KL chart
+	$(PY) -m bench.compress_report --out out/compress --models $(COMPRESS_MODELS) $(COMPRESS_FLAGS)
 
 bench-engine: $(STAMP)  ## GPT-2-small-shaped engine build, kiln vs bare polygraphy convert: overhead ratio, peak memory, size
 	$(PY) -m bench.engine_build --out out/bench-engine

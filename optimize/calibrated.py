@@ -12,6 +12,8 @@ the same blocks repacked into com.microsoft MatMulNBits (`to_matmul_nbits`).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +29,7 @@ from kiln.optimize.typecheck import check_types
 from kiln.steps import Result
 
 _MS = "com.microsoft"
+log = logging.getLogger(__name__)
 
 
 def calibrated_int4(
@@ -49,7 +52,8 @@ def calibrated_int4(
     notes: list[str] = []
     peak = 0
     longest = max(len(s) for s in calibration.sequences)
-    for values in groups_in_order([m.x for m in todo], group):
+    groups, t0 = list(groups_in_order([m.x for m in todo], group)), time.perf_counter()
+    for i, values in enumerate(groups):
         h = hessians(model, calibration, values)
         names = {v.name for v in values}
         ks = [a.shape[0] for a in h.values()]
@@ -66,6 +70,7 @@ def calibrated_int4(
             totals[key] += v
         notes += n
         totals["groups"] += 1
+        log.info("GPTQ group %d/%d done (%.0f s)", i + 1, len(groups), time.perf_counter() - t0)
     totals["peak_group_bytes"] = peak
     notes.append(
         f"calibration {calibration.source}: {len(calibration.sequences)} sequences, "
@@ -134,20 +139,18 @@ def to_matmul_nbits(model: ir.Model, *, accuracy_level: int = 4) -> int:
     return done
 
 
-class CalibratedInt4Pass(GraphPass):
-    """int4 weight-only with GPTQ rounding and clip search, as block DequantizeLinear.
+class CalibratedPass(GraphPass):
+    """A pass that needs calibration token sequences: built from the pass config, refused without.
 
-    Needs calibration token sequences: `Calibration` directly, or through the pass config
-    (`Calibration.as_config()`, what `kiln compress` passes to optimize_model).
+    `kiln compress` hands the calibration to optimize_model as the pass config
+    (`Calibration.as_config()`); `for_model` reads it back and `requires` refuses to run without
+    it, naming the command (`usage`) that supplies it.
     """
 
-    name = "int4-gptq"
-    quantizes = True  # judged by the target precision's tolerance (optimize/passes.py)
+    usage = "kiln compress ARTIFACT --method METHOD --calibration FILE"
 
-    def __init__(
-        self, calibration: Calibration | None = None, *, block: int = 32, group: int = 4
-    ) -> None:
-        self.calibration, self.block, self.group = calibration, block, group
+    def __init__(self, calibration: Calibration | None = None) -> None:
+        self.calibration = calibration
 
     @classmethod
     def for_model(cls, config: Mapping[str, Any]) -> GraphPass:
@@ -155,13 +158,26 @@ class CalibratedInt4Pass(GraphPass):
         return cls(Calibration.from_config(config))
 
     def requires(self, value: ir.Model) -> None:
-        """Calibration is what makes this pass different from round-to-nearest."""
+        """Calibration is what this pass is about: refuse without it, naming the command."""
         if self.calibration is None:
             raise ConfigError(
-                f"pass {self.name!r} needs calibration text; run `kiln compress ARTIFACT "
-                "--method gptq-int4 --calibration FILE` (text from the model's domain, never "
-                "the held-out evaluation text)."
+                f"pass {self.name!r} needs calibration text; run `{self.usage}` (text from the "
+                "model's domain, never the held-out evaluation text)."
             )
+
+
+class CalibratedInt4Pass(CalibratedPass):
+    """int4 weight-only with GPTQ rounding and clip search, as block DequantizeLinear."""
+
+    name = "int4-gptq"
+    quantizes = True  # judged by the target precision's tolerance (optimize/passes.py)
+    usage = "kiln compress ARTIFACT --method gptq-int4 --calibration FILE"
+
+    def __init__(
+        self, calibration: Calibration | None = None, *, block: int = 32, group: int = 4
+    ) -> None:
+        super().__init__(calibration)
+        self.block, self.group = block, group
 
     def run(self, model: ir.Model) -> Result[ir.Model]:
         """Quantize in place; counts as int4-weight-only's plus groups and peak group bytes."""

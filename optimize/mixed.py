@@ -13,6 +13,7 @@ round-to-nearest; on the onnxruntime target both become MatMulNBits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +23,14 @@ import onnx_ir as ir
 from kiln.errors import ConfigError
 from kiln.optimize.base import GraphPass, count_delta, op_counts
 from kiln.optimize.calibrate import Calibration, log_probs, mean_kl
-from kiln.optimize.calibrated import calibrated_int4, to_matmul_nbits
+from kiln.optimize.calibrated import CalibratedPass, calibrated_int4, to_matmul_nbits
 from kiln.optimize.precision.weight_only import _weights, pick_block, quantize_weights
 from kiln.steps import Result
 
 MIB = 2**20
 LEVELS = ("int4", "int8", "float")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,7 +100,8 @@ def sensitivities(model: ir.Model, groups: list[Group], calibration: Calibration
     """Fill each group's KL at int4 and int8 (that group alone quantized, round-to-nearest)."""
     reference = log_probs(model, calibration)
     proto = ir.serde.serialize_model(model)
-    for g in groups:
+    for i, g in enumerate(groups):
+        log.info("sensitivity of group %d/%d (%s)", i + 1, len(groups), "+".join(g.weights))
         for level, bits in (("int4", 4), ("int8", 8)):
             trial = ir.serde.deserialize_model(proto)
             _quantize(trial, set(g.weights), bits)
@@ -160,14 +164,17 @@ def mixed_precision(
     return counts, [g.row() for g in groups]
 
 
-class MixedPrecisionPass(GraphPass):
+class MixedPrecisionPass(CalibratedPass):
     """int4 / int8 / float per MatMul group, least KL within `--weight-budget-mib`."""
 
     name = "mixed-int4-int8"
     quantizes = True  # judged by the int4 tolerance (optimize/passes.py)
 
+    usage = "kiln compress ARTIFACT --method mixed --calibration FILE --weight-budget-mib MIB"
+
     def __init__(self, calibration: Calibration | None = None, budget_mib: float | None = None):
-        self.calibration, self.budget_mib = calibration, budget_mib
+        super().__init__(calibration)
+        self.budget_mib = budget_mib
         self.table: list[dict[str, Any]] = []
 
     @classmethod
@@ -177,12 +184,10 @@ class MixedPrecisionPass(GraphPass):
         return cls(Calibration.from_config(config), float(budget) if budget else None)
 
     def requires(self, value: ir.Model) -> None:
-        """Both the calibration and the budget are needed."""
-        if self.calibration is None or self.budget_mib is None:
-            raise ConfigError(
-                f"pass {self.name!r} needs calibration text and a budget: `kiln compress "
-                "ARTIFACT --method mixed --calibration FILE --weight-budget-mib MIB`."
-            )
+        """The calibration (CalibratedPass) and the budget are both needed."""
+        super().requires(value)
+        if self.budget_mib is None:
+            raise ConfigError(f"pass {self.name!r} needs a budget: run `{self.usage}`.")
 
     def run(self, model: ir.Model) -> Result[ir.Model]:
         """Plan and quantize; notes hold one line per group (the per-layer table)."""

@@ -12,15 +12,12 @@ left dense (its error lands on every logit).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 
-from kiln.errors import ConfigError
 from kiln.optimize.base import GraphPass
 from kiln.optimize.calibrate import Calibration, hessians
+from kiln.optimize.calibrated import CalibratedPass
 from kiln.optimize.precision.weight_only import _weights
 from kiln.steps import Result
 
@@ -89,26 +86,14 @@ class Sparse24Pass(GraphPass):
         return Result(model, changed=counts["weights"] > 0, counts=counts)
 
 
-class CalibratedSparse24Pass(GraphPass):
-    """2:4 sparsity by |w| times the input channel's activation norm (Wanda)."""
+class CalibratedSparse24Pass(CalibratedPass):
+    """2:4 sparsity by |w| times the input channel's activation norm (Wanda).
+
+    Without calibration this would be the magnitude pass ('sparse-2of4'): `requires` refuses.
+    """
 
     name = "sparse-2of4-calibrated"
-
-    def __init__(self, calibration: Calibration | None = None) -> None:
-        self.calibration = calibration
-
-    @classmethod
-    def for_model(cls, config: Mapping[str, Any]) -> GraphPass:
-        """The pass over the calibration `config` carries."""
-        return cls(Calibration.from_config(config))
-
-    def requires(self, value: ir.Model) -> None:
-        """Without calibration this is the magnitude pass: refuse, naming it."""
-        if self.calibration is None:
-            raise ConfigError(
-                f"pass {self.name!r} needs calibration text (`kiln compress --method "
-                "sparse24-calibrated --calibration FILE`); use 'sparse-2of4' for magnitude only."
-            )
+    usage = "kiln compress ARTIFACT --method sparse24-calibrated --calibration FILE"
 
     def run(self, model: ir.Model) -> Result[ir.Model]:
         """Zero 2 of every 4 weights along K, scored by |w| * ||x_k||."""

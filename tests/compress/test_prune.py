@@ -144,3 +144,37 @@ def test_vocab_pruning_negative_control(calib):
     with torch.no_grad():
         same = model.generate(torch.tensor([base[:n]]), max_new_tokens=16, do_sample=False)[0]
     assert same.tolist() == base
+
+
+def test_pruned_30_percent_folder_loads_and_exports_the_same_logits(calib, tmp_path):
+    """30% of layers and MLP channels cut: transformers loads it, and the fp32 ONNX export of it
+    gives the pruned model's log-probabilities (float32 tolerance), not the original's."""
+    import onnx_ir as ir
+
+    from kiln.export import export_model
+    from kiln.optimize.calibrate import Calibration, log_probs
+
+    hf = tmp_path / "hf"
+    prune_model(EVAL, hf, calibration=calib, spec=PruneSpec(layers=0.3, mlp=0.3),
+                sequences=4, length=128)  # fmt: skip
+    src = json.loads((EVAL / "config.json").read_text())
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == src["num_hidden_layers"] - round(
+        0.3 * src["num_hidden_layers"]
+    )
+    assert cfg["intermediate_size"] == src["intermediate_size"] - round(
+        0.3 * src["intermediate_size"]
+    )
+    ids = AutoTokenizer.from_pretrained(hf)(calib.read_text()[:600]).input_ids[:64]
+
+    def torch_log_probs(folder: Path) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+
+    onnx = export_model(hf, tmp_path / "onnx", precision="fp32")
+    got = torch.from_numpy(
+        log_probs(ir.load(onnx / "model.onnx"), Calibration((tuple(ids),), "test"))[0]
+    ).double()
+    assert (got - torch_log_probs(hf)).abs().max() < 2e-3
+    assert (got - torch_log_probs(EVAL)).abs().max() > 0.05  # the control: the unpruned model

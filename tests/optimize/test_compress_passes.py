@@ -9,11 +9,23 @@ import pytest
 
 from kiln.errors import ConfigError
 from kiln.optimize.calibrate import Calibration, log_probs, mean_kl
-from kiln.optimize.calibrated import CalibratedInt4Pass, CalibratedMatMulNBitsPass, to_matmul_nbits
+from kiln.optimize.calibrated import (
+    CalibratedInt4Pass,
+    CalibratedMatMulNBitsPass,
+    CalibratedPass,
+    to_matmul_nbits,
+)
 from kiln.optimize.gptq import dequantize, gptq_int4
-from kiln.optimize.mixed import Group, groups_of, mixed_precision, plan
+from kiln.optimize.mixed import (
+    Group,
+    MixedMatMulNBitsPass,
+    MixedPrecisionPass,
+    groups_of,
+    mixed_precision,
+    plan,
+)
 from kiln.optimize.precision.weight_only import quantize_block, quantize_weights
-from kiln.optimize.sparsity import is_2of4, mask_2of4, sparsify_2of4
+from kiln.optimize.sparsity import CalibratedSparse24Pass, is_2of4, mask_2of4, sparsify_2of4
 
 
 def _inputs(rng: np.random.Generator, k: int, loud: float = 30.0) -> np.ndarray:
@@ -98,11 +110,26 @@ def test_matmul_nbits_repack_computes_the_same_as_dequantize(tiny):
 
 
 def test_calibrated_passes_refuse_without_calibration(tiny):
+    """Every CalibratedPass reads calibration from the pass config and refuses without it."""
     path, _, _ = tiny
     model = ir.load(path / "model.onnx")
-    for cls in (CalibratedInt4Pass, CalibratedMatMulNBitsPass):
+    calibrated = (
+        CalibratedInt4Pass,
+        CalibratedMatMulNBitsPass,
+        CalibratedSparse24Pass,
+        MixedPrecisionPass,
+        MixedMatMulNBitsPass,
+    )
+    config = Calibration(((1, 2, 3),), "test").as_config()
+    for cls in calibrated:
+        assert issubclass(cls, CalibratedPass)
         with pytest.raises(ConfigError, match="--calibration FILE"):
             cls.for_model({}).requires(model)
+        step = cls.for_model({**config, "weight_budget_mib": 1.0})
+        step.requires(model)  # the control: with calibration (and a budget) it is accepted
+        assert isinstance(step, CalibratedPass) and step.calibration is not None
+    with pytest.raises(ConfigError, match="--weight-budget-mib"):
+        MixedPrecisionPass.for_model(config).requires(model)
 
 
 def test_two_of_four_masks():
@@ -144,6 +171,9 @@ def test_wanda_score_keeps_the_weights_of_loud_channels():
     mag = np.where(mask_2of4(np.abs(w)), w, 0)
     wanda = np.where(mask_2of4(np.abs(w) * norms[:, None]), w, 0)
     assert _err(x, w, wanda) < 0.5 * _err(x, w, mag)
+    # the control: calibration on the wrong scale (inverse norms) keeps the quiet channels
+    wrong = np.where(mask_2of4(np.abs(w) / norms[:, None]), w, 0)
+    assert _err(x, w, wrong) > _err(x, w, mag)
 
 
 def _group(name: str, kl4: float, kl8: float, size: int) -> Group:
