@@ -110,3 +110,26 @@ def test_prefill_budget_follows_the_measured_cost(tiny_static):
     assert tight.prefill_budget() == 16  # 1 ns fits no token: the floor
     assert loose.prefill_budget() == m  # 1000 s fits any prompt: the cap
     assert fixed.prefill_budget() == 24  # control: no stall target, the fixed chunk
+
+
+def test_only_the_first_prompt_of_a_step_is_cut_to_the_budget(tiny_static):
+    """A later prompt goes in whole or waits: a head cut off to fill the budget is a narrow call."""
+    gen = load(tiny_static, slots=4, device="cpu", threads=1, tokenizer=False)
+    sched = Scheduler(gen.backend, Metrics(), prefill_chunk=16)
+
+    def job(slot: int, prompt: list[int], fed: int = 0) -> Job:
+        j = Job(Sequence(slot, prompt, SamplingParams(max_new_tokens=4), ()), lambda _: None)
+        j.slot, j.fed = slot, fed
+        if fed == len(prompt):
+            j.next_feed = SlotFeed(slot, [prompt[-1]])
+        return j
+
+    decoding = job(0, [1, 2, 3], fed=3)
+    first, second, small = job(1, list(range(5, 15))), job(2, list(range(5, 15))), job(3, [9, 9])
+    fed = {j.slot: len(f.tokens) for j, f in sched._plan([decoding, first, second, small])}
+    # 16 tokens: the first prompt whole (10), the second (10 > 6 left) waits, the third fits (2)
+    assert fed == {0: 1, 1: 10, 3: 2}
+    # control: the step's first prompt is cut to the budget when it is longer
+    long, small = job(1, list(range(5, 45))), job(3, [9, 9])
+    fed = {j.slot: len(f.tokens) for j, f in sched._plan([decoding, long, small])}
+    assert fed == {0: 1, 1: 16}
