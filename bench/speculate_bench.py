@@ -208,6 +208,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--turns", type=int, default=6, help="chat turns (0 or 1: no chat)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--spin", choices=["on", "off"], default="on",
+                    help="kiln's ONNX Runtime threads spin between ops (on: its best on a quiet "
+                    "host, as llama.cpp's threads poll by default)")  # fmt: skip
     ap.add_argument("--max-context", type=int, default=512, help="of the static export")
     ap.add_argument("--out", type=Path, default=Path("out/speculate"))
     args = ap.parse_args()
@@ -219,22 +222,24 @@ def main() -> None:
         hf = args.hf or Path(json.loads((artifact / "export.json").read_text())["source"]["path"])
     kind = args.workload or ("code" if hf.resolve() == EVAL_DIR else "zen")
     ks = [int(x) for x in args.ks.split(",")]
-    opts: dict[str, Any] = {"slots": 1, "spin": False, "threads": args.threads, "last_only": False}
+    spin = args.spin == "on"
+    opts: dict[str, Any] = {"slots": 1, "spin": spin, "threads": args.threads, "last_only": False}
     gen = load(artifact, **opts)
     prompts = workloads(gen, kind)
 
     # kiln's runners: a Speculator per (workload, runner), so each keeps its own stats.
     kiln: dict[str, Callable[[], Speculator | None]] = {"kiln plain": lambda: None}
-    settings = {"kiln plain": f"threads {args.threads}, fp32 static"}
+    t = f"threads {args.threads}, spin {args.spin}"
+    settings = {"kiln plain": f"{t}, fp32 static"}
     for k in ks:
         kiln[f"kiln ngram k={k}"] = lambda k=k: load_speculator(gen, "ngram", draft_tokens=k)
-        settings[f"kiln ngram k={k}"] = f"threads {args.threads}, n-gram 3..1, k={k}"
+        settings[f"kiln ngram k={k}"] = f"{t}, n-gram 3..1, k={k}"
     if draft:
-        d = load_speculator(gen, str(draft), draft_tokens=args.draft_k, spin=False,
+        d = load_speculator(gen, str(draft), draft_tokens=args.draft_k, spin=spin,
                             threads=args.threads)  # fmt: skip
         name = f"kiln int4 draft k={args.draft_k}"
         kiln[name] = lambda: Speculator(d.drafter, draft_tokens=args.draft_k)
-        settings[name] = f"threads {args.threads}, draft {draft.name}, k={args.draft_k}"
+        settings[name] = f"{t}, draft {draft.name}, k={args.draft_k}"
     runs: dict[tuple[str, str], Callable[[list[int]], Run]] = {}
     for wl in prompts:
         for name, make in kiln.items():
