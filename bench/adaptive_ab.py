@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench.loadtest import _get, _ms, _one, _start, kiln_command, smollm_artifacts
+from kiln.artifacts import write_json_atomic
 from kiln.runtime.server.serve import free_port
 
 SERVERS = ("fixed", "adaptive")
@@ -211,7 +212,6 @@ def _report(
     print(f"equal outputs of {n} requests: {json.dumps(same)}")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "adaptive_ab.json"
-    tmp = out.with_suffix(".json.tmp")
     report = {
         "server": health,
         "commands": commands,
@@ -221,8 +221,7 @@ def _report(
         "equal_outputs": {**same, "of": n},
         "load_avg_1m": os.getloadavg()[0],
     }
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, report)
     print(f"[adaptive-ab] wrote {out}", file=sys.stderr)
     if any(k != n for k in same["adaptive_vs_fixed"]):
         print("[adaptive-ab] adaptive changed an output (see equal_outputs)", file=sys.stderr)

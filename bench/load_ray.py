@@ -37,6 +37,7 @@ from bench.loadtest import (
     kiln_command,
     smollm_artifacts,
 )
+from kiln.artifacts import write_json_atomic
 
 REPLICA_HEADER = "x-kiln-replica"
 ATTEMPTS_HEADER = "x-kiln-attempts"
@@ -238,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "load_ray.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, report)
     print(setting)
     print(" | ".join(COLUMNS))
     print(" | ".join("---" for _ in COLUMNS))

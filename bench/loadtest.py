@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from bench.llamacpp_runner import LLAMA_SERVER
+from kiln.artifacts import write_json_atomic
 from kiln.runtime.server.serve import free_port
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -492,7 +493,6 @@ def _report(
             print(" | ".join([str(lv.clients), *(str(lv.split.get(ph, "")) for ph in PHASES)]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "load.json"
-    tmp = out.with_suffix(".json.tmp")
     report = {
         "server": health,
         "commands": commands,
@@ -502,8 +502,7 @@ def _report(
         "levels": [asdict(x) for x in levels],
         "bare_runtime": bare,
     }
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, report)
     print(f"[load] wrote {out}", file=sys.stderr)
 
 
