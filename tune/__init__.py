@@ -118,6 +118,8 @@ def tune_model(
     out = Path(out) if out is not None else default_out(model, target)
     out.mkdir(parents=True, exist_ok=True)
     calibration = calibration or default_calibration(model, out.parent / "calibration.txt")
+    if text is None and (model / "heldout.txt").is_file():
+        text = model / "heldout.txt"  # a pruned model's folder has none: score every graph on it
     _check_calibration(calibration, text or model / "heldout.txt")
     ctx = context_for(model, tgt, recipe, calibration)
     s = Search(model, ctx, recipe, out, text, proxy, full, repeats, measure)
