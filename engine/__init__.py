@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.artifacts import cache_key, copy_carried_files, sha256_file, tool_versions
-from kiln.engine.attention import mark_decomposable
+from kiln.engine.attention import NO_ATTENTION_KERNEL, mark_decomposable
 from kiln.engine.builder import Backend
 from kiln.engine.errors import EngineBuildError, EngineMismatchError, ParseError, ProfileError
 from kiln.engine.guard import ForeignOpsError, check_standard_ops
@@ -177,7 +177,16 @@ def _build_plan(
     cfg = backend.configure(net, gpu, ranges, monitor=monitor, timing_cache=cache)
     t = time.perf_counter()
     with heartbeat(what) if monitor is None else nullcontext():
-        plan = backend.build(net, cfg)
+        try:
+            plan = backend.build(net, cfg)
+        except EngineBuildError as e:  # engine/attention.py: some shapes have no fused kernel
+            all_decomposed = attention["decomposable"] == attention["layers"]
+            if NO_ATTENTION_KERNEL not in str(e) or all_decomposed:
+                raise
+            log.warning("%s: no attention kernel for this shape; building it decomposed", what)
+            attention = mark_decomposable(backend, net, True)
+            attention["why"] = "no dedicated kernel for this attention shape (first build failed)"
+            plan = backend.build(net, cfg)
     times["build"] = round(time.perf_counter() - t, 3)
     if (new_cache := backend.timing_cache(cfg)) is not None:
         _write_bytes_atomic(cache_file, new_cache)

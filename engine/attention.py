@@ -18,6 +18,11 @@ from kiln.engine.builder import Backend, Network
 
 log = logging.getLogger(__name__)
 
+# TensorRT-RTX's build error when an IAttention has no dedicated kernel: every fp32 one, and
+# some fp16 shapes (the eval model's: 2 query heads over 1 KV head of 64); engine/__init__.py
+# then builds again with every attention layer decomposable.
+NO_ATTENTION_KERNEL = "Attention operation was not supported by a dedicated kernel"
+
 
 def attention_layers(backend: Backend, net: Network) -> list[Any]:
     """The network's IAttention objects (one per ATTENTION_OUTPUT layer)."""

@@ -327,7 +327,7 @@ def _engine(s: Search, t: Trial) -> None:
     try:
         t.build = s.store.run("engine", spec, lambda: make.build(art, s.ctx, precision, out))
     except KilnError as e:
-        t.reject("engine", str(e).splitlines()[0])
+        t.reject("engine", " ".join(str(e).split())[:400])  # the library's own error too
         return
     t.elapsed_s += t.build["elapsed_s"]
 
