@@ -38,9 +38,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 import numpy as np
+from prometheus_client import Counter
 
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.decode import Event, Sequence, SlotTable, choose_all, follow
@@ -52,8 +53,16 @@ from kiln.runtime.speculate import SpecStats, Speculator
 
 log = logging.getLogger(__name__)
 
+_Stats = TypeVar("_Stats", PrefixStats, SpecStats)
 ADAPT_EVERY = 8  # steps between two adaptive decisions
 PREFILL_STALL_S = 0.2  # default time a step's prompt chunks may stall decoding streams
+
+
+def _count_since(now: _Stats, seen: _Stats, **counters: Counter) -> _Stats:
+    """Add each stats field's growth since `seen` to its counter; the snapshot to keep."""
+    for name, counter in counters.items():
+        counter.inc(getattr(now, name) - getattr(seen, name))
+    return dataclasses.replace(now)
 
 
 @dataclass(eq=False)
@@ -314,17 +323,21 @@ class Scheduler:
         """Add what the prefix cache and the speculator did since the last call to metrics."""
         m = self.metrics
         if self.prefix_cache is not None:
-            st, seen = self.prefix_cache.stats, self._seen_prefix
-            m.prefix_lookups.inc(st.lookups - seen.lookups)
-            m.prefix_hits.inc(st.hits - seen.hits)
-            m.prefix_tokens_saved.inc(st.tokens_saved - seen.tokens_saved)
-            self._seen_prefix = dataclasses.replace(st)
+            self._seen_prefix = _count_since(
+                self.prefix_cache.stats,
+                self._seen_prefix,
+                lookups=m.prefix_lookups,
+                hits=m.prefix_hits,
+                tokens_saved=m.prefix_tokens_saved,
+            )
         if self.speculator is not None:
-            sp, old = self.speculator.stats, self._seen_spec
-            m.spec_passes.inc(sp.passes - old.passes)
-            m.spec_drafted.inc(sp.drafted - old.drafted)
-            m.spec_accepted.inc(sp.accepted - old.accepted)
-            self._seen_spec = dataclasses.replace(sp)
+            self._seen_spec = _count_since(
+                self.speculator.stats,
+                self._seen_spec,
+                passes=m.spec_passes,
+                drafted=m.spec_drafted,
+                accepted=m.spec_accepted,
+            )
 
     def _plan(self, batch: list[Job]) -> list[tuple[Job, SlotFeed]]:
         """This step's feeds: each decoding job its last token, prefilling jobs prompt chunks.
