@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadtest import _get, _ms, _one, _start, kiln_command, smollm_artifacts
+from bench.loadtest import _get, _ms, _one, _start, add_model_args, kiln_command, smollm_artifacts
 from kiln.artifacts import write_json_atomic
 from kiln.runtime.server.serve import free_port
 
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     """Start both servers, run the rounds, report; exit 1 when outputs differ."""
     p = argparse.ArgumentParser(prog="python -m bench.adaptive_ab", description=__doc__)
     p.add_argument("--artifact", type=Path, default=Path("out/zen-llama/onnx-static"))
-    p.add_argument("--model", choices=["smollm"], default=None, help="build this bench model")
-    p.add_argument("--max-context", type=int, default=256, help="--model's static slot length")
-    p.add_argument("--work", type=Path, default=Path("out/load-smollm"), help="--model's folder")
+    add_model_args(p)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--ttft-target", type=float, default=500, help="adaptive's target, ms")

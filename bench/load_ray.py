@@ -34,6 +34,7 @@ from bench.loadtest import (
     _one,
     _prompts,
     _start,
+    add_model_args,
     kiln_command,
     smollm_artifacts,
 )
@@ -139,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     """Measure the three targets; optionally the replica kill and autoscaling; write the report."""
     p = argparse.ArgumentParser(prog="python -m bench.load_ray", description=__doc__)
     p.add_argument("--artifact", type=Path, default=Path("out/zen-llama/onnx-static"))
-    p.add_argument("--model", choices=["smollm"], default=None, help="build/reuse this model")
-    p.add_argument("--max-context", type=int, default=256, help="--model's static slot length")
-    p.add_argument("--work", type=Path, default=Path("out/load-smollm"), help="--model's folder")
+    add_model_args(p)
     p.add_argument("--replicas", default="1,2", help="Ray replica counts, comma-separated")
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per replica")

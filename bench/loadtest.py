@@ -339,17 +339,17 @@ def _start(cmd: list[str], name: str) -> tuple[subprocess.Popen, str]:
 
 def smollm_artifacts(work: Path, max_context: int) -> tuple[Path, Path]:
     """(static int4 ORT artifact, HF folder) of the SmolLM-135M-shaped bench model."""
-    from bench.race import make_model, ort_target
-    from kiln.export import export_model
+    from bench.race import make_model, static_int4
 
     hf = make_model("smollm", work / "hf")
-    static = work / "onnx-static"
-    if not (static / "export.json").is_file():
-        export_model(hf, static, precision="fp32", kv="static", max_context=max_context)
-    art, why = ort_target(static, work / "ort-int4", "int4")
-    if art is None:
-        raise SystemExit(f"--model smollm: {why}")
-    return art, hf
+    return static_int4(hf, work, max_context, "smollm")[1], hf
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model / --max-context / --work: the bench model `smollm_artifacts` builds or reuses."""
+    p.add_argument("--model", choices=["smollm"], default=None, help="build this bench model")
+    p.add_argument("--max-context", type=int, default=256, help="--model's static slot length")
+    p.add_argument("--work", type=Path, default=Path("out/load-smollm"), help="--model's folder")
 
 
 def llama_gguf(args: argparse.Namespace, hf: Path | None) -> Path:
@@ -387,9 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--turns", type=int, default=4, help="--workload chat: turns per conversation")
     p.add_argument("--serve-flags", default="", help="more `kiln serve` flags, space-separated")
-    p.add_argument("--model", choices=["smollm"], default=None, help="build this bench model")
-    p.add_argument("--max-context", type=int, default=256, help="--model's static slot length")
-    p.add_argument("--work", type=Path, default=Path("out/load-smollm"), help="--model's folder")
+    add_model_args(p)
     p.add_argument("--peer", choices=["llama-server"], default=None, help="also drive this server")
     p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER, help="the program")
     p.add_argument("--llama-flags", default="", help="more llama-server flags (e.g. --poll 0)")

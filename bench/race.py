@@ -131,6 +131,19 @@ def build_genai(hf_dir: Path, out: Path, precision: str) -> tuple[Path | None, s
     return out, "ok"
 
 
+def static_int4(hf: Path, work: Path, max_context: int, label: str) -> tuple[Path, Path]:
+    """(fp32 static export, its int4 ONNX Runtime optimize) under `work`, reused when made."""
+    from kiln.export import export_model
+
+    static = work / "onnx-static"
+    if not (static / "export.json").is_file():
+        export_model(hf, static, precision="fp32", kv="static", max_context=max_context)
+    int4, why = ort_target(static, work / "ort-int4", "int4")
+    if int4 is None:
+        raise SystemExit(f"--model {label}: {why}")
+    return static, int4
+
+
 def ort_target(src: Path, out: Path, precision: str) -> tuple[Path | None, str]:
     """`kiln optimize --target onnxruntime` of an export (concat or static), or None and why.
 

@@ -86,17 +86,11 @@ def llamacpp_run(server: LlamaServer, prompt: list[int], new: int) -> Run:
 
 def prepare(model: str, work: Path, max_context: int) -> tuple[Path, Path, Path]:
     """(fp32 static export, its int4 ONNX Runtime optimize, HF folder) of a bench model."""
-    from bench.race import make_model, ort_target
-    from kiln.export import export_model
+    from bench.race import make_model, static_int4
 
     hf = {"smollm": lambda: make_model("smollm", work / "hf"), "zen-llama": lambda: ZEN_DIR,
           "eval-llama": lambda: EVAL_DIR}[model]()  # fmt: skip
-    static = work / "onnx-static"
-    if not (static / "export.json").is_file():
-        export_model(hf, static, precision="fp32", kv="static", max_context=max_context)
-    int4, why = ort_target(static, work / "ort-int4", "int4")
-    if int4 is None:
-        raise SystemExit(f"--model {model}: {why}")
+    static, int4 = static_int4(hf, work, max_context, model)
     return static, int4, hf
 
 
