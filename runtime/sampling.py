@@ -237,7 +237,8 @@ def draw(probs_V: np.ndarray, rng: np.random.Generator) -> int:
     probability 0 is never returned.
     """
     pad = (-probs_V.shape[-1]) % _BLOCK
-    blocks = np.concatenate([probs_V, np.zeros(pad)]).reshape(-1, _BLOCK)
+    padded = np.concatenate([probs_V, np.zeros(pad)]) if pad else probs_V  # no copy at 49152
+    blocks = padded.reshape(-1, _BLOCK)
     cum = np.cumsum(blocks.sum(axis=1))
     target = rng.random() * cum[-1]
     b = min(int(np.searchsorted(cum, target, side="right")), len(cum) - 1)
