@@ -212,34 +212,66 @@ def _decode_rate(results: list[dict]) -> float:
     return round(float(np.median(rates)), 1) if rates else float("nan")
 
 
-def bare_runtime(args: argparse.Namespace, requests: int = 8) -> dict[str, Any]:
-    """The runtime alone (no server) on the 1-client work: the reference for that level.
+async def paired_one_client(
+    args: argparse.Namespace, url: str, model: str, first: int, rounds: int = 16
+) -> dict[str, Any]:
+    """The server at 1 client against its bare runtime, request by request, interleaved.
 
-    The same artifact, threads and spinning as the server, one slot, the first `requests`
-    prompts with the load's sampling (temperature 0.8, seed = request index, ignore EOS),
-    streamed through `Generator.stream`; timed the way `_level` times a stream.
+    The bare runtime is the same artifact, threads and spinning in this process (one slot,
+    `Generator.stream`); each round sends prompt `first + i` with seed i to both, the order
+    alternating, so both sides share the host's noise (a 2-core VM's speed drifts by 10-20%
+    within minutes: a bare figure taken before the levels is no reference). Timed as `_level`
+    times a stream; the texts must match (same prompt, seed and sampler on both sides).
     """
+    import httpx2 as httpx
+    from openai import AsyncOpenAI
+
     from kiln.runtime import load
 
     gen = load(args.artifact, slots=1, threads=args.threads, spin=True, last_only=True)
     prompts = _prompts(args.prompt_tokens)
-    results, start = [], time.perf_counter()
-    for i in range(requests):
-        t0, stamps = time.perf_counter(), []
-        for _ in gen.stream(
-            prompts[i], max_new_tokens=args.max_tokens, temperature=0.8, seed=i, ignore_eos=True
-        ):
-            stamps.append(time.perf_counter())
-        results.append({"t0": t0, "stamps": stamps})
-    elapsed = time.perf_counter() - start
-    tokens = sum(len(r["stamps"]) for r in results)
+    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=300)
+    client = AsyncOpenAI(
+        base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=300, http_client=http
+    )
+    sides: dict[str, list[dict]] = {"bare": [], "kiln": []}
+    same = 0
+    for i in range(rounds):
+        prompt = prompts[(first + i) % len(prompts)]
+        for side in ("bare", "kiln") if i % 2 == 0 else ("kiln", "bare"):
+            if side == "kiln":
+                sides[side].append(await _one(client, model, prompt, i, args.max_tokens))
+                continue
+            t0, stamps, pieces = time.perf_counter(), [], []
+            for event in gen.stream(
+                prompt, max_new_tokens=args.max_tokens, temperature=0.8, seed=i, ignore_eos=True
+            ):
+                stamps.append(time.perf_counter())
+                pieces.append(event.text)
+            sides[side].append({"t0": t0, "stamps": stamps, "text": "".join(pieces)})
+        same += sides["bare"][-1]["text"] == sides["kiln"][-1]["text"]
+    await client.close()
+    await http.aclose()
+
+    def figures(results: list[dict]) -> dict[str, float]:
+        busy = sum(r["stamps"][-1] - r["t0"] for r in results)
+        return {
+            "tokens_per_s": round(sum(len(r["stamps"]) for r in results) / busy, 1),
+            "decode_tok_s": _decode_rate(results),
+            "ttft_p50_ms": _ms([r["stamps"][0] - r["t0"] for r in results], 50),
+        }
+
+    bare, kiln = figures(sides["bare"]), figures(sides["kiln"])
     return {
-        "requests": requests,
-        "tokens_per_s": round(tokens / elapsed, 1),
-        "decode_tok_s": _decode_rate(results),
-        "ttft_p50_ms": _ms([r["stamps"][0] - r["t0"] for r in results], 50),
-        "settings": f"kiln.runtime.load(slots=1, threads={args.threads}, spin=True), "
-        "Generator.stream per request, in the load tool's process",
+        "rounds": rounds,
+        "bare": bare,
+        "kiln": kiln,
+        "decode_ratio": round(kiln["decode_tok_s"] / bare["decode_tok_s"], 3),
+        "end_to_end_ratio": round(kiln["tokens_per_s"] / bare["tokens_per_s"], 3),
+        "same_text": same,
+        "settings": f"bare: kiln.runtime.load(slots=1, threads={args.threads}, spin=True), "
+        "Generator.stream in the load tool's process; kiln: the started server over HTTP, "
+        "the openai client; one request each per round, order alternating",
     }
 
 
@@ -428,10 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--extra {extra}: load runs against loopback only.")
             procs[name], urls[name] = None, url.rstrip("/")
         health = _get(f"{urls['kiln']}/health")
-        bare = None if args.url else bare_runtime(args)  # the servers idle meanwhile
-        if bare:
-            print(f"[load] bare runtime, 1 sequence: {bare}", file=sys.stderr)
-        levels, first = [], 0
+        levels, first, bare = [], 0, None
         for n in args.clients:  # servers in turn at each level: they share the host's noise
             for name, url in urls.items():
                 model = _get(f"{url}/v1/models")["data"][0]["id"]
@@ -442,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
                 levels.append(level)
                 print(f"[load] {name}, {n} clients: {level}", file=sys.stderr)
             first += req
+            if n == 1 and not args.url:  # the other servers idle meanwhile
+                model = _get(f"{urls['kiln']}/v1/models")["data"][0]["id"]
+                bare = asyncio.run(paired_one_client(args, urls["kiln"], model, first))
+                print(f"[load] kiln at 1 client vs its bare runtime: {bare}", file=sys.stderr)
+                first += bare["rounds"]
     finally:
         for proc in procs.values():
             if proc is not None:
@@ -474,13 +508,15 @@ def _report(
     print(" | ".join("---" for _ in head))
     for r in rows:
         print(" | ".join(str(v) for v in r))
-    one = next((lv for lv in levels if lv.server == "kiln" and lv.clients == 1), None)
-    if bare and one:
+    if bare:
+        b, k = bare["bare"], bare["kiln"]
         print(
-            f"\nbare runtime, 1 sequence ({bare['settings']}): {bare['tokens_per_s']} tok/s "
-            f"end to end, {bare['decode_tok_s']} decode tok/s, TTFT p50 {bare['ttft_p50_ms']} ms."
-            f" kiln serve at 1 client: {one.tokens_per_s / bare['tokens_per_s']:.0%} of its "
-            f"end-to-end rate, {one.decode_tok_s / bare['decode_tok_s']:.0%} of its decode rate."
+            f"\nkiln serve at 1 client vs its bare runtime, {bare['rounds']} interleaved rounds "
+            f"({bare['settings']}): decode {k['decode_tok_s']} vs {b['decode_tok_s']} tok/s "
+            f"({bare['decode_ratio']:.0%}), end to end {k['tokens_per_s']} vs "
+            f"{b['tokens_per_s']} tok/s ({bare['end_to_end_ratio']:.0%}), TTFT p50 "
+            f"{k['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms; same text in "
+            f"{bare['same_text']}/{bare['rounds']} rounds."
         )
     split = [lv for lv in levels if lv.split]
     if split:

@@ -191,18 +191,22 @@ def token_logprobs(logits_V: np.ndarray, token_id: int, k: int) -> TokenLogprobs
 
 
 def warp(logits_V: np.ndarray, *, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """Temperature, then top-k, then top-p filtering; removed tokens get -inf."""
+    """Temperature, then top-k, then top-p filtering; removed tokens get -inf (a float32 copy).
+
+    The temperature divides in float64 (a tiny temperature is 0 in float32: 0/0 = NaN) and is
+    cast back into the copy chunk by chunk, so no float64 vocabulary-sized array is made.
+    """
     out = logits_V.astype(np.float32, copy=True)
     if temperature not in (0.0, 1.0):
-        t = np.float64(temperature)  # not float32, where a tiny temperature is 0 (0/0 = NaN)
-        top = out.max()
+        t = np.float64(temperature)
         with np.errstate(over="ignore", invalid="ignore"):
-            scaled = (out / t).astype(np.float32)
-            if not np.isfinite(scaled.max()):
+            np.divide(out, t, out=out, casting="same_kind", dtype=np.float64)
+            if not np.isfinite(out.max()):
                 # the top overflowed: measure from the top instead (softmax, top-k and top-p do
                 # not see a shift), so the T -> 0 limit holds: only the top tokens keep mass
-                scaled = np.where(out == top, 0, (out - top) / t).astype(np.float32)
-        out = scaled
+                top = logits_V.max()
+                scaled = np.where(logits_V == top, 0, (logits_V - top) / t)
+                out = scaled.astype(np.float32)
     if 0 < top_k < out.shape[-1]:
         kth = np.partition(out, -top_k)[-top_k]
         out[out < kth] = -np.inf
@@ -221,7 +225,7 @@ def sample_next(logits_V: np.ndarray, params: SamplingParams, rng: np.random.Gen
     if params.greedy:
         return int(np.argmax(logits_V))
     warped = warp(logits_V, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
-    return draw(_softmax(warped.astype(np.float64)), rng)
+    return draw(_exp_weights(warped), rng)
 
 
 _BLOCK = 256  # tokens per block of the two-level inverse CDF in `draw`
@@ -229,6 +233,8 @@ _BLOCK = 256  # tokens per block of the two-level inverse CDF in `draw`
 
 def draw(probs_V: np.ndarray, rng: np.random.Generator) -> int:
     """One token from a categorical distribution by inverse CDF, with one uniform draw.
+
+    `probs_V` may be unnormalized weights (any float dtype): the draw is scaled by their sum.
 
     `Generator.choice(V, p=probs)` validates p and takes a float64 cumulative sum over the
     whole vocabulary (~0.6 ms at V = 49152, most of a served token's sampling time). Here the
@@ -239,12 +245,12 @@ def draw(probs_V: np.ndarray, rng: np.random.Generator) -> int:
     pad = (-probs_V.shape[-1]) % _BLOCK
     padded = np.concatenate([probs_V, np.zeros(pad)]) if pad else probs_V  # no copy at 49152
     blocks = padded.reshape(-1, _BLOCK)
-    cum = np.cumsum(blocks.sum(axis=1))
+    cum = np.cumsum(blocks.sum(axis=1, dtype=np.float64))
     target = rng.random() * cum[-1]
     b = min(int(np.searchsorted(cum, target, side="right")), len(cum) - 1)
     while b and cum[b] == cum[b - 1]:  # rounding put the target at the end: skip empty blocks
         b -= 1
-    within = (cum[b - 1] if b else 0.0) + np.cumsum(blocks[b])
+    within = (cum[b - 1] if b else 0.0) + np.cumsum(blocks[b], dtype=np.float64)
     i = int(np.searchsorted(within, target, side="right"))
     if i >= _BLOCK or blocks[b, i] <= 0:  # rounding carried the target past the block's end
         i = int(np.flatnonzero(blocks[b] > 0)[-1])
@@ -271,6 +277,22 @@ def suppress(logits_V: np.ndarray, token_ids: Iterable[int]) -> np.ndarray:
     out = logits_V.copy()
     out[idx] = -np.inf
     return out
+
+
+def _exp_weights(x_V: np.ndarray) -> np.ndarray:
+    """exp(x - max) in place over a float32 copy: the softmax's weights before dividing by the sum.
+
+    `draw` scales by the sum itself, so the division is not needed; float32 exp is SIMD (a
+    float64 softmax took ~0.4 ms at V = 49152, half a sampled token's time). A weight below
+    float32's smallest (x - max < -103, a relative probability under 1e-45) becomes 0. An
+    infinite top (a tiny repetition penalty overflows) gives its tokens all the mass.
+    """
+    top = x_V.max()
+    if not np.isfinite(top):
+        return _softmax(x_V)
+    x_V -= top
+    np.exp(x_V, out=x_V)
+    return x_V
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
