@@ -47,13 +47,23 @@ COLUMNS = ["server", "clients", "requests", "errors", "requests_per_s", "ttft_p5
 
 
 def _deploy(args: argparse.Namespace, replicas: int, **scale_kw: object) -> float:
-    """(Re)deploy the kiln app with `replicas` engine replicas; seconds until it is ready."""
+    """(Re)deploy the kiln app with `replicas` engine replicas; seconds until it is ready.
+
+    The replicas' ONNX Runtime threads spin, as `kiln serve`'s do, while all replicas' threads
+    fit the CPUs (up to the autoscaling maximum); more spinning threads than cores take turns
+    burning each other's time, so then they block between ops instead.
+    """
     from ray import serve
 
     from kiln.runtime.server.ray_app import APP_NAME, ScaleOptions, build_app
     from kiln.runtime.server.ray_replica import EngineSpec
 
-    spec = EngineSpec(str(args.artifact), slots=args.slots, threads=args.threads, device="cpu")
+    auto = scale_kw.get("autoscale")
+    most = max(replicas, *auto) if isinstance(auto, tuple) else replicas
+    spin = most * max(args.threads, 1) <= (os.cpu_count() or 1)  # `spins` in the report
+    spec = EngineSpec(
+        str(args.artifact), slots=args.slots, threads=args.threads, device="cpu", spin=spin
+    )
     scale = ScaleOptions(replicas=replicas, max_queue=max(args.clients) * 4, **scale_kw)
     t0 = time.perf_counter()
     serve.run(build_app(spec, scale), name=APP_NAME, route_prefix="/")
@@ -169,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if max(replicas) * args.threads > cpus:
         setting += f" ({max(replicas)} replicas x {args.threads} threads oversubscribe the CPUs)"
+    setting += (
+        "; ONNX Runtime threads spin in the single process (kiln serve's default) and in the "
+        "Ray replicas while replicas x threads fit the CPUs (else they block between ops)"
+    )
     print(f"[load-ray] {setting}", file=sys.stderr)
 
     import ray

@@ -18,6 +18,7 @@ Letters in names: N slots fed this step, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import deque
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from kiln.runtime.sampling import (
     TokenLogprobs,
     adjust_logits,
     sample_next,
+    sample_tempered,
     suppress,
     token_logprobs,
 )
@@ -205,35 +207,61 @@ def prefill(
 _NOT_CHOOSING = {"max_new_tokens", "min_new_tokens", "seed", "stop", "stop_token_ids", "ignore_eos"}
 
 
-def plain_greedy(seq: Sequence) -> bool:
-    """True when `seq.choose` is exactly the argmax of the raw logits this step.
+@functools.lru_cache(maxsize=4096)
+def _choice_kind(p: SamplingParams) -> str:
+    """'greedy' (the argmax), 'tempered' (a draw at a temperature, nothing else) or 'other'.
 
-    Any sampling field at a value other than its default (a penalty, or a field added to
-    SamplingParams later) takes the per-row path, so the shortcut never skips one.
+    Any sampling field at a value other than its default (a penalty, logprobs, or a field added
+    to SamplingParams later) is 'other', so a shortcut never skips one. Params are frozen, so
+    the answer is cached (a `replace` runs SamplingParams' checks: ~20 us a row a step).
     """
-    p = seq.params
-    if not p.greedy or len(seq.out_ids) < p.min_new_tokens or seq.constraint is not None:
-        return False
     defaults = type(p)()
     reset: dict[str, Any] = {name: getattr(defaults, name) for name in _NOT_CHOOSING}
-    return dataclasses.replace(p, **reset, temperature=0.0, top_k=0) == defaults
+    if p.greedy:
+        plain = dataclasses.replace(p, **reset, temperature=0.0, top_k=0) == defaults
+        return "greedy" if plain else "other"
+    plain = dataclasses.replace(p, **reset, temperature=0.0) == defaults
+    return "tempered" if plain else "other"
+
+
+def _row_kind(seq: Sequence) -> str:
+    """`_choice_kind` of the row's params this step.
+
+    'other' under a grammar or before min_new_tokens, where `Sequence.choose` removes tokens.
+    """
+    if len(seq.out_ids) < seq.params.min_new_tokens or seq.constraint is not None:
+        return "other"
+    return _choice_kind(seq.params)
+
+
+def plain_greedy(seq: Sequence) -> bool:
+    """True when `seq.choose` is exactly the argmax of the raw logits this step."""
+    return _row_kind(seq) == "greedy"
 
 
 def choose_all(seqs: list[Sequence], logits_NV: np.ndarray) -> list[int]:
     """Each row's next token, the same as choosing row by row.
 
-    Plain greedy rows take one argmax over the batch; the rest go through `Sequence.choose`.
+    Plain greedy rows take one argmax over the batch; rows that only set a temperature are
+    warped together (runtime/sampling.py `sample_tempered`) and each draws with its own
+    sampler; the rest go through `Sequence.choose`.
     """
-    greedy = [plain_greedy(seq) for seq in seqs]
-    tokens = [0] * len(seqs)
-    rows = [n for n, g in enumerate(greedy) if g]
-    if rows:
-        for n, t in zip(rows, np.argmax(logits_NV[rows], axis=-1).tolist(), strict=True):
+    kinds = [_row_kind(seq) for seq in seqs]
+    tokens: list[int | None] = [None] * len(seqs)
+    greedy = [n for n, k in enumerate(kinds) if k == "greedy"]
+    if greedy:
+        for n, t in zip(greedy, np.argmax(logits_NV[greedy], axis=-1).tolist(), strict=True):
             tokens[n] = int(t)
-    for n, seq in enumerate(seqs):
-        if not greedy[n]:
-            tokens[n] = seq.choose(logits_NV[n])
-    return tokens
+    tempered = [n for n, k in enumerate(kinds) if k == "tempered"]
+    if tempered:
+        temps = [seqs[n].params.temperature for n in tempered]
+        rngs = [seqs[n].rng for n in tempered]
+        for n, t in zip(tempered, sample_tempered(logits_NV[tempered], temps, rngs), strict=True):
+            tokens[n] = t  # None: the row's top overflowed, `choose` takes the exact path
+    return [
+        seq.choose(logits_NV[n]) if t is None else t
+        for n, (seq, t) in enumerate(zip(seqs, tokens, strict=True))
+    ]
 
 
 def decode_step(

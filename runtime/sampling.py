@@ -193,14 +193,13 @@ def token_logprobs(logits_V: np.ndarray, token_id: int, k: int) -> TokenLogprobs
 def warp(logits_V: np.ndarray, *, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """Temperature, then top-k, then top-p filtering; removed tokens get -inf (a float32 copy).
 
-    The temperature divides in float64 (a tiny temperature is 0 in float32: 0/0 = NaN) and is
-    cast back into the copy chunk by chunk, so no float64 vocabulary-sized array is made.
+    The division is `_divide`'s (float32, as transformers' TemperatureLogitsWarper divides).
     """
     out = logits_V.astype(np.float32, copy=True)
     if temperature not in (0.0, 1.0):
         t = np.float64(temperature)
         with np.errstate(over="ignore", invalid="ignore"):
-            np.divide(out, t, out=out, casting="same_kind", dtype=np.float64)
+            _divide(out, np.array([temperature]))
             if not np.isfinite(out.max()):
                 # the top overflowed: measure from the top instead (softmax, top-k and top-p do
                 # not see a shift), so the T -> 0 limit holds: only the top tokens keep mass
@@ -226,6 +225,47 @@ def sample_next(logits_V: np.ndarray, params: SamplingParams, rng: np.random.Gen
         return int(np.argmax(logits_V))
     warped = warp(logits_V, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
     return draw(_exp_weights(warped), rng)
+
+
+def _divide(x: np.ndarray, t: np.ndarray) -> None:
+    """Divide x by t in place: float32 x [V] with t [1], or [N, V] with t [N, 1] (per row).
+
+    In float32, as transformers divides float32 scores (5x faster than float64 here), unless
+    t is below float32's smallest normal: a tiny temperature would round to 0 or lose digits,
+    so that row divides in float64, cast back into x chunk by chunk. Row by row the result is
+    the same whether the row is divided alone or in a batch.
+    """
+    tiny = t < np.finfo(np.float32).tiny
+    if not tiny.any():
+        np.divide(x, t.astype(np.float32), out=x)
+    elif x.ndim == 1:
+        np.divide(x, t, out=x, casting="same_kind", dtype=np.float64)
+    else:
+        for row, t_row in zip(x, t, strict=True):
+            _divide(row, t_row)
+
+
+def sample_tempered(
+    logits_NV: np.ndarray, temperatures: Sequence[float], rngs: Sequence[np.random.Generator]
+) -> list[int | None]:
+    """`sample_next` for rows that set only a temperature, warped as one [N, V] array.
+
+    Each row's arithmetic is `warp` then `_exp_weights` element for element (`_divide` into a
+    float32 copy, minus the row's max, exp), and each row draws with its own rng,
+    so the tokens equal `sample_next` row by row. None for a row whose scaled top overflowed:
+    `warp`'s exact fallback is per row.
+    """
+    w = logits_NV.astype(np.float32, copy=True)
+    t = np.asarray(temperatures, np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        _divide(w, t[:, None])
+    top = w.max(axis=1)
+    ok = np.isfinite(top)
+    if not ok.all():
+        w[~ok] = 0  # drawn per row by `sample_next` instead
+    w -= np.where(ok, top, 0)[:, None]
+    np.exp(w, out=w)
+    return [draw(w[n], rng) if ok[n] else None for n, rng in enumerate(rngs)]
 
 
 _BLOCK = 256  # tokens per block of the two-level inverse CDF in `draw`

@@ -49,3 +49,29 @@ def test_a_changed_choosing_field_leaves_the_shortcut(field):
     seq = Sequence(0, [1], dataclasses.replace(SamplingParams(), **{field: value}))
     assert plain_greedy(Sequence(0, [1], SamplingParams()))
     assert not plain_greedy(seq)
+
+
+@pytest.mark.parametrize("vocab", [49152, 49152 - 7, 1000])
+def test_tempered_rows_batch_and_equal_row_by_row(vocab):
+    """Temperature-only rows are warped as one array; every draw equals `Sequence.choose`."""
+    temps = [0.8, 1.0, 0.3, 1.7, 1e-40, 0.8, 2.0, 0.5]  # 1e-40 overflows: the exact path
+    rng = np.random.default_rng(vocab)
+    logits = (rng.normal(size=(len(temps), vocab)) * 4).astype(np.float32)
+
+    def rows() -> list[Sequence]:
+        return [
+            Sequence(i, [1], SamplingParams(temperature=t, seed=100 + i, max_new_tokens=99))
+            for i, t in enumerate(temps)
+        ]
+
+    seqs, ref = rows(), rows()
+    for _ in range(40):  # the samplers advance step by step on both sides
+        want = [s.choose(row) for s, row in zip(ref, logits, strict=True)]
+        assert choose_all(seqs, logits) == want
+    assert all(not plain_greedy(s) for s in seqs)
+    # control: the rows' own temperatures matter (swapped, the same seeds draw other tokens)
+    swapped = [
+        Sequence(i, [1], SamplingParams(temperature=t, seed=100 + i))
+        for i, t in enumerate(temps[::-1])
+    ]
+    assert choose_all(swapped, logits) != [s.choose(r) for s, r in zip(rows(), logits, strict=True)]
