@@ -123,7 +123,7 @@ serve: $(STAMP)  ## OpenAI-compatible server with continuous batching on 127.0.0
 RAY_THREADS ?= 2
 RAY_SMOLLM_FLAGS ?= --prompt-tokens 128 --requests 48 --max-tokens 64 --slots 8 --threads $(RAY_THREADS)
 RAY_TARGET = $(if $(filter smollm,$(RAY_MODEL)),--model smollm $(RAY_SMOLLM_FLAGS),--artifact $(SERVE_ARTIFACT))
-LOAD_FLAGS ?= --prompt-tokens 128 --requests 48 --threads 2 --slots 8
+LOAD_FLAGS ?= --prompt-tokens 128 --requests 48 --threads 2 --slots 8 --repeats 3
 LOAD_ARTIFACT = $(if $(filter command line environment,$(origin ARTIFACT)),$(ARTIFACT),out/load-smollm/ort-int4)
 # ADAPTIVE=1: `kiln serve` fixed vs `--adaptive --ttft-target` under one burst (bench/adaptive_ab.py)
 # on the bundled model's static export, then on the SmolLM-shaped int4 one (ARTIFACT=folder: that

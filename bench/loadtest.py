@@ -70,6 +70,7 @@ class Level:
     server_cpu_ms_per_token: float | None  # CPU time of the server process (when started here)
     load_avg_1m: float  # os.getloadavg() when the level started (the host is shared)
     split: dict[str, float]  # kiln: engine-thread seconds per phase / wall time (idle: rest)
+    round: int = 0  # --repeats: which round of this level
 
 
 async def _one(
@@ -408,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
     p.add_argument("--requests", type=int, default=64, help="requests per level (at most)")
     p.add_argument("--duration", type=float, default=60, help="seconds per level (at most)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds per level, the servers in turn (order alternating, fresh prompts each "
+        "round): the report adds each level's median and the per-round kiln/peer ratios",
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     p.add_argument("--prompt-tokens", type=int, default=0, help="random token-id prompts (0: text)")
     p.add_argument(
@@ -462,15 +470,17 @@ def main(argv: list[str] | None = None) -> int:
         health = _get(f"{urls['kiln']}/health")
         levels, first, bare = [], 0, None
         for n in args.clients:  # servers in turn at each level: they share the host's noise
-            for name, url in urls.items():
-                model = _get(f"{url}/v1/models")["data"][0]["id"]
-                proc = procs[name]
-                pid = proc.pid if proc is not None else None
-                req = max(args.requests, n)
-                level = asyncio.run(_level(name, url, model, n, req, args, pid, first))
-                levels.append(level)
-                print(f"[load] {name}, {n} clients: {level}", file=sys.stderr)
-            first += req
+            req = max(args.requests, n)
+            for rnd in range(args.repeats):  # fresh prompts each round; the order alternates
+                for name, url in list(urls.items())[:: 1 if rnd % 2 == 0 else -1]:
+                    model = _get(f"{url}/v1/models")["data"][0]["id"]
+                    proc = procs[name]
+                    pid = proc.pid if proc is not None else None
+                    level = asyncio.run(_level(name, url, model, n, req, args, pid, first))
+                    level.round = rnd
+                    levels.append(level)
+                    print(f"[load] {name}, {n} clients, round {rnd}: {level}", file=sys.stderr)
+                first += req
             if n == 1 and not args.url:  # the other servers idle meanwhile
                 model = _get(f"{urls['kiln']}/v1/models")["data"][0]["id"]
                 bare = asyncio.run(paired_one_client(args, urls["kiln"], model, first))
@@ -483,6 +493,29 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(60)
     _report(levels, health, args, commands, bare)
     return 0
+
+
+def _summary(levels: list[Level]) -> list[dict[str, Any]]:
+    """Per server and client count: median tok/s and TTFT p50 over the rounds.
+
+    For each other server, kiln's tok/s over its, round by round (a round shares the noise).
+    """
+    out = []
+    for server in dict.fromkeys(lv.server for lv in levels):
+        for n in dict.fromkeys(lv.clients for lv in levels):
+            mine = [lv for lv in levels if lv.server == server and lv.clients == n]
+            kiln = {lv.round: lv for lv in levels if lv.server == "kiln" and lv.clients == n}
+            ratios = [round(kiln[lv.round].tokens_per_s / lv.tokens_per_s, 3) for lv in mine]
+            out.append(
+                {
+                    "server": server,
+                    "clients": n,
+                    "tokens_per_s": round(float(np.median([lv.tokens_per_s for lv in mine])), 1),
+                    "ttft_p50_ms": round(float(np.median([lv.ttft_p50_ms for lv in mine])), 1),
+                    "kiln_over_it": "" if server == "kiln" else ratios,
+                }
+            )
+    return out
 
 
 def _report(
@@ -518,6 +551,13 @@ def _report(
             f"{k['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms; same text in "
             f"{bare['same_text']}/{bare['rounds']} rounds."
         )
+    summary = _summary(levels)
+    if args.repeats > 1:
+        print(f"\nmedian over {args.repeats} rounds (kiln / other: the ratio of each round):")
+        print("server | clients | tokens_per_s | ttft_p50_ms | kiln / it, per round")
+        print("--- | --- | --- | --- | ---")
+        for row in summary:
+            print(" | ".join(str(v) for v in row.values()))
     split = [lv for lv in levels if lv.split]
     if split:
         print("\nkiln engine thread, share of wall time per phase (rest: idle or waiting):")
@@ -534,6 +574,7 @@ def _report(
         "workload": args.workload,
         "max_tokens": args.max_tokens,
         "levels": [asdict(x) for x in levels],
+        "summary": summary,
         "bare_runtime": bare,
     }
     write_json_atomic(out, report)
