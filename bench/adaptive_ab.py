@@ -28,7 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadtest import _get, _ms, _one, _start, add_model_args, kiln_command, smollm_artifacts
+from bench.loadtest import (
+    _get,
+    _ms,
+    _one,
+    _start,
+    add_model_args,
+    kiln_command,
+    openai_client,
+    served_model,
+    smollm_artifacts,
+)
 from kiln.artifacts import write_json_atomic
 from kiln.runtime.server.serve import free_port
 
@@ -71,14 +81,8 @@ def _adaptive_counts(url: str) -> dict[str, float]:
 
 async def _burst(url: str, model: str, args: argparse.Namespace, prompts: Any) -> dict[str, Any]:
     """One burst and its tail against one server: per-request stamps and texts."""
-    import httpx2 as httpx  # the HTTP library the openai client is built on
-    from openai import AsyncOpenAI
-
     burst, tail = prompts
-    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=600)
-    client = AsyncOpenAI(
-        base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=600, http_client=http
-    )
+    client = openai_client(url, timeout=600)
 
     async def greedy(prompt: list[int], delay: float) -> dict[str, Any]:
         await asyncio.sleep(delay)
@@ -89,8 +93,7 @@ async def _burst(url: str, model: str, args: argparse.Namespace, prompts: Any) -
     jobs += [greedy(p, args.tail_delay + i * args.tail_gap) for i, p in enumerate(tail)]
     results = await asyncio.gather(*jobs)
     elapsed = time.perf_counter() - start
-    await client.close()
-    await http.aclose()
+    await client.close()  # and its connection pool
     return {"results": results, "elapsed_s": elapsed}
 
 
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         health = _get(f"{urls['fixed']}/health")
         for i in range(args.rounds):
             for name in SERVERS if i % 2 == 0 else SERVERS[::-1]:
-                model = _get(f"{urls[name]}/v1/models")["data"][0]["id"]
+                model = served_model(urls[name])
                 before = _adaptive_counts(urls[name])
                 run = asyncio.run(_burst(urls[name], model, args, prompts))
                 after = _adaptive_counts(urls[name])

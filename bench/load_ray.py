@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ from bench.loadtest import (
     _start,
     add_model_args,
     kiln_command,
+    served_model,
     smollm_artifacts,
 )
 from kiln.artifacts import write_json_atomic
@@ -224,19 +224,19 @@ def main(argv: list[str] | None = None) -> int:
                     pid = proc.pid if target == "kiln" else None
                     for c in args.clients:
                         req = max(args.requests, c)
-                        level = _level(target, url, _model(url), c, req, args, pid, starts[c])
+                        level = _level(target, url, served_model(url), c, req, args, pid, starts[c])
                         rows.append(asyncio.run(level))
                         print(f"[load-ray] {rows[-1]}", file=sys.stderr)
         args.first = first
         if args.kill:
             _deploy(args, 2)
-            report["kill"] = asyncio.run(_kill_run(ray_url, _model(ray_url), args))
+            report["kill"] = asyncio.run(_kill_run(ray_url, served_model(ray_url), args))
             print(f"[load-ray] replica kill: {report['kill']}", file=sys.stderr)
             args.first += 32
         if args.autoscale:
             _deploy(args, 1)  # back to one replica, then let the policy add one
             _deploy(args, 1, autoscale=(1, 2), upscale_delay_s=2.0)
-            report["autoscale"] = asyncio.run(_autoscale_run(ray_url, _model(ray_url), args))
+            report["autoscale"] = asyncio.run(_autoscale_run(ray_url, served_model(ray_url), args))
             print(f"[load-ray] autoscale: {report['autoscale']}", file=sys.stderr)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -262,13 +262,6 @@ def main(argv: list[str] | None = None) -> int:
         print("replica kill: " + ", ".join(f"{k} {v}" for k, v in report["kill"].items()))
     print(f"[load-ray] wrote {out}", file=sys.stderr)
     return 0
-
-
-def _model(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
-        return str(json.loads(r.read())["data"][0]["id"])
 
 
 if __name__ == "__main__":

@@ -133,15 +133,9 @@ async def _level(
     HTTP library closes kept-alive connections on its own schedule, and a client that reuses
     one just closed fails with a connection error; both servers get the same treatment.
     """
-    import httpx2 as httpx  # the HTTP library the openai client is built on
-    from openai import AsyncOpenAI
-
     prompts = _prompts(args.prompt_tokens)
     load_avg = os.getloadavg()[0]
-    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=300)
-    client = AsyncOpenAI(
-        base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=300, http_client=http
-    )
+    client = openai_client(url)
     todo = list(range(requests))
     results: list[dict] = []
     errors = 0
@@ -168,8 +162,7 @@ async def _level(
 
     await asyncio.gather(*(worker() for _ in range(clients)))
     elapsed = time.perf_counter() - start
-    await client.close()
-    await http.aclose()
+    await client.close()  # and its connection pool
     after = _server_counts(url, server)
     cpu_after = _cpu_s(pid)
     steps = after["steps"] - before["steps"]
@@ -224,17 +217,11 @@ async def paired_one_client(
     within minutes: a bare figure taken before the levels is no reference). Timed as `_level`
     times a stream; the texts must match (same prompt, seed and sampler on both sides).
     """
-    import httpx2 as httpx
-    from openai import AsyncOpenAI
-
     from kiln.runtime import load
 
     gen = load(args.artifact, slots=1, threads=args.threads, spin=True, last_only=True)
     prompts = _prompts(args.prompt_tokens)
-    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=300)
-    client = AsyncOpenAI(
-        base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=300, http_client=http
-    )
+    client = openai_client(url)
     sides: dict[str, list[dict]] = {"bare": [], "kiln": []}
     same = 0
     for i in range(rounds):
@@ -251,8 +238,7 @@ async def paired_one_client(
                 pieces.append(event.text)
             sides[side].append({"t0": t0, "stamps": stamps, "text": "".join(pieces)})
         same += sides["bare"][-1]["text"] == sides["kiln"][-1]["text"]
-    await client.close()
-    await http.aclose()
+    await client.close()  # and its connection pool
 
     def figures(results: list[dict]) -> dict[str, float]:
         busy = sum(r["stamps"][-1] - r["t0"] for r in results)
@@ -314,6 +300,26 @@ def _prompts(tokens: int = 0) -> list[str] | list[list[int]]:
 
     lines = [ln for ln in zen_text().splitlines() if ln.strip()]
     return [" ".join(ln.split()[: 2 + i % 5]) for i, ln in enumerate(lines)]
+
+
+def openai_client(url: str, timeout: float = 300) -> Any:
+    """The official openai client on a loopback server: no retries, a new connection a request.
+
+    `_level` says why no connection is kept alive; the client's `close()` closes its pool.
+    """
+    import httpx2 as httpx  # the HTTP library the openai client is built on
+    from openai import AsyncOpenAI
+
+    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=timeout)
+    return AsyncOpenAI(
+        base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=timeout, http_client=http
+    )
+
+
+def served_model(url: str) -> str:
+    """The model id a server lists first at /v1/models."""
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
+        return str(json.loads(r.read())["data"][0]["id"])
 
 
 def _get(url: str) -> dict:
@@ -473,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             req = max(args.requests, n)
             for rnd in range(args.repeats):  # fresh prompts each round; the order alternates
                 for name, url in list(urls.items())[:: 1 if rnd % 2 == 0 else -1]:
-                    model = _get(f"{url}/v1/models")["data"][0]["id"]
+                    model = served_model(url)
                     proc = procs[name]
                     pid = proc.pid if proc is not None else None
                     level = asyncio.run(_level(name, url, model, n, req, args, pid, first))
@@ -482,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[load] {name}, {n} clients, round {rnd}: {level}", file=sys.stderr)
                 first += req
             if n == 1 and not args.url:  # the other servers idle meanwhile
-                model = _get(f"{urls['kiln']}/v1/models")["data"][0]["id"]
+                model = served_model(urls["kiln"])
                 bare = asyncio.run(paired_one_client(args, urls["kiln"], model, first))
                 print(f"[load] kiln at 1 client vs its bare runtime: {bare}", file=sys.stderr)
                 first += bare["rounds"]
