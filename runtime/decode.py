@@ -243,7 +243,7 @@ def choose_all(seqs: list[Sequence], logits_NV: np.ndarray) -> list[int]:
     """Each row's next token, the same as choosing row by row.
 
     Plain greedy rows take one argmax over the batch; rows that only set a temperature are
-    warped together (runtime/sampling.py `sample_tempered`) and each draws with its own
+    divided together (runtime/sampling.py `sample_tempered`) and each draws with its own
     sampler; the rest go through `Sequence.choose`.
     """
     kinds = [_row_kind(seq) for seq in seqs]

@@ -248,24 +248,19 @@ def _divide(x: np.ndarray, t: np.ndarray) -> None:
 def sample_tempered(
     logits_NV: np.ndarray, temperatures: Sequence[float], rngs: Sequence[np.random.Generator]
 ) -> list[int | None]:
-    """`sample_next` for rows that set only a temperature, warped as one [N, V] array.
+    """`sample_next` for rows that set only a temperature, divided as one [N, V] array.
 
-    Each row's arithmetic is `warp` then `_exp_weights` element for element (`_divide` into a
-    float32 copy, minus the row's max, exp), and each row draws with its own rng,
-    so the tokens equal `sample_next` row by row. None for a row whose scaled top overflowed:
-    `warp`'s exact fallback is per row.
+    Each row is `warp` (`_divide` into a float32 copy) then `_exp_weights` and a draw with its
+    own rng, so the tokens equal `sample_next` row by row. None for a row whose scaled top
+    overflowed: `warp`'s exact fallback is per row.
     """
     w = logits_NV.astype(np.float32, copy=True)
-    t = np.asarray(temperatures, np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
-        _divide(w, t[:, None])
-    top = w.max(axis=1)
-    ok = np.isfinite(top)
-    if not ok.all():
-        w[~ok] = 0  # drawn per row by `sample_next` instead
-    w -= np.where(ok, top, 0)[:, None]
-    np.exp(w, out=w)
-    return [draw(w[n], rng) if ok[n] else None for n, rng in enumerate(rngs)]
+        _divide(w, np.asarray(temperatures, np.float64)[:, None])
+    return [
+        draw(_exp_weights(row), rng) if np.isfinite(row.max()) else None
+        for row, rng in zip(w, rngs, strict=True)
+    ]
 
 
 _BLOCK = 256  # tokens per block of the two-level inverse CDF in `draw`
